@@ -1,0 +1,1 @@
+//! Pure-Rust engine (work in progress).

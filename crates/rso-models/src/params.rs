@@ -1,0 +1,243 @@
+//! [`Params`]: the host copy of a model's parameters in canonical order, and safetensors I/O.
+
+use crate::spec::{ModelSpec, ParamSpec};
+use std::path::{Path, PathBuf};
+
+/// Why parameters could not be loaded, saved or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ParamError {
+    /// File system error on a weights file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A weights file that is not valid safetensors.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// Parameters that do not fit the model.
+    #[error("{context}: {reason}")]
+    Mismatch {
+        /// The file or operation at fault.
+        context: String,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+/// A model's parameters on the host: one `f32` vector per [`ParamSpec`], canonical order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// The layout, as [`ModelSpec::params`] gives it.
+    pub specs: Vec<ParamSpec>,
+    /// One row-major array per spec.
+    pub values: Vec<Vec<f32>>,
+}
+
+impl Params {
+    /// All-zero parameters for `spec`.
+    pub fn zeros(spec: &ModelSpec) -> Params {
+        let specs = spec.params();
+        let values = specs.iter().map(|p| vec![0.0; p.len()]).collect();
+        Params { specs, values }
+    }
+
+    /// Index of the array called `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.specs.iter().position(|p| p.name == name)
+    }
+
+    /// Total scalar count.
+    pub fn len(&self) -> usize {
+        self.values.iter().map(Vec::len).sum()
+    }
+
+    /// True when there is no parameter at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks that these parameters have exactly the layout of `spec`.
+    pub fn check_layout(&self, spec: &ModelSpec, context: &str) -> Result<(), ParamError> {
+        let want = spec.params();
+        let mismatch = |reason: String| ParamError::Mismatch { context: context.into(), reason };
+        if want.len() != self.specs.len() {
+            return Err(mismatch(format!(
+                "model {} has {} parameter arrays, got {}",
+                spec.name,
+                want.len(),
+                self.specs.len()
+            )));
+        }
+        for ((w, have), v) in want.iter().zip(&self.specs).zip(&self.values) {
+            if w.name != have.name || w.shape != have.shape || v.len() != w.len() {
+                return Err(mismatch(format!(
+                    "model {} expects {} {:?}, got {} {:?}",
+                    spec.name, w.name, w.shape, have.name, have.shape
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Serialises to safetensors bytes (F32, canonical names and shapes).
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let bytes: Vec<Vec<u8>> = self
+            .values
+            .iter()
+            .map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .specs
+            .iter()
+            .zip(&bytes)
+            .map(|(s, b)| {
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.shape.clone(), b)
+                        .expect("shape and byte length agree by construction");
+                (s.name.clone(), view)
+            })
+            .collect();
+        safetensors::serialize(views, &None).expect("serialising in-memory f32 tensors")
+    }
+
+    /// Parses safetensors bytes into parameters for `spec`; every canonical name must be present
+    /// with its shape and dtype F32. `context` names the source in errors.
+    pub fn from_safetensors(spec: &ModelSpec, bytes: &[u8], context: &Path) -> Result<Params, ParamError> {
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ParamError::Format {
+            path: context.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let ctx = context.display().to_string();
+        let mismatch = |reason: String| ParamError::Mismatch { context: ctx.clone(), reason };
+        let specs = spec.params();
+        let mut values = Vec::with_capacity(specs.len());
+        for p in &specs {
+            let t = st.tensor(&p.name).map_err(|_| {
+                mismatch(format!("no tensor '{}' (is this a {} checkpoint?)", p.name, spec.name))
+            })?;
+            if t.dtype() != safetensors::Dtype::F32 {
+                return Err(mismatch(format!("{} has dtype {:?}, expected F32", p.name, t.dtype())));
+            }
+            if t.shape() != p.shape.as_slice() {
+                return Err(mismatch(format!(
+                    "{} has shape {:?}, model {} expects {:?}",
+                    p.name,
+                    t.shape(),
+                    spec.name,
+                    p.shape
+                )));
+            }
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            values.push(v);
+        }
+        let extra = st.len().saturating_sub(specs.len());
+        if extra > 0 {
+            return Err(mismatch(format!(
+                "{extra} tensor(s) not in model {} (is this another model's checkpoint?)",
+                spec.name
+            )));
+        }
+        Ok(Params { specs, values })
+    }
+
+    /// Writes a safetensors file atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), ParamError> {
+        write_atomic(path, &self.to_safetensors())
+            .map_err(|source| ParamError::Io { path: path.to_path_buf(), source })
+    }
+
+    /// Reads a safetensors file for `spec`.
+    pub fn load(spec: &ModelSpec, path: &Path) -> Result<Params, ParamError> {
+        let bytes = std::fs::read(path)
+            .map_err(|source| ParamError::Io { path: path.to_path_buf(), source })?;
+        Params::from_safetensors(spec, &bytes, path)
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
+/// a temporary file beside it, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelKind;
+
+    fn numbered(spec: &ModelSpec) -> Params {
+        let mut p = Params::zeros(spec);
+        let mut k = 0.0;
+        for v in &mut p.values {
+            for x in v.iter_mut() {
+                *x = k;
+                k += 0.5;
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn safetensors_round_trip_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        for kind in ModelKind::ALL {
+            let spec = kind.mnist();
+            let p = numbered(&spec);
+            let path = dir.path().join(format!("{}.safetensors", kind.name()));
+            p.save(&path).unwrap();
+            assert_eq!(Params::load(&spec, &path).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn another_models_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        numbered(&ModelKind::OneConv.mnist()).save(&path).unwrap();
+        let err = Params::load(&ModelKind::TwoConv.mnist(), &path).unwrap_err().to_string();
+        assert!(err.contains("w.safetensors"), "{err}");
+        assert!(err.contains("conv1.weight") || err.contains("conv2"), "{err}");
+    }
+
+    #[test]
+    fn truncated_file_is_a_format_error() {
+        let spec = ModelKind::OneConv.mnist();
+        let bytes = numbered(&spec).to_safetensors();
+        for cut in [0, 7, 8, 100, bytes.len() - 1] {
+            let err = Params::from_safetensors(&spec, &bytes[..cut], Path::new("cut.st"));
+            assert!(err.is_err(), "cut at {cut} accepted");
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! libtorch engine (work in progress).
