@@ -1,1 +1,100 @@
-//! Optimizers (work in progress).
+//! Optimizers for the rso workspace, behind one [`Optimizer`] trait:
+//!
+//! - [`Rso`]: random search optimization (Tripathi & Singh, Algorithm 1) with the notebook's
+//!   (`seed`) and the paper authors' (`paper`) presets, every knob overridable;
+//! - [`Sgd`]: plain minibatch gradient descent.
+//!
+//! Both drive any engine through [`rso_models::Network`]. Every random choice comes from the
+//! configured seed, and the generator of round `r` depends only on `(seed, r)`, so a run resumed
+//! at a round boundary continues exactly as an uninterrupted one.
+
+mod rso;
+mod sgd;
+
+pub use rso::{choose, BatchPolicy, Choice, Rso, RsoConfig, RsoEval, SigmaRule, SweepStep};
+pub use sgd::{Sgd, SgdConfig};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rso_models::Network;
+
+/// Why an optimizer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// A loss turned NaN or infinite; RSO never accepts such a candidate, and a non-finite loss
+    /// at the current weights means training has diverged.
+    #[error("round {round}: loss at the current weights is {loss} while visiting {param}[{index}]; training diverged (check the data and --sigma/--lr)")]
+    NonFiniteLoss {
+        /// Round (0-based).
+        round: usize,
+        /// Parameter array name.
+        param: String,
+        /// Scalar index in the array.
+        index: usize,
+        /// The loss value.
+        loss: f64,
+    },
+    /// SGD's minibatch loss turned NaN or infinite.
+    #[error("epoch {round}: minibatch loss is {loss}; training diverged (try a smaller --lr)")]
+    Diverged {
+        /// Epoch (0-based).
+        round: usize,
+        /// The loss value.
+        loss: f64,
+    },
+    /// A configuration that cannot run.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What one round (RSO) or epoch (SGD) did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RoundStats {
+    /// Weights visited (RSO) or minibatch steps taken (SGD).
+    pub steps: usize,
+    /// RSO: weights whose change was accepted. SGD: 0.
+    pub accepted: usize,
+    /// Mean of the minibatch losses seen during the round (losses at W for RSO, before the
+    /// decision; the step's loss for SGD).
+    pub mean_batch_loss: f64,
+}
+
+/// A training algorithm that improves a network one round (or epoch) at a time.
+pub trait Optimizer {
+    /// Name as the CLI spells it (`rso`, `sgd`).
+    fn name(&self) -> &'static str;
+
+    /// Units of work in one round (weights for RSO, minibatches for SGD), for progress bars.
+    fn steps_per_round(&self, net: &dyn Network) -> usize;
+
+    /// Runs round `round` (0-based) on `net`; `progress` is called with the number of units
+    /// done so far, now and then.
+    fn run_round(
+        &mut self,
+        net: &mut dyn Network,
+        round: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<RoundStats, OptimError>;
+}
+
+/// The generator for round `round` of a run seeded with `seed`: a function of both alone.
+pub fn round_rng(seed: u64, round: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(round as u64 + 1);
+    rng
+}
+
+/// A generator for set-up draws (σ samples, evaluation subsets) separate from every round's.
+pub fn setup_rng(seed: u64, purpose: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(u64::MAX - purpose);
+    rng
+}
+
+/// `0..n` shuffled with `rng` (Fisher–Yates, as `rand` does it).
+pub fn shuffled(n: usize, rng: &mut impl rand::Rng) -> Vec<u32> {
+    use rand::seq::SliceRandom;
+    let mut v: Vec<u32> = (0..n as u32).collect();
+    v.shuffle(rng);
+    v
+}

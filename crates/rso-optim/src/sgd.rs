@@ -1,0 +1,69 @@
+//! Plain minibatch SGD (the notebook's baseline).
+
+use crate::{round_rng, shuffled, OptimError, Optimizer, RoundStats};
+use rso_models::Network;
+
+/// SGD settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Learning rate (the notebook: 0.01).
+    pub lr: f32,
+    /// Minibatch size; the last partial batch of an epoch is kept.
+    pub batch_size: usize,
+    /// Seed of the per-epoch shuffles.
+    pub seed: u64,
+}
+
+/// Plain descent `w ← w − lr·∇L` on the mean cross-entropy of shuffled minibatches.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    config: SgdConfig,
+}
+
+impl Sgd {
+    /// An SGD optimizer; fails on a zero batch size or a non-positive or non-finite rate.
+    pub fn new(config: SgdConfig) -> Result<Sgd, OptimError> {
+        if config.batch_size == 0 {
+            return Err(OptimError::Config("--batch-size must be at least 1".into()));
+        }
+        if !(config.lr.is_finite() && config.lr > 0.0) {
+            return Err(OptimError::Config(format!("--lr must be a positive number, got {}", config.lr)));
+        }
+        Ok(Sgd { config })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn steps_per_round(&self, net: &dyn Network) -> usize {
+        net.train_len().div_ceil(self.config.batch_size)
+    }
+
+    fn run_round(
+        &mut self,
+        net: &mut dyn Network,
+        round: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<RoundStats, OptimError> {
+        let order = shuffled(net.train_len(), &mut round_rng(self.config.seed, round));
+        let mut stats = RoundStats::default();
+        let mut sum = 0.0;
+        for (i, batch) in order.chunks(self.config.batch_size).enumerate() {
+            let loss = net.sgd_step(batch, self.config.lr);
+            if !loss.is_finite() {
+                return Err(OptimError::Diverged { round, loss });
+            }
+            sum += loss;
+            stats.steps += 1;
+            if i % 64 == 0 {
+                progress(stats.steps);
+            }
+        }
+        stats.mean_batch_loss = sum / stats.steps.max(1) as f64;
+        progress(stats.steps);
+        Ok(stats)
+    }
+}
