@@ -34,6 +34,9 @@ pub enum DataError {
 impl DataError {
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        DataError::Format { path: path.into(), reason: reason.into() }
+        DataError::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }

@@ -9,7 +9,9 @@ mod error;
 mod idx;
 mod normalize;
 
-pub use cifar::load_cifar10;
+pub use cifar::{
+    load_cifar10, read_cifar_batch, CifarBatch, CIFAR_IMAGE_BYTES, CIFAR_RECORD_BYTES,
+};
 pub use error::DataError;
 pub use idx::{load_mnist, read_idx, IdxArray};
 pub use normalize::Normalization;
@@ -74,13 +76,20 @@ impl Dataset {
             images.extend_from_slice(self.image(i as usize));
             labels.push(self.labels[i as usize]);
         }
-        Dataset { images, labels, ..self.header() }
+        Dataset {
+            images,
+            labels,
+            ..self.header()
+        }
     }
 
     /// The first value that is NaN or infinite, as (sample, offset within the image).
     pub fn first_non_finite(&self) -> Option<(usize, usize)> {
         let n = self.image_len().max(1);
-        self.images.iter().position(|v| !v.is_finite()).map(|p| (p / n, p % n))
+        self.images
+            .iter()
+            .position(|v| !v.is_finite())
+            .map(|p| (p / n, p % n))
     }
 
     fn header(&self) -> Dataset {

@@ -48,7 +48,14 @@ mod tests {
 
     fn set(images: Vec<f32>, channels: usize) -> Dataset {
         let n = images.len() / channels;
-        Dataset { labels: vec![0; 1], images, channels, height: 1, width: n, classes: 10 }
+        Dataset {
+            labels: vec![0; 1],
+            images,
+            channels,
+            height: 1,
+            width: n,
+            classes: 10,
+        }
     }
 
     #[test]
@@ -64,7 +71,10 @@ mod tests {
 
     #[test]
     fn unit_range_changes_nothing() {
-        let mut split = Split { train: set(vec![0.25; 2], 1), test: set(vec![0.75; 2], 1) };
+        let mut split = Split {
+            train: set(vec![0.25; 2], 1),
+            test: set(vec![0.75; 2], 1),
+        };
         Normalization::UnitRange.apply(&mut split);
         assert_eq!(split.train.images, vec![0.25; 2]);
         assert_eq!(split.test.images, vec![0.75; 2]);
