@@ -1,0 +1,184 @@
+//! Batch normalisation over `[n, c, h, w]` per channel: `y = γ (x − μ)/sqrt(var + ε) + β`.
+//!
+//! Training mode takes μ and the biased variance over the batch (`n·h·w` values per channel);
+//! evaluation mode takes fixed running statistics. Both go through [`batchnorm_apply`], so
+//! evaluating with running statistics equal to a batch's statistics reproduces the training-mode
+//! output exactly.
+//!
+//! Batch reductions are split in two so a caller can run the per-sample half in parallel:
+//! per-(sample, channel) partials ([`plane_moments`], [`backward_partials`]), then an in-order
+//! combination ([`combine_moments`], [`combine_partials`]). All statistics are f64.
+
+use rso_models::spec::BN_EPS;
+
+/// `1/sqrt(var + ε)` in f64.
+fn inv_std(var: f64) -> f64 {
+    1.0 / (var + f64::from(BN_EPS)).sqrt()
+}
+
+/// Mean and sum of squared deviations of each `hw` plane: `moments[i·c + ch] = (mean, m2)` of
+/// sample `i`, channel `ch`.
+pub fn plane_moments(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) {
+    for (p, m) in moments[..n * c].iter_mut().enumerate() {
+        let plane = &x[p * hw..][..hw];
+        let mean = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / hw.max(1) as f64;
+        let m2 = plane
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>();
+        *m = (mean, m2);
+    }
+}
+
+/// Combines [`plane_moments`] in sample order into the batch mean and biased variance of each
+/// channel. With `n == 0` the statistics are left untouched.
+pub fn combine_moments(
+    n: usize,
+    c: usize,
+    hw: usize,
+    moments: &[(f64, f64)],
+    mean: &mut [f64],
+    var: &mut [f64],
+) {
+    if n == 0 || hw == 0 {
+        return;
+    }
+    for ch in 0..c {
+        let mu = (0..n).map(|i| moments[i * c + ch].0).sum::<f64>() / n as f64;
+        let m2: f64 = (0..n)
+            .map(|i| {
+                let (m, s) = moments[i * c + ch];
+                s + hw as f64 * (m - mu).powi(2)
+            })
+            .sum();
+        mean[ch] = mu;
+        var[ch] = m2 / (n * hw) as f64;
+    }
+}
+
+/// `y = γ (x − μ)/sqrt(var + ε) + β` with the given per-channel statistics, as
+/// `y = x·scale + shift` with `scale`, `shift` computed in f64 and rounded once.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_apply(
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[f32],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+) {
+    for i in 0..n {
+        for ch in 0..c {
+            let scale = f64::from(gamma[ch]) * inv_std(var[ch]);
+            let shift = f64::from(beta[ch]) - mean[ch] * scale;
+            let (scale, shift) = (scale as f32, shift as f32);
+            let off = (i * c + ch) * hw;
+            for (y, &x) in y[off..off + hw].iter_mut().zip(&x[off..off + hw]) {
+                *y = x * scale + shift;
+            }
+        }
+    }
+}
+
+/// Training-mode forward of a whole batch on one thread: batch statistics into `mean`, `var`
+/// (biased), output into `y`. Allocates the `n·c` moment partials.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_forward(
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    y: &mut [f32],
+    mean: &mut [f64],
+    var: &mut [f64],
+) {
+    let mut moments = vec![(0.0, 0.0); n * c];
+    plane_moments(n, c, hw, x, &mut moments);
+    combine_moments(n, c, hw, &moments, mean, var);
+    batchnorm_apply(n, c, hw, x, mean, var, gamma, beta, y);
+}
+
+/// Per-(sample, channel) `(Σ dy, Σ dy·x̂)` over each plane, where `x̂ = (x − μ)/sqrt(var + ε)`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_partials(
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f64],
+    var: &[f64],
+    partials: &mut [(f64, f64)],
+) {
+    for (p, out) in partials[..n * c].iter_mut().enumerate() {
+        let ch = p % c;
+        let inv = inv_std(var[ch]);
+        let (a, b) = (inv as f32, (-mean[ch] * inv) as f32);
+        let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+        for (&x, &g) in x[p * hw..][..hw].iter().zip(&dy[p * hw..][..hw]) {
+            let xhat = x * a + b;
+            sdy += f64::from(g);
+            sdyx += f64::from(g * xhat);
+        }
+        *out = (sdy, sdyx);
+    }
+}
+
+/// Sums [`backward_partials`] over samples in order: `dbeta[ch] = Σ dy`, `dgamma[ch] = Σ dy·x̂`
+/// (f64, used again by [`batchnorm_backward_input`]).
+pub fn combine_partials(
+    n: usize,
+    c: usize,
+    partials: &[(f64, f64)],
+    dgamma: &mut [f64],
+    dbeta: &mut [f64],
+) {
+    for ch in 0..c {
+        dbeta[ch] = (0..n).map(|i| partials[i * c + ch].0).sum();
+        dgamma[ch] = (0..n).map(|i| partials[i * c + ch].1).sum();
+    }
+}
+
+/// Gradient with respect to the input of training-mode batch norm over a batch of `count`
+/// samples (`count` is the whole batch even when `n` covers only a part of it):
+/// `dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M)`, `M = count·hw`. Fully written.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_backward_input(
+    n: usize,
+    count: usize,
+    c: usize,
+    hw: usize,
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f32],
+    dgamma: &[f64],
+    dbeta: &[f64],
+    dx: &mut [f32],
+) {
+    let m = (count * hw).max(1) as f64;
+    for i in 0..n {
+        for ch in 0..c {
+            let inv = inv_std(var[ch]);
+            let (a, b) = (inv as f32, (-mean[ch] * inv) as f32);
+            let k = (f64::from(gamma[ch]) * inv) as f32;
+            let mean_dy = (dbeta[ch] / m) as f32;
+            let mean_dyx = (dgamma[ch] / m) as f32;
+            let off = (i * c + ch) * hw;
+            for ((d, &x), &g) in dx[off..off + hw]
+                .iter_mut()
+                .zip(&x[off..off + hw])
+                .zip(&dy[off..off + hw])
+            {
+                let xhat = x * a + b;
+                *d = k * (g - mean_dy - xhat * mean_dyx);
+            }
+        }
+    }
+}

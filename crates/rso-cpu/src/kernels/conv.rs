@@ -1,0 +1,366 @@
+//! 3×3 convolution, stride 1, zero padding 1, through im2col and `sgemm`.
+//!
+//! Weight layout `[c_out, c_in, 3, 3]`, row-major, so a weight row is one output channel's
+//! `c_in·9` taps in the same order as the rows of the im2col matrix.
+
+use super::{gemm, Mat};
+use std::cell::RefCell;
+
+/// Shape of a 3×3, stride 1, padding 1 convolution over `c_in × h × w` images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv3x3 {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Image height (input and output).
+    pub h: usize,
+    /// Image width (input and output).
+    pub w: usize,
+}
+
+impl Conv3x3 {
+    /// Values per input sample, `c_in·h·w`.
+    pub fn in_len(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+
+    /// Values per output sample, `c_out·h·w`.
+    pub fn out_len(&self) -> usize {
+        self.c_out * self.h * self.w
+    }
+
+    /// Taps per output channel, `c_in·9` (a weight row, an im2col column).
+    pub fn taps(&self) -> usize {
+        self.c_in * 9
+    }
+
+    /// Multiply-adds of one sample's forward pass.
+    pub fn macs(&self) -> usize {
+        self.out_len() * self.taps()
+    }
+
+    fn plane(&self) -> usize {
+        self.h * self.w
+    }
+}
+
+thread_local! {
+    /// Per-thread im2col scratch; grows to the largest size used, then stays.
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` values (contents unspecified).
+fn with_col<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    COL.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() < len {
+            c.resize(len, 0.0);
+        }
+        f(&mut c[..len])
+    })
+}
+
+/// One sample's im2col matrix `[c_in·9, h·w]`: row `(ci·3 + ky)·3 + kx`, column `y·w + x` holds
+/// `x[ci, y + ky − 1, x + kx − 1]`, zero outside the image.
+fn im2col(s: &Conv3x3, x: &[f32], col: &mut [f32]) {
+    let (h, w, hw) = (s.h, s.w, s.plane());
+    for (ci, plane) in x.chunks_exact(hw).take(s.c_in).enumerate() {
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let row = &mut col[((ci * 3 + ky) * 3 + kx) * hw..][..hw];
+                for (y, out) in row.chunks_exact_mut(w).enumerate() {
+                    // Source row y + ky − 1, kept unsigned.
+                    if y + ky == 0 || y + ky > h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(y + ky - 1) * w..][..w];
+                    match kx {
+                        0 => {
+                            out[0] = 0.0;
+                            out[1..].copy_from_slice(&src[..w - 1]);
+                        }
+                        1 => out.copy_from_slice(src),
+                        _ => {
+                            out[..w - 1].copy_from_slice(&src[1..]);
+                            out[w - 1] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds an im2col-shaped gradient back onto the image it was taken from (the adjoint of
+/// [`im2col`]); `dx` accumulates.
+fn col2im(s: &Conv3x3, col: &[f32], dx: &mut [f32]) {
+    let (h, w, hw) = (s.h, s.w, s.plane());
+    for (ci, plane) in dx.chunks_exact_mut(hw).take(s.c_in).enumerate() {
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let row = &col[((ci * 3 + ky) * 3 + kx) * hw..][..hw];
+                for (y, g) in row.chunks_exact(w).enumerate() {
+                    if y + ky == 0 || y + ky > h {
+                        continue;
+                    }
+                    let dst = &mut plane[(y + ky - 1) * w..][..w];
+                    let (d, g) = match kx {
+                        0 => (&mut dst[..w - 1], &g[1..]),
+                        1 => (&mut dst[..], g),
+                        _ => (&mut dst[1..], &g[..w - 1]),
+                    };
+                    for (d, g) in d.iter_mut().zip(g) {
+                        *d += g;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward pass of `n` samples: `y[i] = weight ∗ x[i] + bias`, `x: [n, c_in, h, w]`,
+/// `y: [n, c_out, h, w]`.
+pub fn conv3x3_forward(
+    s: &Conv3x3,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (hw, taps) = (s.plane(), s.taps());
+    if hw == 0 {
+        return;
+    }
+    with_col(taps * hw, |col| {
+        for i in 0..n {
+            im2col(s, &x[i * s.in_len()..][..s.in_len()], col);
+            let yi = &mut y[i * s.out_len()..][..s.out_len()];
+            let beta = match bias {
+                Some(b) => {
+                    for (plane, &b) in yi.chunks_exact_mut(hw).zip(&b[..s.c_out]) {
+                        plane.fill(b);
+                    }
+                    1.0
+                }
+                None => 0.0,
+            };
+            gemm(
+                s.c_out,
+                taps,
+                hw,
+                Mat::rows(weight, taps),
+                Mat::rows(col, hw),
+                beta,
+                yi,
+                hw,
+            );
+        }
+    });
+}
+
+/// Gradient with respect to the input: `dx[i] = weightᵀ ⋆ dy[i]` (fully written).
+pub fn conv3x3_backward_input(s: &Conv3x3, n: usize, dy: &[f32], weight: &[f32], dx: &mut [f32]) {
+    let (hw, taps) = (s.plane(), s.taps());
+    if hw == 0 {
+        return;
+    }
+    with_col(taps * hw, |dcol| {
+        for i in 0..n {
+            let dyi = &dy[i * s.out_len()..][..s.out_len()];
+            gemm(
+                taps,
+                s.c_out,
+                hw,
+                Mat::transposed(weight, taps),
+                Mat::rows(dyi, hw),
+                0.0,
+                dcol,
+                hw,
+            );
+            let dxi = &mut dx[i * s.in_len()..][..s.in_len()];
+            dxi.fill(0.0);
+            col2im(s, dcol, dxi);
+        }
+    });
+}
+
+/// Gradients with respect to weight and bias, summed over the `n` samples in sample order
+/// (both fully written).
+pub fn conv3x3_backward_params(
+    s: &Conv3x3,
+    n: usize,
+    x: &[f32],
+    dy: &[f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+) {
+    let (hw, taps) = (s.plane(), s.taps());
+    dweight[..s.c_out * taps].fill(0.0);
+    if let Some(db) = dbias {
+        for (co, d) in db[..s.c_out].iter_mut().enumerate() {
+            let mut sum = 0.0f64;
+            for i in 0..n {
+                let plane = &dy[i * s.out_len() + co * hw..][..hw];
+                sum += plane.iter().map(|&g| f64::from(g)).sum::<f64>();
+            }
+            *d = sum as f32;
+        }
+    }
+    if hw == 0 {
+        return;
+    }
+    with_col(taps * hw, |col| {
+        for i in 0..n {
+            im2col(s, &x[i * s.in_len()..][..s.in_len()], col);
+            let dyi = &dy[i * s.out_len()..][..s.out_len()];
+            gemm(
+                s.c_out,
+                hw,
+                taps,
+                Mat::rows(dyi, hw),
+                Mat::transposed(col, hw),
+                1.0,
+                dweight,
+                taps,
+            );
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{
+        self as tu, assert_close, config, dot, integers, numeric_grad, uniform, wide,
+    };
+    use proptest::prelude::*;
+
+    fn forward(s: &Conv3x3, n: usize, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+        let mut y = vec![f32::NAN; n * s.out_len()];
+        conv3x3_forward(s, n, x, w, b, &mut y);
+        y
+    }
+
+    #[test]
+    fn forward_matches_hand_computed_sums() {
+        let s = Conv3x3 {
+            c_in: 1,
+            c_out: 2,
+            h: 3,
+            w: 3,
+        };
+        let x: Vec<f32> = (1..=9).map(|v| v as f32).collect();
+        // Channel 0: all-ones kernel (neighbourhood sums); channel 1: only the top-left tap, so
+        // out(y, x) = in(y − 1, x − 1): cross-correlation, not a flipped convolution.
+        let mut w = vec![1.0; 9];
+        w.extend([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        let y = forward(&s, 1, &x, &w, Some(&[0.5, -1.0]));
+        let want = [
+            12.5, 21.5, 16.5, 27.5, 45.5, 33.5, 24.5, 39.5, 28.5, -1.0, -1.0, -1.0, -1.0, 0.0, 1.0,
+            -1.0, 3.0, 4.0,
+        ];
+        assert_eq!(y, want);
+    }
+
+    #[test]
+    fn forward_matches_naive_loops_exactly_on_integers() {
+        let mut rng = tu::rng(1);
+        for (n, c_in, c_out, h, w) in [
+            (2, 3, 2, 5, 4),
+            (1, 1, 4, 1, 1),
+            (3, 2, 3, 2, 7),
+            (1, 16, 16, 7, 7),
+        ] {
+            let s = Conv3x3 { c_in, c_out, h, w };
+            let x = integers(&mut rng, n * s.in_len(), 3);
+            let wt = integers(&mut rng, c_out * s.taps(), 2);
+            let b = integers(&mut rng, c_out, 5);
+            for bias in [None, Some(b.as_slice())] {
+                let y = forward(&s, n, &x, &wt, bias);
+                let want = tu::conv(
+                    n,
+                    c_in,
+                    c_out,
+                    h,
+                    w,
+                    &wide(&x),
+                    &wide(&wt),
+                    bias.map(wide).as_deref(),
+                );
+                assert_eq!(wide(&y), want, "{s:?} bias {}", bias.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn backward_is_the_exact_adjoint_on_integers() {
+        let mut rng = tu::rng(2);
+        for (n, c_in, c_out, h, w) in [(2, 3, 2, 5, 4), (1, 1, 1, 1, 1), (3, 2, 4, 6, 3)] {
+            let s = Conv3x3 { c_in, c_out, h, w };
+            let x = integers(&mut rng, n * s.in_len(), 3);
+            let wt = integers(&mut rng, c_out * s.taps(), 2);
+            let b = integers(&mut rng, c_out, 2);
+            let dy = integers(&mut rng, n * s.out_len(), 2);
+            let y = forward(&s, n, &x, &wt, Some(&b));
+            let mut dx = vec![f32::NAN; x.len()];
+            conv3x3_backward_input(&s, n, &dy, &wt, &mut dx);
+            let (mut dw, mut db) = (vec![f32::NAN; wt.len()], vec![f32::NAN; c_out]);
+            conv3x3_backward_params(&s, n, &x, &dy, &mut dw, Some(&mut db));
+            let y0 = forward(&s, n, &x, &wt, None);
+            // <dy, conv(x)> = <dx, x> and <dy, conv(x; W, b)> = <dW, W> + <db, b>, exactly.
+            assert_eq!(
+                dot(&dy, &wide(&y0)),
+                dot(&dx, &wide(&x)),
+                "{s:?}: input adjoint"
+            );
+            assert_eq!(
+                dot(&dy, &wide(&y)),
+                dot(&dw, &wide(&wt)) + dot(&db, &wide(&b)),
+                "{s:?}: param adjoint"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_samples_give_zero_parameter_gradients() {
+        let s = Conv3x3 {
+            c_in: 2,
+            c_out: 3,
+            h: 4,
+            w: 4,
+        };
+        let (mut dw, mut db) = (vec![f32::NAN; 3 * 18], vec![f32::NAN; 3]);
+        conv3x3_backward_params(&s, 0, &[], &[], &mut dw, Some(&mut db));
+        assert!(dw.iter().chain(&db).all(|&v| v == 0.0));
+    }
+
+    proptest! {
+        #![proptest_config(config(24))]
+        #[test]
+        fn gradients_match_finite_differences(
+            n in 1usize..=3, c_in in 1usize..=3, c_out in 1usize..=3, h in 1usize..=6, w in 1usize..=6,
+            seed in any::<u64>(),
+        ) {
+            let s = Conv3x3 { c_in, c_out, h, w };
+            let mut rng = tu::rng(seed);
+            let x = uniform(&mut rng, n * s.in_len(), 1.0);
+            let wt = uniform(&mut rng, c_out * s.taps(), 1.0);
+            let b = uniform(&mut rng, c_out, 1.0);
+            let r = uniform(&mut rng, n * s.out_len(), 1.0);
+            let (xw, ww, bw) = (wide(&x), wide(&wt), wide(&b));
+            let loss = |x: &[f64], wt: &[f64], b: &[f64]| dot(&r, &tu::conv(n, c_in, c_out, h, w, x, wt, Some(b)));
+
+            let mut dx = vec![f32::NAN; x.len()];
+            conv3x3_backward_input(&s, n, &r, &wt, &mut dx);
+            let (mut dw, mut db) = (vec![f32::NAN; wt.len()], vec![f32::NAN; c_out]);
+            conv3x3_backward_params(&s, n, &x, &r, &mut dw, Some(&mut db));
+
+            assert_close(&dx, &numeric_grad(|x| loss(x, &ww, &bw), &xw, 1e-3), 1e-4, 1e-4, "dx");
+            assert_close(&dw, &numeric_grad(|wt| loss(&xw, wt, &bw), &ww, 1e-3), 1e-4, 1e-4, "dw");
+            assert_close(&db, &numeric_grad(|b| loss(&xw, &ww, b), &bw, 1e-3), 1e-4, 1e-4, "db");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! f32 NCHW kernels, one module per operation.
+//!
+//! Every kernel is single-threaded, takes its inputs as slices with explicit shapes and writes
+//! into caller-provided output buffers (each output element is written, never read first, unless
+//! the doc says "accumulates"). Reductions over samples run in sample order, so a caller that
+//! splits a batch into parts and combines the parts in order gets results that do not depend on
+//! how many threads ran the parts. Slices shorter than their shapes require make the kernel
+//! panic: shapes come from the program, not from users.
+
+pub mod batchnorm;
+pub mod conv;
+pub mod dense;
+pub mod loss;
+pub mod pool;
+pub mod relu;
+
+/// A row-major or strided matrix view for [`gemm`]: data, row stride, column stride.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `rows × cols` matrix (`cols` is the row stride).
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `cols` long.
+    pub fn transposed(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// Highest element index a strided `rows × cols` matrix touches, plus one (0 when empty).
+fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// `C ← A·B + β·C` for `A: m×k`, `B: k×n` and row-major `C: m×n` with row stride `ldc`,
+/// through `matrixmultiply::sgemm`. With `beta == 0` `C` is only written. Panics when a view is
+/// too short for its shape.
+pub(crate) fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(
+        extent(m, k, a.rs, a.cs) <= a.data.len(),
+        "gemm: A too short"
+    );
+    assert!(
+        extent(k, n, b.rs, b.cs) <= b.data.len(),
+        "gemm: B too short"
+    );
+    assert!(extent(m, n, ldc, 1) <= c.len(), "gemm: C too short");
+    assert!(n <= ldc || m <= 1, "gemm: C rows overlap");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assertions above keep every element sgemm reads or writes inside the slices;
+    // C's rows do not overlap (n ≤ ldc) and C is borrowed mutably, so it aliases neither A nor B.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.data.as_ptr(),
+            a.rs as isize,
+            a.cs as isize,
+            b.data.as_ptr(),
+            b.rs as isize,
+            b.cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
