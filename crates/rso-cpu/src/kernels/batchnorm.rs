@@ -182,3 +182,101 @@ pub fn batchnorm_backward_input(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{self as tu, assert_close, config, dot, numeric_grad, uniform, wide};
+    use proptest::prelude::*;
+
+    #[test]
+    fn batch_statistics_and_output_match_hand_computed_values() {
+        // n = 2, c = 1, hw = 2: values 1, 3 | 5, 7 → mean 4, biased variance 5.
+        let x = [1.0, 3.0, 5.0, 7.0];
+        let (mut mean, mut var) = ([f64::NAN], [f64::NAN]);
+        let mut y = [f32::NAN; 4];
+        batchnorm_train_forward(2, 1, 2, &x, &[2.0], &[1.0], &mut y, &mut mean, &mut var);
+        assert_eq!((mean[0], var[0]), (4.0, 5.0));
+        let s = 2.0 / (5.0 + f64::from(BN_EPS)).sqrt();
+        let want: Vec<f64> = x.iter().map(|&v| (f64::from(v) - 4.0) * s + 1.0).collect();
+        assert_close(&y, &want, 1e-6, 1e-6, "y");
+    }
+
+    #[test]
+    fn running_statistics_mode_matches_naive() {
+        let mut rng = tu::rng(5);
+        let (n, c, hw) = (3, 4, 5);
+        let x = uniform(&mut rng, n * c * hw, 2.0);
+        let (gamma, beta) = (uniform(&mut rng, c, 2.0), uniform(&mut rng, c, 1.0));
+        let mean = vec![0.5, -0.25, 0.0, 1.0];
+        let var = vec![1.0, 0.5, 2.0, 0.0];
+        let mut y = vec![f32::NAN; x.len()];
+        batchnorm_apply(n, c, hw, &x, &mean, &var, &gamma, &beta, &mut y);
+        let (want, _, _) = tu::batchnorm(
+            n,
+            c,
+            hw,
+            &wide(&x),
+            &wide(&gamma),
+            &wide(&beta),
+            Some((&mean, &var)),
+        );
+        assert_close(&y, &want, 1e-5, 1e-4, "y");
+    }
+
+    #[test]
+    fn combining_partials_of_any_split_matches_the_whole_batch() {
+        let mut rng = tu::rng(6);
+        let (n, c, hw) = (5, 3, 7);
+        let x: Vec<f32> = uniform(&mut rng, n * c * hw, 1.0)
+            .iter()
+            .map(|v| v + 10.0)
+            .collect();
+        let mut moments = vec![(f64::NAN, f64::NAN); n * c];
+        // Partials of samples 0..2 and 2..5 computed separately, as two threads would.
+        plane_moments(2, c, hw, &x[..2 * c * hw], &mut moments[..2 * c]);
+        plane_moments(3, c, hw, &x[2 * c * hw..], &mut moments[2 * c..]);
+        let (mut mean, mut var) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+        combine_moments(n, c, hw, &moments, &mut mean, &mut var);
+        let (_, want_mean, want_var) =
+            tu::batchnorm(n, c, hw, &wide(&x), &[1.0; 3], &[0.0; 3], None);
+        assert_close(&mean, &want_mean, 1e-14, 0.0, "mean");
+        assert_close(&var, &want_var, 1e-10, 1e-15, "var");
+    }
+
+    proptest! {
+        #![proptest_config(config(24))]
+        #[test]
+        fn gradients_match_finite_differences(
+            n in 1usize..=3, c in 1usize..=3, hw in 1usize..=9, seed in any::<u64>(),
+        ) {
+            prop_assume!(n * hw > 1);
+            let mut rng = tu::rng(seed);
+            let x = uniform(&mut rng, n * c * hw, 2.0);
+            let (gamma, beta) = (uniform(&mut rng, c, 2.0), uniform(&mut rng, c, 1.0));
+            let r = uniform(&mut rng, x.len(), 1.0);
+            let (xw, gw, bw) = (wide(&x), wide(&gamma), wide(&beta));
+            let loss = |x: &[f64], g: &[f64], b: &[f64]| dot(&r, &tu::batchnorm(n, c, hw, x, g, b, None).0);
+
+            let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
+            let mut y = vec![f32::NAN; x.len()];
+            batchnorm_train_forward(n, c, hw, &x, &gamma, &beta, &mut y, &mut mean, &mut var);
+            assert_close(&y, &tu::batchnorm(n, c, hw, &xw, &gw, &bw, None).0, 1e-5, 1e-5, "y");
+
+            let mut partials = vec![(f64::NAN, f64::NAN); n * c];
+            backward_partials(n, c, hw, &x, &r, &mean, &var, &mut partials);
+            let (mut dgamma, mut dbeta) = (vec![f64::NAN; c], vec![f64::NAN; c]);
+            combine_partials(n, c, &partials, &mut dgamma, &mut dbeta);
+            let mut dx = vec![f32::NAN; x.len()];
+            batchnorm_backward_input(n, n, c, hw, &x, &r, &mean, &var, &gamma, &dgamma, &dbeta, &mut dx);
+
+            // x̂ is scale-free, so dx can be large where the variance is small: compare relative
+            // to the largest entry.
+            let fd = numeric_grad(|x| loss(x, &gw, &bw), &xw, 1e-5);
+            let big = fd.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            assert_close(&dx, &fd, 1e-3, 1e-4 * big, "dx");
+            assert_close(&dgamma, &numeric_grad(|g| loss(&xw, g, &bw), &gw, 1e-5), 1e-4, 1e-4, "dgamma");
+            assert_close(&dbeta, &numeric_grad(|b| loss(&xw, &gw, b), &bw, 1e-5), 1e-4, 1e-4, "dbeta");
+        }
+    }
+}

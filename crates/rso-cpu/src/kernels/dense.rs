@@ -81,3 +81,76 @@ pub fn dense_backward_params(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{
+        self as tu, assert_close, config, dot, integers, numeric_grad, uniform, wide,
+    };
+    use proptest::prelude::*;
+
+    #[test]
+    fn forward_matches_hand_computed_values() {
+        // W = [[1, 2, 3], [-1, 0, 1]], b = [0.5, -0.5]; two samples.
+        let w = [1.0, 2.0, 3.0, -1.0, 0.0, 1.0];
+        let x = [1.0, 1.0, 1.0, 2.0, 0.0, -1.0];
+        let mut y = [f32::NAN; 4];
+        dense_forward(2, 3, 2, &x, &w, Some(&[0.5, -0.5]), &mut y);
+        assert_eq!(y, [6.5, -0.5, -0.5, -3.5]);
+        dense_forward(2, 3, 2, &x, &w, None, &mut y);
+        assert_eq!(y, [6.0, 0.0, -1.0, -3.0]);
+    }
+
+    #[test]
+    fn matches_naive_loops_and_is_the_exact_adjoint_on_integers() {
+        let mut rng = tu::rng(4);
+        let (n, d_in, d_out) = (5, 37, 10);
+        let x = integers(&mut rng, n * d_in, 3);
+        let w = integers(&mut rng, d_out * d_in, 3);
+        let b = integers(&mut rng, d_out, 3);
+        let dy = integers(&mut rng, n * d_out, 3);
+        let mut y = vec![f32::NAN; n * d_out];
+        dense_forward(n, d_in, d_out, &x, &w, Some(&b), &mut y);
+        assert_eq!(
+            wide(&y),
+            tu::dense(n, d_in, d_out, &wide(&x), &wide(&w), Some(&wide(&b)))
+        );
+
+        let mut dx = vec![f32::NAN; n * d_in];
+        dense_backward_input(n, d_in, d_out, &dy, &w, &mut dx);
+        let (mut dw, mut db) = (vec![f32::NAN; w.len()], vec![f32::NAN; d_out]);
+        dense_backward_params(n, d_in, d_out, &x, &dy, &mut dw, Some(&mut db));
+        let y0 = tu::dense(n, d_in, d_out, &wide(&x), &wide(&w), None);
+        assert_eq!(dot(&dy, &y0), dot(&dx, &wide(&x)));
+        assert_eq!(
+            dot(&dy, &wide(&y)),
+            dot(&dw, &wide(&w)) + dot(&db, &wide(&b))
+        );
+    }
+
+    proptest! {
+        #![proptest_config(config(24))]
+        #[test]
+        fn gradients_match_finite_differences(
+            n in 1usize..=4, d_in in 1usize..=20, d_out in 1usize..=6, seed in any::<u64>(),
+        ) {
+            let mut rng = tu::rng(seed);
+            let x = uniform(&mut rng, n * d_in, 1.0);
+            let w = uniform(&mut rng, d_out * d_in, 1.0);
+            let b = uniform(&mut rng, d_out, 1.0);
+            let r = uniform(&mut rng, n * d_out, 1.0);
+            let (xw, ww, bw) = (wide(&x), wide(&w), wide(&b));
+            let loss = |x: &[f64], w: &[f64], b: &[f64]| dot(&r, &tu::dense(n, d_in, d_out, x, w, Some(b)));
+
+            let mut dx = vec![f32::NAN; x.len()];
+            dense_backward_input(n, d_in, d_out, &r, &w, &mut dx);
+            let (mut dw, mut db) = (vec![f32::NAN; w.len()], vec![f32::NAN; d_out]);
+            dense_backward_params(n, d_in, d_out, &x, &r, &mut dw, Some(&mut db));
+
+            assert_close(&dx, &numeric_grad(|x| loss(x, &ww, &bw), &xw, 1e-3), 1e-4, 1e-4, "dx");
+            assert_close(&dw, &numeric_grad(|w| loss(&xw, w, &bw), &ww, 1e-3), 1e-4, 1e-4, "dw");
+            assert_close(&db, &numeric_grad(|b| loss(&xw, &ww, b), &bw, 1e-3), 1e-4, 1e-4, "db");
+        }
+    }
+}

@@ -62,3 +62,64 @@ pub fn correct(n: usize, classes: usize, logits: &[f32], labels: &[u8]) -> usize
         .filter(|&i| argmax(&logits[i * classes..][..classes]) == usize::from(labels[i]))
         .count()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{self as tu, assert_close, config, numeric_grad, uniform, wide};
+    use proptest::prelude::*;
+
+    #[test]
+    fn cross_entropy_matches_hand_computed_values() {
+        let logits = [0.0, 0.0, 1.0, 2.0, 3.0, 1000.0, 0.0, 1000.0, 0.0];
+        let mut l = [f64::NAN; 3];
+        cross_entropy(1, 2, &logits[..2], &[1], &mut l[..1]);
+        assert!((l[0] - 2f64.ln()).abs() < 1e-15);
+        cross_entropy(1, 3, &logits[2..5], &[2], &mut l[..1]);
+        let want = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() - 3.0;
+        assert!((l[0] - want).abs() < 1e-14);
+        // Large logits do not overflow: log-sum-exp is shifted by the maximum.
+        cross_entropy(2, 2, &logits[5..9], &[0, 1], &mut l[..2]);
+        assert_eq!(l[0], 0.0);
+        assert_eq!(l[1], 1000.0);
+        assert_eq!(ordered_sum(&[1.0, 2.0, 3.5]), 6.5);
+    }
+
+    #[test]
+    fn cross_entropy_gradient_matches_hand_computed_values() {
+        let mut d = [f32::NAN; 4];
+        cross_entropy_backward(2, 2, &[0.0, 0.0, 0.0, 0.0], &[0, 1], 0.5, &mut d);
+        assert_eq!(d, [-0.25, 0.25, 0.25, -0.25]);
+    }
+
+    #[test]
+    fn argmax_ties_go_to_the_lowest_index() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[5.0, 5.0]), 0);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 0.0]), 1);
+        assert_eq!(
+            correct(3, 2, &[1.0, 1.0, 0.0, 2.0, 3.0, 1.0], &[0, 1, 1]),
+            2
+        );
+    }
+
+    proptest! {
+        #![proptest_config(config(24))]
+        #[test]
+        fn gradient_matches_finite_differences(
+            n in 1usize..=4, classes in 1usize..=10, scale in 0.1f64..2.0, seed in any::<u64>(),
+        ) {
+            let mut rng = tu::rng(seed);
+            let z = uniform(&mut rng, n * classes, 4.0);
+            let labels: Vec<u8> = (0..n).map(|i| ((seed as usize + 7 * i) % classes) as u8).collect();
+            let mut dz = vec![f32::NAN; z.len()];
+            cross_entropy_backward(n, classes, &z, &labels, scale, &mut dz);
+            let loss = |z: &[f64]| scale * tu::cross_entropy(n, classes, z, &labels).iter().sum::<f64>();
+            assert_close(&dz, &numeric_grad(loss, &wide(&z), 1e-5), 1e-5, 1e-6, "dz");
+
+            let mut l = vec![f64::NAN; n];
+            cross_entropy(n, classes, &z, &labels, &mut l);
+            assert_close(&l, &tu::cross_entropy(n, classes, &wide(&z), &labels), 1e-12, 1e-12, "loss");
+        }
+    }
+}

@@ -106,3 +106,105 @@ pub fn global_avgpool_backward(planes: usize, hw: usize, dy: &[f32], dx: &mut [f
         dx[p * hw..][..hw].fill(g * scale);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{self as tu, assert_close, config, dot, numeric_grad, uniform, wide};
+    use proptest::prelude::*;
+
+    #[test]
+    fn max_pool_takes_the_first_maximum_and_drops_odd_edges() {
+        // One 3×5 plane: windows (rows 0–1) × (cols 0–1, 2–3); row 2 and column 4 are dropped.
+        #[rustfmt::skip]
+        let x = [
+            1.0, 3.0,   2.0, 2.0,   9.0,
+            3.0, 2.0,   2.0, -1.0,  9.0,
+            9.0, 9.0,   9.0, 9.0,   9.0,
+        ];
+        let mut y = [f32::NAN; 2];
+        maxpool2_forward(1, 3, 5, &x, &mut y);
+        assert_eq!(y, [3.0, 2.0]);
+        let mut dx = [f32::NAN; 15];
+        maxpool2_backward(1, 3, 5, &x, &[10.0, 20.0], &mut dx);
+        // Ties go to the first maximum in row-major window order: (0,1) and (0,2).
+        #[rustfmt::skip]
+        let want = [
+            0.0, 10.0,  20.0, 0.0,  0.0,
+            0.0, 0.0,   0.0, 0.0,   0.0,
+            0.0, 0.0,   0.0, 0.0,   0.0,
+        ];
+        assert_eq!(dx, want);
+    }
+
+    #[test]
+    fn mean_pools_match_hand_computed_values() {
+        // Two 2×2 planes.
+        let x = [1.0, 2.0, 3.0, 6.0, -4.0, 0.0, 0.0, 0.0];
+        let mut y = [f32::NAN; 2];
+        avgpool2_forward(2, 2, 2, &x, &mut y);
+        assert_eq!(y, [3.0, -1.0]);
+        let mut dx = [f32::NAN; 8];
+        avgpool2_backward(2, 2, 2, &[4.0, -8.0], &mut dx);
+        assert_eq!(dx, [1.0, 1.0, 1.0, 1.0, -2.0, -2.0, -2.0, -2.0]);
+
+        let mut g = [f32::NAN; 2];
+        global_avgpool_forward(2, 4, &x, &mut g);
+        assert_eq!(g, [3.0, -1.0]);
+        let mut dx = [f32::NAN; 8];
+        global_avgpool_backward(2, 4, &[4.0, -8.0], &mut dx);
+        assert_eq!(dx, [1.0, 1.0, 1.0, 1.0, -2.0, -2.0, -2.0, -2.0]);
+    }
+
+    #[test]
+    fn pools_match_naive_loops() {
+        let mut rng = tu::rng(3);
+        let (planes, h, w) = (5, 7, 6);
+        let x = tu::integers(&mut rng, planes * h * w, 9);
+        for max in [true, false] {
+            let mut y = vec![f32::NAN; planes * 3 * 3];
+            if max {
+                maxpool2_forward(planes, h, w, &x, &mut y);
+            } else {
+                avgpool2_forward(planes, h, w, &x, &mut y);
+            }
+            assert_eq!(
+                wide(&y),
+                tu::pool2(planes, h, w, &wide(&x), max),
+                "max {max}"
+            );
+        }
+        let mut g = vec![f32::NAN; planes];
+        global_avgpool_forward(planes, h * w, &x, &mut g);
+        assert_close(&g, &tu::gap(planes, h * w, &wide(&x)), 1e-6, 0.0, "gap");
+    }
+
+    proptest! {
+        #![proptest_config(config(24))]
+        #[test]
+        fn gradients_match_finite_differences(
+            planes in 1usize..=4, h in 2usize..=7, w in 2usize..=7, seed in any::<u64>(),
+        ) {
+            let mut rng = tu::rng(seed);
+            let x = uniform(&mut rng, planes * h * w, 1.0);
+            let xw = wide(&x);
+            let r = uniform(&mut rng, planes * (h / 2) * (w / 2), 1.0);
+            // Continuous random values: no ties, and a step of 1e-6 does not change any argmax.
+            for max in [true, false] {
+                let mut dx = vec![f32::NAN; x.len()];
+                if max {
+                    maxpool2_backward(planes, h, w, &x, &r, &mut dx);
+                } else {
+                    avgpool2_backward(planes, h, w, &r, &mut dx);
+                }
+                let fd = numeric_grad(|x| dot(&r, &tu::pool2(planes, h, w, x, max)), &xw, 1e-6);
+                assert_close(&dx, &fd, 1e-4, 1e-5, if max { "max pool" } else { "mean pool" });
+            }
+            let r = &r[..planes];
+            let mut dx = vec![f32::NAN; x.len()];
+            global_avgpool_backward(planes, h * w, r, &mut dx);
+            let fd = numeric_grad(|x| dot(r, &tu::gap(planes, h * w, x)), &xw, 1e-4);
+            assert_close(&dx, &fd, 1e-4, 1e-6, "global mean pool");
+        }
+    }
+}
