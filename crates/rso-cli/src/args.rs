@@ -1,0 +1,238 @@
+//! The command line.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rso_models::{ModelKind, Preset};
+use std::path::PathBuf;
+
+/// Train neural networks with RSO (random search optimization) or SGD.
+#[derive(Debug, Parser)]
+#[command(name = "rso", version, about)]
+pub struct Cli {
+    /// Worker threads of the pure-Rust engine (default: all cores). Results do not depend on it.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train one model with one optimizer, evaluating after every round.
+    Train(TrainArgs),
+    /// Regenerate a results file in results/ (with its provenance).
+    #[command(subcommand)]
+    Reproduce(ReproduceCommand),
+}
+
+/// `rso reproduce` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReproduceCommand {
+    /// The reference notebook's ten RSO configurations (preset seed) → seed_table.{csv,md}.
+    SeedTable(SeedTableArgs),
+    /// RSO (preset seed) against SGD, test accuracy per round → comparison*.{csv,svg}.
+    Comparison(ComparisonArgs),
+    /// The paper's preset on its model, test accuracy per round → paper_mnist.csv.
+    Paper(PaperArgs),
+}
+
+/// Options every reproduction shares.
+#[derive(Clone, Debug, Args)]
+pub struct EngineArgs {
+    /// Engine: cpu or tch.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// Device of the tch engine.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Dataset directory (default data/mnist).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the results files go.
+    #[arg(long, default_value = "results")]
+    pub out_dir: PathBuf,
+}
+
+/// `rso reproduce seed-table` options.
+#[derive(Clone, Debug, Args)]
+pub struct SeedTableArgs {
+    /// Run a three-row subset (a few minutes) into seed_table_quick.{csv,md}.
+    #[arg(long)]
+    pub quick: bool,
+    /// Engine, device, data, seed, output directory.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `rso reproduce comparison` options.
+#[derive(Clone, Debug, Args)]
+pub struct ComparisonArgs {
+    /// Models to compare on.
+    #[arg(long, num_args = 1.., default_values_t = ["one-conv".to_string(), "two-conv".to_string()])]
+    pub models: Vec<String>,
+    /// Rounds of RSO and epochs of SGD.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: usize,
+    /// Minibatch size of both.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f32,
+    /// Engine, device, data, seed, output directory.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `rso reproduce paper` options.
+#[derive(Clone, Debug, Args)]
+pub struct PaperArgs {
+    /// Rounds (the paper: 50).
+    #[arg(long, default_value_t = 50)]
+    pub rounds: usize,
+    /// Minibatch size (the paper: 5000).
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: usize,
+    /// Engine, device, data, seed, output directory.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Which optimizer trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerKind {
+    /// Random search optimization.
+    Rso,
+    /// Plain minibatch SGD.
+    Sgd,
+}
+
+/// Which engine computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The pure-Rust engine.
+    Cpu,
+    /// libtorch through tch (build with `--features tch`).
+    Tch,
+}
+
+/// Which dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatasetKind {
+    /// MNIST IDX files (raw or .gz).
+    Mnist,
+    /// CIFAR-10 binary batches.
+    Cifar10,
+}
+
+/// RSO minibatch source (overrides the preset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BatchPolicyArg {
+    /// One of the round's shuffled batches, drawn with replacement for every weight.
+    Random,
+    /// Consecutive windows of a per-layer shuffle.
+    Sequential,
+}
+
+/// RSO candidate-loss implementation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RsoEvalArg {
+    /// Three full forward passes per weight (the oracle).
+    Reference,
+    /// The engine's fastest exact path.
+    Incremental,
+}
+
+fn parse_model(s: &str) -> Result<ModelKind, String> {
+    s.parse()
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    s.parse()
+}
+
+fn parse_anneal(s: &str) -> Result<Option<f64>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    match s.parse::<f64>() {
+        Ok(a) if (0.0..=1.0).contains(&a) => Ok(Some(a)),
+        _ => Err(format!("'{s}' is not 'none' or a number in [0, 1]")),
+    }
+}
+
+/// `rso train` options.
+#[derive(Clone, Debug, Args)]
+pub struct TrainArgs {
+    /// Model: one-conv, two-conv or paper.
+    #[arg(long, value_parser = parse_model)]
+    pub model: ModelKind,
+    /// Optimizer.
+    #[arg(long, value_enum)]
+    pub optimizer: OptimizerKind,
+    /// Rounds (RSO) or epochs (SGD).
+    #[arg(long, visible_alias = "epochs")]
+    pub rounds: usize,
+    /// Minibatch size.
+    #[arg(long)]
+    pub batch_size: usize,
+    /// Preset: seed (the notebook) or paper (the authors' code). Decides initialisation and
+    /// input normalisation for SGD too.
+    #[arg(long, default_value = "seed", value_parser = parse_preset)]
+    pub preset: Preset,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory holding the dataset (default data/mnist, or data/cifar10).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Dataset.
+    #[arg(long, value_enum, default_value = "mnist")]
+    pub dataset: DatasetKind,
+    /// Train on the first N training samples only.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test samples only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f32,
+    /// RSO: one fixed σ for every layer (overrides the preset's rule).
+    #[arg(long)]
+    pub sigma: Option<f64>,
+    /// RSO: annealing floor α in [0, 1], or `none` (overrides the preset).
+    #[arg(long, value_parser = parse_anneal)]
+    pub anneal: Option<Option<f64>>,
+    /// RSO: weight decay factor applied before each visit (overrides the preset).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// RSO: minibatch source (overrides the preset).
+    #[arg(long, value_enum)]
+    pub batch_policy: Option<BatchPolicyArg>,
+    /// RSO: candidate-loss implementation.
+    #[arg(long, value_enum, default_value = "incremental")]
+    pub rso_eval: RsoEvalArg,
+    /// Engine.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: Backend,
+    /// Device of the tch engine: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Write one CSV row per round to FILE (atomically, after every round).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Allow --out and --save-weights to replace existing files.
+    #[arg(long)]
+    pub force: bool,
+    /// Save the final weights as safetensors (canonical names).
+    #[arg(long, value_name = "FILE")]
+    pub save_weights: Option<PathBuf>,
+    /// Start from these safetensors weights instead of the preset's initialisation.
+    #[arg(long, value_name = "FILE")]
+    pub init_weights: Option<PathBuf>,
+}

@@ -1,0 +1,36 @@
+//! The `rso` command-line program as a library, so its commands are testable in-process.
+//!
+//! - [`args`]: the command line (clap);
+//! - [`train`]: `rso train`, one training run with per-round evaluation;
+//! - [`provenance`]: what every results file records (command, revision, machine, date);
+//! - [`reproduce`]: `rso reproduce`, the commands behind every file in `results/`;
+//! - [`plot`]: the comparison plot;
+//! - [`output`]: CSV rows and atomic results files.
+
+pub mod args;
+pub mod output;
+pub mod plot;
+pub mod provenance;
+pub mod reproduce;
+pub mod train;
+
+pub use args::{Cli, Command};
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(threads) = cli.threads {
+        anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+    }
+    match cli.command {
+        Command::Train(args) => {
+            let outcome = train::run(&args, &mut train::ConsoleReporter::new())?;
+            println!("{}", outcome.result_line());
+            Ok(())
+        }
+        Command::Reproduce(cmd) => reproduce::run(&cmd),
+    }
+}

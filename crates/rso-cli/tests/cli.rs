@@ -1,0 +1,155 @@
+//! End-to-end tests of the `rso` binary on a small MNIST subset and on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The MNIST directory: the fetched copy, else the shared cache beside the checkout.
+fn mnist_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for dir in [root.join("data/mnist"), root.join("../shared/data/mnist")] {
+        if dir.join("train-labels-idx1-ubyte.gz").exists()
+            || dir.join("train-labels-idx1-ubyte").exists()
+        {
+            return dir;
+        }
+    }
+    panic!("MNIST not found: run scripts/fetch-mnist.sh");
+}
+
+fn rso(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rso")).args(args).output().expect("run rso")
+}
+
+fn small_run(extra: &[&str]) -> Vec<String> {
+    let dir = mnist_dir();
+    let mut args = vec![
+        "train",
+        "--model",
+        "one-conv",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--train-limit",
+        "600",
+        "--test-limit",
+        "300",
+    ];
+    args.extend_from_slice(extra);
+    let out = rso(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rso failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+}
+
+fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        .to_string()
+}
+
+#[test]
+fn rso_round_ends_with_a_result_line_that_learned_something() {
+    let lines = small_run(&["--optimizer", "rso", "--rounds", "1", "--batch-size", "32"]);
+    let last = lines.last().unwrap();
+    assert!(last.starts_with("RESULT model=one-conv optimizer=rso backend=cpu device=cpu rounds=1 batch=32 "), "{last}");
+    let acc: f64 = field(last, "test_acc").parse().unwrap();
+    // Chance is 0.1; one RSO round on 600 images already does clearly better.
+    assert!(acc > 0.3, "test_acc {acc}");
+    let loss: f64 = field(last, "test_loss").parse().unwrap();
+    assert!(loss.is_finite() && loss > 0.0);
+}
+
+#[test]
+fn sgd_epoch_learns() {
+    let lines = small_run(&["--optimizer", "sgd", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]);
+    let last = lines.last().unwrap();
+    let acc: f64 = field(last, "test_acc").parse().unwrap();
+    assert!(acc > 0.6, "test_acc {acc}");
+}
+
+#[test]
+fn same_seed_same_rows_and_out_is_never_overwritten_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a.csv");
+    let b = tmp.path().join("b.csv");
+    let args = |p: &Path| {
+        vec![
+            "--optimizer".to_string(),
+            "rso".into(),
+            "--rounds".into(),
+            "2".into(),
+            "--batch-size".into(),
+            "64".into(),
+            "--seed".into(),
+            "11".into(),
+            "--out".into(),
+            p.to_str().unwrap().into(),
+        ]
+    };
+    let run = |p: &Path| {
+        let v = args(p);
+        small_run(&v.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    run(&a);
+    run(&b);
+    let rows = |p: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(p).unwrap();
+        assert!(text.starts_with("# command: "), "{text}");
+        assert!(text.contains("# revision: ") && text.contains("# date: "));
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                // Drop the timing column, the only one allowed to differ.
+                let mut f: Vec<&str> = l.split(',').collect();
+                f.remove(7);
+                f.join(",")
+            })
+            .collect()
+    };
+    assert_eq!(rows(&a).len(), 3);
+    assert_eq!(rows(&a), rows(&b));
+
+    // A second run onto an existing file is refused and leaves the file as it was.
+    let before = std::fs::read(&a).unwrap();
+    let dir = mnist_dir();
+    let out = rso(&[
+        "train", "--model", "one-conv", "--optimizer", "rso", "--rounds", "1", "--batch-size", "8",
+        "--data-dir", dir.to_str().unwrap(), "--train-limit", "50", "--out", a.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&a).unwrap(), before);
+}
+
+/// Runs rso expecting failure; returns stderr, which must be one line with no panic.
+fn fails(args: &[&str]) -> String {
+    let out = rso(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn bad_arguments_fail_with_a_reason() {
+    let dir = mnist_dir();
+    let d = dir.to_str().unwrap();
+    let base = ["train", "--optimizer", "rso", "--rounds", "1", "--data-dir", d, "--train-limit", "100"];
+    let with = |extra: &[&str]| {
+        let mut v = base.to_vec();
+        v.extend_from_slice(extra);
+        fails(&v)
+    };
+    let e = with(&["--model", "one-conv", "--batch-size", "0"]);
+    assert!(e.contains("--batch-size"), "{e}");
+    let e = with(&["--model", "one-conv", "--batch-size", "101"]);
+    assert!(e.contains("--batch-size") && e.contains("100"), "{e}");
+    let e = with(&["--model", "three-conv", "--batch-size", "8"]);
+    assert!(e.contains("three-conv"), "{e}");
+    let e = fails(&[
+        "train", "--model", "one-conv", "--optimizer", "rso", "--rounds", "1", "--batch-size", "8",
+        "--data-dir", "/nonexistent/mnist",
+    ]);
+    assert!(e.contains("/nonexistent/mnist") && e.contains("fetch-mnist"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
