@@ -154,6 +154,9 @@ pub struct CpuNetwork {
     train: Dataset,
     test: Dataset,
     ws: Workspace,
+    /// Steps with less work than this over the batch run on one thread ([`PAR_MIN_WORK`];
+    /// tests lower it to split every step).
+    par_min_work: usize,
 }
 
 impl CpuNetwork {
@@ -189,6 +192,7 @@ impl CpuNetwork {
             train: data.train,
             test: data.test,
             ws,
+            par_min_work: PAR_MIN_WORK,
         })
     }
 
@@ -265,29 +269,30 @@ impl CpuNetwork {
         let (before, after) = self.ws.acts.split_at_mut(i + 1);
         let x = &before[i][..n * step.in_len];
         let y = &mut after[0][..n * step.out_len];
-        let (in_len, work) = (step.in_len, step.work);
+        let in_len = step.in_len;
+        let split = n.saturating_mul(step.work) >= self.par_min_work;
         let p = &self.params.values;
         let part = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
         match step.op {
             Op::Conv { conv, weight, bias } => {
                 let (w, b) = (&p[weight], bias.map(|b| p[b].as_slice()));
-                par_samples(n, work, y, |r, y| {
+                par_samples(split, n, y, |r, y| {
                     conv3x3_forward(&conv, r.len(), part(&r), w, b, y)
                 });
             }
-            Op::Relu => par_samples(n, work, y, |r, y| relu_forward(part(&r), y)),
+            Op::Relu => par_samples(split, n, y, |r, y| relu_forward(part(&r), y)),
             Op::MaxPool { c, h, w } => {
-                par_samples(n, work, y, |r, y| {
+                par_samples(split, n, y, |r, y| {
                     maxpool2_forward(r.len() * c, h, w, part(&r), y)
                 });
             }
             Op::AvgPool { c, h, w } => {
-                par_samples(n, work, y, |r, y| {
+                par_samples(split, n, y, |r, y| {
                     avgpool2_forward(r.len() * c, h, w, part(&r), y)
                 });
             }
             Op::GlobalAvgPool { c, hw } => {
-                par_samples(n, work, y, |r, y| {
+                par_samples(split, n, y, |r, y| {
                     global_avgpool_forward(r.len() * c, hw, part(&r), y)
                 });
             }
@@ -298,7 +303,7 @@ impl CpuNetwork {
                 bias,
             } => {
                 let (w, b) = (&p[weight], bias.map(|b| p[b].as_slice()));
-                par_samples(n, work, y, |r, y| {
+                par_samples(split, n, y, |r, y| {
                     dense_forward(r.len(), d_in, d_out, part(&r), w, b, y)
                 });
             }
@@ -312,7 +317,7 @@ impl CpuNetwork {
                 let stats = match mode {
                     Mode::Train => {
                         let moments = grown(&mut self.ws.partials_f64, n * c, (0.0, 0.0));
-                        par_samples(n, work, moments, |r, m| {
+                        par_samples(split, n, moments, |r, m| {
                             plane_moments(r.len(), c, hw, part(&r), m)
                         });
                         let stats = &mut self.ws.batch_stats[slot];
@@ -322,7 +327,7 @@ impl CpuNetwork {
                     Mode::Eval => &self.running[slot],
                 };
                 let (g, b) = (&p[gamma], &p[beta]);
-                par_samples(n, work, y, |r, y| {
+                par_samples(split, n, y, |r, y| {
                     batchnorm_apply(r.len(), c, hw, part(&r), &stats.mean, &stats.var, g, b, y)
                 });
             }
@@ -336,7 +341,8 @@ impl CpuNetwork {
         let logits = &self.ws.acts[self.plan.len()][..n * classes];
         let labels = &self.ws.labels[..n];
         let losses = &mut self.ws.losses[..n];
-        par_samples(n, classes * 20, losses, |r, l| {
+        let split = n.saturating_mul(20 * classes) >= self.par_min_work;
+        par_samples(split, n, losses, |r, l| {
             cross_entropy(
                 r.len(),
                 classes,
@@ -373,7 +379,8 @@ impl CpuNetwork {
     /// first layer) the input gradient from `ws.dy` into `ws.dx`.
     fn backward_step(&mut self, i: usize, n: usize) {
         let step = &self.plan[i];
-        let (in_len, out_len, work) = (step.in_len, step.out_len, step.work);
+        let (in_len, out_len) = (step.in_len, step.out_len);
+        let split = n.saturating_mul(step.work) >= self.par_min_work;
         let ws = &mut self.ws;
         let x = &ws.acts[i][..n * in_len];
         let dy = &ws.dy[..n * out_len];
@@ -389,6 +396,7 @@ impl CpuNetwork {
                     n,
                     x,
                     dy,
+                    split,
                     &mut ws.grad_partials,
                     &mut ws.grads,
                     weight,
@@ -396,7 +404,7 @@ impl CpuNetwork {
                 );
                 if need_dx {
                     let w = &p[weight];
-                    par_samples(n, 2 * work, dx, |r, dx| {
+                    par_samples(split, n, dx, |r, dx| {
                         conv3x3_backward_input(&conv, r.len(), dys(&r), w, dx)
                     });
                 }
@@ -411,7 +419,7 @@ impl CpuNetwork {
                 dense_backward_params(n, d_in, d_out, x, dy, gw, gb);
                 if need_dx {
                     let w = &p[weight];
-                    par_samples(n, work, dx, |r, dx| {
+                    par_samples(split, n, dx, |r, dx| {
                         dense_backward_input(r.len(), d_in, d_out, dys(&r), w, dx)
                     });
                 }
@@ -425,7 +433,7 @@ impl CpuNetwork {
             } => {
                 let stats = &ws.batch_stats[slot];
                 let partials = grown(&mut ws.partials_f64, n * c, (0.0, 0.0));
-                par_samples(n, work, partials, |r, s| {
+                par_samples(split, n, partials, |r, s| {
                     backward_partials(r.len(), c, hw, xs(&r), dys(&r), &stats.mean, &stats.var, s)
                 });
                 let dgamma = grown(&mut ws.bn_dgamma, c, 0.0);
@@ -439,7 +447,7 @@ impl CpuNetwork {
                 }
                 if need_dx {
                     let (g, dgamma, dbeta) = (&p[gamma], &*dgamma, &*dbeta);
-                    par_samples(n, 2 * work, dx, |r, dx| {
+                    par_samples(split, n, dx, |r, dx| {
                         let (mean, var) = (&stats.mean, &stats.var);
                         batchnorm_backward_input(
                             r.len(),
@@ -459,19 +467,19 @@ impl CpuNetwork {
                 }
             }
             _ if !need_dx => {}
-            Op::Relu => par_samples(n, work, dx, |r, dx| relu_backward(xs(&r), dys(&r), dx)),
+            Op::Relu => par_samples(split, n, dx, |r, dx| relu_backward(xs(&r), dys(&r), dx)),
             Op::MaxPool { c, h, w } => {
-                par_samples(n, work, dx, |r, dx| {
+                par_samples(split, n, dx, |r, dx| {
                     maxpool2_backward(r.len() * c, h, w, xs(&r), dys(&r), dx)
                 });
             }
             Op::AvgPool { c, h, w } => {
-                par_samples(n, work, dx, |r, dx| {
+                par_samples(split, n, dx, |r, dx| {
                     avgpool2_backward(r.len() * c, h, w, dys(&r), dx)
                 });
             }
             Op::GlobalAvgPool { c, hw } => {
-                par_samples(n, work, dx, |r, dx| {
+                par_samples(split, n, dx, |r, dx| {
                     global_avgpool_backward(r.len() * c, hw, dys(&r), dx)
                 });
             }
@@ -588,12 +596,12 @@ impl Network for CpuNetwork {
     }
 }
 
-/// Splits samples `0..n` into parts (one per thread when the step is worth it, else one) and
-/// runs `f(samples, out)` on each, where `out` is the part's share of `out` (`out.len() / n`
-/// values per sample).
+/// Runs `f(samples, out)` over parts of the batch `0..n`, where `out` is the part's share of
+/// `out` (`out.len() / n` values per sample): one part per rayon thread when `split`, else one
+/// part on the calling thread.
 fn par_samples<T: Send>(
+    split: bool,
     n: usize,
-    work: usize,
     out: &mut [T],
     f: impl Fn(Range<usize>, &mut [T]) + Sync,
 ) {
@@ -601,10 +609,10 @@ fn par_samples<T: Send>(
         return;
     }
     let per_sample = out.len() / n;
-    let threads = if n.saturating_mul(work) < PAR_MIN_WORK {
-        1
-    } else {
+    let threads = if split {
         rayon::current_num_threads().min(n)
+    } else {
+        1
     };
     if threads <= 1 || per_sample == 0 {
         f(0..n, out);
@@ -645,13 +653,14 @@ fn weight_and_bias(
 }
 
 /// Convolution weight and bias gradients over `n` samples: partial sums over chunks of
-/// [`GRAD_CHUNK`] samples (in parallel when worth it), added in chunk order.
+/// [`GRAD_CHUNK`] samples (in parallel when `split`), added in chunk order.
 #[allow(clippy::too_many_arguments)]
 fn conv_param_grads(
     conv: &Conv3x3,
     n: usize,
     x: &[f32],
     dy: &[f32],
+    split: bool,
     partials: &mut Vec<f32>,
     grads: &mut [Vec<f32>],
     weight: usize,
@@ -678,7 +687,7 @@ fn conv_param_grads(
         let dys = &dy[r.start * out_len..r.end * out_len];
         conv3x3_backward_params(conv, r.len(), xs, dys, pw, pb);
     };
-    if n.saturating_mul(2 * conv.macs()) < PAR_MIN_WORK || rayon::current_num_threads() <= 1 {
+    if !split || rayon::current_num_threads() <= 1 {
         partials
             .chunks_mut(stride)
             .enumerate()
@@ -863,3 +872,6 @@ fn check_set(spec: &ModelSpec, set: &Dataset, name: &str) -> Result<(), EngineEr
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -155,7 +155,6 @@ pub fn conv3x3_forward(
                 Mat::rows(col, hw),
                 beta,
                 yi,
-                hw,
             );
         }
     });
@@ -178,7 +177,6 @@ pub fn conv3x3_backward_input(s: &Conv3x3, n: usize, dy: &[f32], weight: &[f32],
                 Mat::rows(dyi, hw),
                 0.0,
                 dcol,
-                hw,
             );
             let dxi = &mut dx[i * s.in_len()..][..s.in_len()];
             dxi.fill(0.0);
@@ -224,7 +222,6 @@ pub fn conv3x3_backward_params(
                 Mat::transposed(col, hw),
                 1.0,
                 dweight,
-                taps,
             );
         }
     });

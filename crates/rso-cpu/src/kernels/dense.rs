@@ -29,7 +29,6 @@ pub fn dense_forward(
         Mat::transposed(weight, d_in),
         beta,
         y,
-        d_out,
     );
 }
 
@@ -50,7 +49,6 @@ pub fn dense_backward_input(
         Mat::rows(weight, d_in),
         0.0,
         dx,
-        d_in,
     );
 }
 
@@ -73,7 +71,6 @@ pub fn dense_backward_params(
         Mat::rows(x, d_in),
         0.0,
         dweight,
-        d_in,
     );
     if let Some(db) = dbias {
         for (j, d) in db[..d_out].iter_mut().enumerate() {

@@ -51,19 +51,10 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
-/// `C ← A·B + β·C` for `A: m×k`, `B: k×n` and row-major `C: m×n` with row stride `ldc`,
-/// through `matrixmultiply::sgemm`. With `beta == 0` `C` is only written. Panics when a view is
-/// too short for its shape.
-pub(crate) fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: Mat,
-    b: Mat,
-    beta: f32,
-    c: &mut [f32],
-    ldc: usize,
-) {
+/// `C ← A·B + β·C` for `A: m×k`, `B: k×n` and a row-major, contiguous `C: m×n`, through
+/// `matrixmultiply::sgemm`. With `beta == 0` `C` is only written. Panics when a view is too
+/// short for its shape.
+pub(crate) fn gemm(m: usize, k: usize, n: usize, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
     assert!(
         extent(m, k, a.rs, a.cs) <= a.data.len(),
         "gemm: A too short"
@@ -72,13 +63,12 @@ pub(crate) fn gemm(
         extent(k, n, b.rs, b.cs) <= b.data.len(),
         "gemm: B too short"
     );
-    assert!(extent(m, n, ldc, 1) <= c.len(), "gemm: C too short");
-    assert!(n <= ldc || m <= 1, "gemm: C rows overlap");
+    assert!(m * n <= c.len(), "gemm: C too short");
     if m == 0 || n == 0 {
         return;
     }
     // SAFETY: the assertions above keep every element sgemm reads or writes inside the slices;
-    // C's rows do not overlap (n ≤ ldc) and C is borrowed mutably, so it aliases neither A nor B.
+    // C is borrowed mutably, so it aliases neither A nor B, and its rows do not overlap.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -93,7 +83,7 @@ pub(crate) fn gemm(
             b.cs as isize,
             beta,
             c.as_mut_ptr(),
-            ldc as isize,
+            n as isize,
             1,
         );
     }
