@@ -15,6 +15,13 @@
 //!    those libraries are preloaded from there, in the order `torch/__init__.py` uses, and the
 //!    load is retried.
 //!
+//! 3. after a successful load, TF32 is switched off for cuDNN convolutions, which libtorch
+//!    enables by default for f32 (a 10-bit mantissa: ~1e-3 relative error, far outside the
+//!    cross-engine tolerances). tch has no binding for it, so [`disable_cudnn_tf32`] calls
+//!    `at::Context::setAllowTF32CuDNN(false)` through its exported symbol and reads the precision
+//!    back (Python's `torch.backends.cudnn.allow_tf32 = False`); if that is impossible it disables cuDNN altogether (exact, slower native kernels).
+//!    cuBLAS matmuls stay at libtorch's default, full f32.
+//!
 //! libtorch caches its CUDA hooks the first time any code asks for them (a CPU convolution does),
 //! so the load must happen before any tensor operation: every public entry point of this crate
 //! calls [`ensure_loaded`] first. Code that uses `tch` directly should call
@@ -63,7 +70,10 @@ fn load() -> Result<(), String> {
         ));
     }
     let first = match dlopen(&target) {
-        Ok(()) => return Ok(()),
+        Ok(()) => {
+            disable_cudnn_tf32();
+            return Ok(());
+        }
         Err(e) => e,
     };
     // The pip wheel's layout: site-packages/torch/lib → site-packages/nvidia/*/lib.
@@ -75,7 +85,64 @@ fn load() -> Result<(), String> {
         return Err(format!("cannot load {}: {first}", target.display()));
     };
     preload_wheel_cuda_libs(&site.join("nvidia"));
-    dlopen(&target).map_err(|e| format!("cannot load {}: {e}", target.display()))
+    dlopen(&target).map_err(|e| format!("cannot load {}: {e}", target.display()))?;
+    disable_cudnn_tf32();
+    Ok(())
+}
+
+/// Whether TF32 is off for cuDNN convolutions (`None` when the precision could not be read).
+#[cfg(all(feature = "cuda", target_os = "linux"))]
+static TF32_OFF: OnceLock<bool> = OnceLock::new();
+
+/// How cuDNN convolutions run in f32: `"ieee"` (TF32 off), `"cudnn-disabled"` (the fallback),
+/// or `"not-loaded"` when CUDA support is not loaded.
+pub(crate) fn conv_precision() -> &'static str {
+    #[cfg(all(feature = "cuda", target_os = "linux"))]
+    if let Some(&off) = TF32_OFF.get() {
+        return if off { "ieee" } else { "cudnn-disabled" };
+    }
+    "not-loaded"
+}
+
+/// Turns TF32 off for cuDNN convolutions: `at::globalContext().setAllowTF32CuDNN(false)`, checked
+/// by reading `float32Precision(CUDA, CONV)` back as `NONE` or `IEEE` (not TF32). When a symbol is missing or the
+/// check fails, disables cuDNN instead.
+#[cfg(all(feature = "cuda", target_os = "linux"))]
+fn disable_cudnn_tf32() {
+    use std::ffi::{c_void, CString};
+    // Itanium C++ ABI: a member function takes `this` first; these enums are `int`-sized
+    // (Float32Backend::CUDA = 1, Float32Op::CONV = 1; Float32Precision NONE = 0, IEEE = 1).
+    type GlobalContext = unsafe extern "C" fn() -> *mut c_void;
+    type SetAllowTf32 = unsafe extern "C" fn(*mut c_void, bool);
+    type Float32Precision = unsafe extern "C" fn(*const c_void, i32, i32) -> i32;
+    let sym = |name: &str| -> *mut c_void {
+        let c = CString::new(name).expect("no NUL in a symbol name");
+        // SAFETY: a valid C string; RTLD_DEFAULT searches the global scope.
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) }
+    };
+    let ctx = sym("_ZN2at13globalContextEv");
+    let set = sym("_ZN2at7Context17setAllowTF32CuDNNEb");
+    let get = sym("_ZNK2at7Context16float32PrecisionENS_14Float32BackendENS_9Float32OpE");
+    let off = if ctx.is_null() || set.is_null() || get.is_null() {
+        false
+    } else {
+        // SAFETY: the symbols are libtorch 2.11's exported functions with the signatures above
+        // (at/Context.h); the context is libtorch's process-wide singleton.
+        unsafe {
+            let ctx: GlobalContext = std::mem::transmute::<*mut c_void, GlobalContext>(ctx);
+            let set: SetAllowTf32 = std::mem::transmute::<*mut c_void, SetAllowTf32>(set);
+            let get: Float32Precision = std::mem::transmute::<*mut c_void, Float32Precision>(get);
+            let c = ctx();
+            set(c, false);
+            // NONE (what the legacy setter leaves, as Python's `cudnn.allow_tf32 = False`
+            // does) or IEEE: anything but TF32 or BF16.
+            matches!(get(c, 1, 1), 0 | 1)
+        }
+    };
+    if !off {
+        tch::Cuda::set_user_enabled_cudnn(false);
+    }
+    let _ = TF32_OFF.set(off);
 }
 
 /// Preloads the CUDA runtime libraries of the `nvidia-*` wheels under `nvidia` (as torch's

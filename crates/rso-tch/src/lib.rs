@@ -48,6 +48,27 @@ pub fn cuda_available() -> bool {
     cuda_device_count().is_ok()
 }
 
+/// How f32 convolutions run on CUDA, for diagnostics: `"ieee"` (full f32: TF32 switched off for
+/// cuDNN, the normal case with the `cuda` feature), `"cudnn-disabled"` (TF32 could not be switched
+/// off, so cuDNN is off: exact but slower), or `"not-loaded"` (no CUDA support in this process).
+pub fn cuda_conv_precision() -> &'static str {
+    let _ = cuda::ensure_loaded();
+    cuda::conv_precision()
+}
+
+/// Sets the number of CPU threads libtorch uses for intra-op parallelism (process-wide; libtorch
+/// defaults to one per core). On small batches, or when the machine is shared, 1 is often
+/// fastest: libtorch's OpenMP workers spin at barriers and slow down badly when descheduled.
+pub fn set_threads(n: usize) {
+    let _ = cuda::ensure_loaded();
+    tch::set_num_threads(n.clamp(1, i32::MAX as usize) as i32);
+}
+
+/// Why CUDA cannot be used, or `None` when a CUDA device is usable.
+pub fn cuda_unavailable_reason() -> Option<String> {
+    cuda_device_count().err()
+}
+
 /// The number of usable CUDA devices, or why there is none.
 fn cuda_device_count() -> Result<usize, String> {
     let loaded = cuda::ensure_loaded();

@@ -9,6 +9,7 @@ use rso_models::{EngineError, ModelKind, Network, Params, Reduction, SplitKind};
 use rso_tch::TchNetwork;
 
 fn net(kind: ModelKind, device: &str, seed: u64) -> TchNetwork {
+    common::single_threaded();
     let spec = kind.mnist();
     let split = random_split(&spec, 24, 12, seed);
     TchNetwork::new(&spec, &random_params(&spec, seed + 1), &split, device).expect("engine")
@@ -244,5 +245,24 @@ fn checkpoints_round_trip_through_safetensors() {
         let split = random_split(&spec, 24, 12, 60);
         let mut m = TchNetwork::new(&spec, &loaded, &split, "cpu").expect("engine");
         assert_eq!(m.logits(&[0, 5, 7]), n.logits(&[0, 5, 7]));
+    }
+}
+
+#[test]
+fn cuda_support_loads_with_full_f32_convolutions() {
+    let precision = rso_tch::cuda_conv_precision();
+    if cfg!(feature = "cuda") {
+        // The libtorch of scripts/setup-libtorch.sh is the CUDA wheel: libtorch_cuda.so loads
+        // even without a GPU, and TF32 must be off for cuDNN convolutions.
+        assert_eq!(
+            precision,
+            "ieee",
+            "{:?}",
+            rso_tch::cuda_unavailable_reason()
+        );
+    } else {
+        assert_eq!(precision, "not-loaded");
+        let why = rso_tch::cuda_unavailable_reason().expect("no CUDA without the feature");
+        assert!(why.contains("`cuda` feature"), "{why}");
     }
 }

@@ -108,9 +108,16 @@ macro_rules! test_device {
     };
 }
 
+/// Makes libtorch single-threaded: the test harness already runs tests in parallel, and
+/// libtorch's spinning OpenMP workers slow down by an order of magnitude on a busy machine.
+pub fn single_threaded() {
+    rso_tch::set_threads(1);
+}
+
 /// A proptest runner with a fixed configuration and seed: `cases` cases, no failure
 /// persistence files, ChaCha with a constant seed (the same cases on every run and machine).
 pub fn runner(cases: u32) -> TestRunner {
+    single_threaded();
     let config = Config {
         cases,
         failure_persistence: None,
