@@ -13,3 +13,16 @@ cargo clippy --all-targets -- -D warnings
 
 echo "== tests (pure-Rust workspace)"
 cargo test --workspace --exclude rso-tch
+
+echo "== libtorch engine (rso-tch: libtorch 2.11 from the torch wheel in .venv/)"
+bash scripts/setup-libtorch.sh
+cargo clippy -p rso-tch --all-targets -- -D warnings
+cargo clippy -p rso-tch --all-targets --features cuda -- -D warnings
+# Cross-backend property tests against the pure-Rust engine; the *_cuda variants skip without a
+# GPU (RSO_REQUIRE_CUDA=1 makes them fail instead).
+cargo test -p rso-tch
+# The CUDA build: libtorch_cuda.so must load (TF32 off for cuDNN) even where no GPU is present.
+cargo test -p rso-tch --features cuda --test engine
+# TODO(rso-cli): once crates/rso-cli has its build.rs rpath lines, also run
+#   cargo clippy -p rso-cli --features tch --all-targets -- -D warnings
+#   cargo test -p rso-cli --features tch
