@@ -1,5 +1,6 @@
 //! The command line.
 
+use clap::builder::ArgPredicate;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rso_models::{ModelKind, Preset};
 use std::path::PathBuf;
@@ -169,16 +170,34 @@ fn parse_anneal(s: &str) -> Result<Option<f64>, String> {
 #[derive(Clone, Debug, Args)]
 pub struct TrainArgs {
     /// Model: one-conv, two-conv or paper.
-    #[arg(long, value_parser = parse_model)]
+    #[arg(long, value_parser = parse_model, required = false, required_unless_present = "resume",
+          default_value_if("resume", ArgPredicate::IsPresent, "one-conv"))]
     pub model: ModelKind,
     /// Optimizer.
-    #[arg(long, value_enum)]
+    #[arg(
+        long,
+        value_enum,
+        required = false,
+        required_unless_present = "resume",
+        default_value_if("resume", ArgPredicate::IsPresent, "rso")
+    )]
     pub optimizer: OptimizerKind,
     /// Rounds (RSO) or epochs (SGD).
-    #[arg(long, visible_alias = "epochs")]
+    #[arg(
+        long,
+        visible_alias = "epochs",
+        required = false,
+        required_unless_present = "resume",
+        default_value_if("resume", ArgPredicate::IsPresent, "1")
+    )]
     pub rounds: usize,
     /// Minibatch size.
-    #[arg(long)]
+    #[arg(
+        long,
+        required = false,
+        required_unless_present = "resume",
+        default_value_if("resume", ArgPredicate::IsPresent, "1")
+    )]
     pub batch_size: usize,
     /// Preset: seed (the notebook) or paper (the authors' code). Decides initialisation and
     /// input normalisation for SGD too.
@@ -207,7 +226,9 @@ pub struct TrainArgs {
     pub sigma: Option<f64>,
     /// RSO: annealing floor α in [0, 1], or `none` (overrides the preset).
     #[arg(long, value_parser = parse_anneal)]
-    pub anneal: Option<Option<f64>>,
+    // The inner `Option` is spelled out so clap does not read `Option<Option<_>>` as a flag
+    // with an optional value (which panicked on any --anneal: the parser yields Option<f64>).
+    pub anneal: Option<std::option::Option<f64>>,
     /// RSO: weight decay factor applied before each visit (overrides the preset).
     #[arg(long)]
     pub weight_decay: Option<f64>,
@@ -235,4 +256,38 @@ pub struct TrainArgs {
     /// Start from these safetensors weights instead of the preset's initialisation.
     #[arg(long, value_name = "FILE")]
     pub init_weights: Option<PathBuf>,
+    /// After every round, checkpoint the weights and the run's state into DIR (atomically; the
+    /// previous checkpoint stays valid until the new one is complete). See `--resume`.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR after its last complete round, writing further
+    /// checkpoints there. Its settings come from the checkpoint: only --out, --save-weights,
+    /// --force and --data-dir (same data, checked) may be given. While resuming, --model,
+    /// --optimizer, --rounds and --batch-size hold placeholders that nothing reads.
+    #[arg(long, value_name = "DIR", conflicts_with_all = RESUME_CONFLICTS)]
+    pub resume: Option<PathBuf>,
 }
+
+/// The `rso train` options that decide a run's results: a checkpoint fixes them, so `--resume`
+/// refuses every one of them.
+pub const RESUME_CONFLICTS: [&str; 19] = [
+    "model",
+    "optimizer",
+    "rounds",
+    "batch_size",
+    "preset",
+    "seed",
+    "dataset",
+    "train_limit",
+    "test_limit",
+    "lr",
+    "sigma",
+    "anneal",
+    "weight_decay",
+    "batch_policy",
+    "rso_eval",
+    "backend",
+    "device",
+    "init_weights",
+    "checkpoint_dir",
+];

@@ -2,12 +2,14 @@
 //!
 //! - [`args`]: the command line (clap);
 //! - [`train`]: `rso train`, one training run with per-round evaluation;
+//! - [`checkpoint`]: `rso train --checkpoint-dir` / `--resume`, atomic per-round checkpoints;
 //! - [`provenance`]: what every results file records (command, revision, machine, date);
 //! - [`reproduce`]: `rso reproduce`, the commands behind every file in `results/`;
 //! - [`plot`]: the comparison plot;
 //! - [`output`]: CSV rows and atomic results files.
 
 pub mod args;
+pub mod checkpoint;
 pub mod output;
 pub mod plot;
 pub mod provenance;

@@ -1,6 +1,9 @@
-//! `rso train`: one model, one optimizer, evaluation after every round.
+//! `rso train`: one model, one optimizer, evaluation after every round; optionally a
+//! checkpoint after every round (`--checkpoint-dir`) and resumption from one (`--resume`), see
+//! [`crate::checkpoint`].
 
 use crate::args::{Backend, BatchPolicyArg, DatasetKind, OptimizerKind, RsoEvalArg, TrainArgs};
+use crate::checkpoint::{self, DataFingerprint, Origin, RunConfig, SavedRow, State};
 use crate::output::{self, RoundRow};
 use crate::provenance::Provenance;
 use anyhow::{bail, ensure, Context};
@@ -10,8 +13,8 @@ use rso_optim::{
     setup_rng, shuffled, BatchPolicy, OptimError, Optimizer, RoundStats, Rso, RsoConfig, RsoEval,
     Sgd, SgdConfig, SigmaRule,
 };
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Samples used to set BatchNorm's running statistics before each evaluation (the paper's).
@@ -55,6 +58,10 @@ pub trait Reporter {
     fn progress(&mut self, done: usize);
     /// A round ended and was evaluated.
     fn round_finished(&mut self, row: &RoundRow, rounds: usize);
+    /// A run resumes from the checkpoint in `dir` with `completed` of `rounds` rounds done.
+    fn resumed(&mut self, dir: &Path, completed: usize, rounds: usize) {
+        let _ = (dir, completed, rounds);
+    }
 }
 
 /// Prints a progress bar with ETA on a terminal (stderr), plain per-round lines always (stdout).
@@ -66,7 +73,10 @@ pub struct ConsoleReporter {
 impl ConsoleReporter {
     /// A reporter that draws bars only when stderr is a terminal.
     pub fn new() -> ConsoleReporter {
-        ConsoleReporter { bar: None, terminal: std::io::stderr().is_terminal() }
+        ConsoleReporter {
+            bar: None,
+            terminal: std::io::stderr().is_terminal(),
+        }
     }
 }
 
@@ -102,7 +112,9 @@ impl Reporter for ConsoleReporter {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        println!(
+        // A closed stdout (`rso train … | head`) must not abort the run.
+        let _ = writeln!(
+            std::io::stdout(),
             "round {}/{} seconds={:.3} accepted={}/{} train_loss={:.6} train_acc={:.4} test_loss={:.6} test_acc={:.4}",
             row.round,
             rounds,
@@ -113,6 +125,14 @@ impl Reporter for ConsoleReporter {
             row.train_acc,
             row.test_loss,
             row.test_acc
+        );
+    }
+
+    fn resumed(&mut self, dir: &Path, completed: usize, rounds: usize) {
+        let _ = writeln!(
+            std::io::stdout(),
+            "resuming {}: {completed}/{rounds} rounds done",
+            dir.display()
         );
     }
 }
@@ -173,12 +193,17 @@ fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
         output::check_writable(path, args.force, "--save-weights")?;
     }
     if args.backend == Backend::Cpu && args.device != "cpu" {
-        bail!("--device {}: the cpu backend runs on the CPU only (use --backend tch)", args.device);
+        bail!(
+            "--device {}: the cpu backend runs on the CPU only (use --backend tch)",
+            args.device
+        );
     }
     Ok(())
 }
 
 /// The model spec for the loaded data.
+// `usize::is_multiple_of` is newer than the workspace's rust-version (1.80).
+#[allow(clippy::manual_is_multiple_of)]
 pub fn model_spec(args: &TrainArgs, split: &Split) -> anyhow::Result<ModelSpec> {
     let t = &split.train;
     ensure!(
@@ -195,7 +220,11 @@ pub fn model_spec(args: &TrainArgs, split: &Split) -> anyhow::Result<ModelSpec> 
 pub fn initial_params(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Params> {
     match &args.init_weights {
         Some(path) => Ok(Params::load(spec, path)?),
-        None => Ok(init_params(spec, args.preset.init(), &mut setup_rng(args.seed, 0))),
+        None => Ok(init_params(
+            spec,
+            args.preset.init(),
+            &mut setup_rng(args.seed, 0),
+        )),
     }
 }
 
@@ -260,12 +289,54 @@ fn evaluate(net: &mut dyn Network, calibration: &[u32]) -> (rso_models::Eval, rs
     if net.spec().has_batch_norm() {
         net.calibrate_bn(calibration);
     }
-    (net.evaluate(SplitKind::Train, None), net.evaluate(SplitKind::Test, None))
+    (
+        net.evaluate(SplitKind::Train, None),
+        net.evaluate(SplitKind::Test, None),
+    )
 }
 
-/// Runs `rso train`.
+/// Refuses parameters with a NaN or infinite value, naming the first one.
+fn check_finite(params: &Params) -> anyhow::Result<()> {
+    for (spec, values) in params.specs.iter().zip(&params.values) {
+        if let Some((i, x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            bail!(
+                "{}[{i}] is {x}; refusing to train from non-finite weights",
+                spec.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs `rso train`: a new run, or (`--resume`) the continuation of a checkpointed one.
 pub fn run(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<TrainOutcome> {
+    match &args.resume {
+        None => run_new(args, reporter),
+        Some(dir) => resume(dir, args, reporter),
+    }
+}
+
+/// Where a run checkpoints, and the state every checkpoint of it shares.
+struct Checkpointing {
+    dir: PathBuf,
+    base: State,
+}
+
+/// A run ready to train: everything checked, nothing written yet.
+struct Session<'a> {
+    args: &'a TrainArgs,
+    net: Box<dyn Network>,
+    optimizer: Box<dyn Optimizer>,
+    provenance: Provenance,
+    checkpointing: Option<Checkpointing>,
+}
+
+/// Starts a new run.
+fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<TrainOutcome> {
     check_args(args)?;
+    if let Some(dir) = &args.checkpoint_dir {
+        checkpoint::check_new_dir(dir, args.force)?;
+    }
     let split = load_data(args)?;
     ensure!(
         args.batch_size <= split.train.len(),
@@ -274,20 +345,157 @@ pub fn run(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
         split.train.len()
     );
     let spec = model_spec(args, &split)?;
-    let params = initial_params(args, &spec)
-        .with_context(|| "--init-weights".to_string())?;
-    let mut net = build_network(args, &spec, &params, split)?;
-    let mut optimizer = build_optimizer(args, &spec)?;
+    let params = initial_params(args, &spec).with_context(|| "--init-weights".to_string())?;
+    if let Some(path) = &args.init_weights {
+        check_finite(&params).with_context(|| format!("--init-weights {}", path.display()))?;
+    }
+    let fingerprint = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|_| DataFingerprint::of(&split));
+    let net = build_network(args, &spec, &params, split)?;
+    let optimizer = build_optimizer(args, &spec)?;
     let provenance = Provenance::current(&format!("{} {}", net.backend(), net.device()));
+    let checkpointing = match (&args.checkpoint_dir, fingerprint) {
+        (Some(dir), Some(data)) => {
+            let data_dir = data_dir(args);
+            let data_dir = std::fs::canonicalize(&data_dir)
+                .with_context(|| format!("--data-dir {}", data_dir.display()))?;
+            // Everything is checked: only now touch the directory.
+            checkpoint::prepare_new_dir(dir)?;
+            Some(Checkpointing {
+                dir: dir.clone(),
+                base: State {
+                    format: checkpoint::FORMAT.into(),
+                    version: checkpoint::VERSION,
+                    config: RunConfig::from_args(args, &data_dir),
+                    data,
+                    rounds_completed: 0,
+                    weights_checksum: String::new(),
+                    rows: Vec::new(),
+                    origin: Origin {
+                        command: provenance.command.clone(),
+                        revision: provenance.revision.clone(),
+                        date: provenance.date.clone(),
+                    },
+                },
+            })
+        }
+        _ => None,
+    };
+    let session = Session {
+        args,
+        net,
+        optimizer,
+        provenance,
+        checkpointing,
+    };
+    train_rounds(session, Vec::new(), reporter)
+}
+
+/// Continues the run checkpointed in `dir`. Everything is read and checked before anything is
+/// written: a checkpoint of another model, a damaged weights file, a malformed state, other
+/// data or an existing `--out` without `--force` stop it with the files as they were.
+fn resume(
+    dir: &Path,
+    cli: &TrainArgs,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<TrainOutcome> {
+    let ck = checkpoint::read_latest(dir)?;
+    let state_path = ck.state_path();
+    let args = ck
+        .state
+        .config
+        .to_args(cli, dir)
+        .with_context(|| format!("{}: invalid settings", state_path.display()))?;
+    let rows = ck
+        .rows()
+        .with_context(|| format!("{}", state_path.display()))?;
+    check_args(&args)?;
+    let split = load_data(&args)?;
+    let data = DataFingerprint::of(&split);
+    let used_dir = data_dir(&args);
+    ensure!(
+        data == ck.state.data,
+        "--data-dir {}: these data differ from the checkpoint's ({} training / {} test samples, \
+         checksum {}; {} records {} / {}, checksum {})",
+        used_dir.display(),
+        data.train,
+        data.test,
+        data.checksum,
+        state_path.display(),
+        ck.state.data.train,
+        ck.state.data.test,
+        ck.state.data.checksum
+    );
+    ensure!(
+        args.batch_size >= 1 && args.batch_size <= split.train.len(),
+        "{}: batch size {} does not fit the training set ({} samples)",
+        state_path.display(),
+        args.batch_size,
+        split.train.len()
+    );
+    let spec = model_spec(&args, &split)?;
+    let params = ck.load_params(&spec)?;
+    check_finite(&params).with_context(|| format!("{}", ck.weights_path().display()))?;
+    let net = build_network(&args, &spec, &params, split)?;
+    let optimizer = build_optimizer(&args, &spec)
+        .with_context(|| format!("{}: invalid settings", state_path.display()))?;
+    let mut provenance = Provenance::current(&format!("{} {}", net.backend(), net.device()));
+    let origin = &ck.state.origin;
+    provenance.command = format!(
+        "{} (resumed after round {} of: {}; revision {}, {})",
+        provenance.command, ck.state.rounds_completed, origin.command, origin.revision, origin.date
+    );
+    let mut base = ck.state.clone();
+    base.config.data_dir = std::fs::canonicalize(&used_dir)
+        .with_context(|| format!("--data-dir {}", used_dir.display()))?;
+    reporter.resumed(dir, ck.state.rounds_completed, args.rounds);
+    let session = Session {
+        args: &args,
+        net,
+        optimizer,
+        provenance,
+        checkpointing: Some(Checkpointing {
+            dir: dir.to_path_buf(),
+            base,
+        }),
+    };
+    train_rounds(session, rows, reporter)
+}
+
+/// Trains from round `rows.len()` to the end, evaluating, writing `--out` and checkpointing
+/// after every round; then writes `--save-weights`.
+fn train_rounds(
+    session: Session<'_>,
+    mut rows: Vec<RoundRow>,
+    reporter: &mut dyn Reporter,
+) -> anyhow::Result<TrainOutcome> {
+    let Session {
+        args,
+        mut net,
+        mut optimizer,
+        provenance,
+        checkpointing,
+    } = session;
+    let spec = net.spec().clone();
     let calibration: Vec<u32> = {
         let mut order = shuffled(net.train_len(), &mut setup_rng(args.seed, 2));
         order.truncate(BN_CALIBRATION_SAMPLES);
         order
     };
-
-    let mut rows = Vec::with_capacity(args.rounds);
-    let mut seconds = 0.0;
-    for round in 0..args.rounds {
+    let write_out = |rows: &[RoundRow]| -> anyhow::Result<()> {
+        if let Some(out) = &args.out {
+            output::write_file(out, &output::csv_text(&provenance, rows)?)
+                .with_context(|| format!("--out {}", out.display()))?;
+        }
+        Ok(())
+    };
+    if rows.len() >= args.rounds {
+        // A finished run resumed: nothing to train, the results files still get written.
+        write_out(&rows)?;
+    }
+    for round in rows.len()..args.rounds {
         let steps = optimizer.steps_per_round(net.as_ref());
         reporter.round_started(round, args.rounds, steps);
         let start = Instant::now();
@@ -295,7 +503,6 @@ pub fn run(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
             .run_round(net.as_mut(), round, &mut |done| reporter.progress(done))
             .map_err(|e: OptimError| anyhow::anyhow!(e))?;
         let elapsed = start.elapsed().as_secs_f64();
-        seconds += elapsed;
         let (train, test) = evaluate(net.as_mut(), &calibration);
         let row = RoundRow {
             round: round + 1,
@@ -315,14 +522,24 @@ pub fn run(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
         };
         reporter.round_finished(&row, args.rounds);
         rows.push(row);
-        if let Some(out) = &args.out {
-            output::write_file(out, &output::csv_text(&provenance, &rows)?)
-                .with_context(|| format!("--out {}", out.display()))?;
+        if let Some(ck) = &checkpointing {
+            let mut state = ck.base.clone();
+            state.rounds_completed = round + 1;
+            state.rows = rows.iter().map(SavedRow::from_row).collect();
+            checkpoint::write(&ck.dir, &state, &net.params())?;
         }
+        write_out(&rows)?;
     }
+    let seconds = rows.iter().map(|r| r.seconds).sum();
     let params = net.params();
     if let Some(path) = &args.save_weights {
-        params.save(path).with_context(|| format!("--save-weights {}", path.display()))?;
+        params
+            .save(path)
+            .with_context(|| format!("--save-weights {}", path.display()))?;
     }
-    Ok(TrainOutcome { rows, seconds, params })
+    Ok(TrainOutcome {
+        rows,
+        seconds,
+        params,
+    })
 }

@@ -1,24 +1,9 @@
 //! End-to-end tests of the `rso` binary on a small MNIST subset and on bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-/// The MNIST directory: the fetched copy, else the shared cache beside the checkout.
-fn mnist_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    for dir in [root.join("data/mnist"), root.join("../shared/data/mnist")] {
-        if dir.join("train-labels-idx1-ubyte.gz").exists()
-            || dir.join("train-labels-idx1-ubyte").exists()
-        {
-            return dir;
-        }
-    }
-    panic!("MNIST not found: run scripts/fetch-mnist.sh");
-}
-
-fn rso(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rso")).args(args).output().expect("run rso")
-}
+use common::{mnist_dir, rso};
+use std::path::Path;
 
 fn small_run(extra: &[&str]) -> Vec<String> {
     let dir = mnist_dir();
@@ -37,7 +22,11 @@ fn small_run(extra: &[&str]) -> Vec<String> {
     let out = rso(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "rso failed: {stderr}");
-    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn field(line: &str, key: &str) -> String {
@@ -51,7 +40,12 @@ fn field(line: &str, key: &str) -> String {
 fn rso_round_ends_with_a_result_line_that_learned_something() {
     let lines = small_run(&["--optimizer", "rso", "--rounds", "1", "--batch-size", "32"]);
     let last = lines.last().unwrap();
-    assert!(last.starts_with("RESULT model=one-conv optimizer=rso backend=cpu device=cpu rounds=1 batch=32 "), "{last}");
+    assert!(
+        last.starts_with(
+            "RESULT model=one-conv optimizer=rso backend=cpu device=cpu rounds=1 batch=32 "
+        ),
+        "{last}"
+    );
     let acc: f64 = field(last, "test_acc").parse().unwrap();
     // Chance is 0.1; one RSO round on 600 images already does clearly better.
     assert!(acc > 0.3, "test_acc {acc}");
@@ -61,7 +55,16 @@ fn rso_round_ends_with_a_result_line_that_learned_something() {
 
 #[test]
 fn sgd_epoch_learns() {
-    let lines = small_run(&["--optimizer", "sgd", "--epochs", "2", "--batch-size", "16", "--lr", "0.05"]);
+    let lines = small_run(&[
+        "--optimizer",
+        "sgd",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "0.05",
+    ]);
     let last = lines.last().unwrap();
     let acc: f64 = field(last, "test_acc").parse().unwrap();
     assert!(acc > 0.6, "test_acc {acc}");
@@ -79,7 +82,7 @@ fn same_seed_same_rows_and_out_is_never_overwritten_silently() {
             "--rounds".into(),
             "2".into(),
             "--batch-size".into(),
-            "64".into(),
+            "8".into(),
             "--seed".into(),
             "11".into(),
             "--out".into(),
@@ -113,8 +116,21 @@ fn same_seed_same_rows_and_out_is_never_overwritten_silently() {
     let before = std::fs::read(&a).unwrap();
     let dir = mnist_dir();
     let out = rso(&[
-        "train", "--model", "one-conv", "--optimizer", "rso", "--rounds", "1", "--batch-size", "8",
-        "--data-dir", dir.to_str().unwrap(), "--train-limit", "50", "--out", a.to_str().unwrap(),
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--train-limit",
+        "50",
+        "--out",
+        a.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
@@ -134,7 +150,17 @@ fn fails(args: &[&str]) -> String {
 fn bad_arguments_fail_with_a_reason() {
     let dir = mnist_dir();
     let d = dir.to_str().unwrap();
-    let base = ["train", "--optimizer", "rso", "--rounds", "1", "--data-dir", d, "--train-limit", "100"];
+    let base = [
+        "train",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+        "--data-dir",
+        d,
+        "--train-limit",
+        "100",
+    ];
     let with = |extra: &[&str]| {
         let mut v = base.to_vec();
         v.extend_from_slice(extra);
@@ -147,9 +173,21 @@ fn bad_arguments_fail_with_a_reason() {
     let e = with(&["--model", "three-conv", "--batch-size", "8"]);
     assert!(e.contains("three-conv"), "{e}");
     let e = fails(&[
-        "train", "--model", "one-conv", "--optimizer", "rso", "--rounds", "1", "--batch-size", "8",
-        "--data-dir", "/nonexistent/mnist",
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "8",
+        "--data-dir",
+        "/nonexistent/mnist",
     ]);
-    assert!(e.contains("/nonexistent/mnist") && e.contains("fetch-mnist"), "{e}");
+    assert!(
+        e.contains("/nonexistent/mnist") && e.contains("fetch-mnist"),
+        "{e}"
+    );
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
