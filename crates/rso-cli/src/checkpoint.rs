@@ -535,8 +535,8 @@ pub fn write(dir: &Path, state: &State, params: &Params) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads at most `limit` bytes of `path`, refusing larger files.
-fn read_limited(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+/// Reads at most `limit` bytes of `path`, refusing larger files ("larger than … bytes; `what`").
+fn read_limited(path: &Path, limit: u64, what: &str) -> anyhow::Result<Vec<u8>> {
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut bytes = Vec::new();
     f.take(limit + 1)
@@ -544,7 +544,7 @@ fn read_limited(path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
         .with_context(|| format!("{}", path.display()))?;
     ensure!(
         bytes.len() as u64 <= limit,
-        "{}: larger than {limit} bytes; not a checkpoint file",
+        "{}: larger than {limit} bytes; {what}",
         path.display()
     );
     Ok(bytes)
@@ -561,10 +561,10 @@ pub fn read_latest(dir: &Path) -> anyhow::Result<Checkpoint> {
     let latest = dir.join(LATEST);
     ensure!(
         latest.is_file(),
-        "{}: no such file (not a checkpoint directory, or no round had finished)",
+        "{}: missing or not a file (not a checkpoint directory, or no round had finished)",
         latest.display()
     );
-    let text = read_limited(&latest, 64)?;
+    let text = read_limited(&latest, 64, "not a checkpoint file")?;
     let name = String::from_utf8_lossy(&text).trim().to_string();
     let rounds = parse_round_dir_name(&name).ok_or_else(|| {
         anyhow::anyhow!(
@@ -580,8 +580,12 @@ pub fn read_latest(dir: &Path) -> anyhow::Result<Checkpoint> {
         "{}: no such file (the checkpoint is incomplete)",
         path.display()
     );
-    let state = parse_state(&read_limited(&path, MAX_STATE_BYTES)?)
-        .with_context(|| format!("{}: not a valid checkpoint state", path.display()))?;
+    let state = parse_state(&read_limited(
+        &path,
+        MAX_STATE_BYTES,
+        "not a checkpoint file",
+    )?)
+    .with_context(|| format!("{}: not a valid checkpoint state", path.display()))?;
     ensure!(
         state.rounds_completed == rounds,
         "{}: says {} rounds completed, but {} names round {rounds}",
@@ -611,6 +615,7 @@ pub fn parse_state(bytes: &[u8]) -> anyhow::Result<State> {
     );
     let state: State = serde_json::from_slice(bytes)?;
     ensure!(state.rounds_completed >= 1, "rounds_completed is 0");
+    ensure!(state.config.batch_size >= 1, "batch_size is 0");
     ensure!(
         state.rounds_completed <= state.config.rounds,
         "rounds_completed {} exceeds the run's {} rounds",
@@ -654,8 +659,8 @@ impl Checkpoint {
     pub fn load_params(&self, spec: &ModelSpec) -> anyhow::Result<Params> {
         let path = self.weights_path();
         let data = 4 * Params::zeros(spec).len() as u64;
-        let bytes = read_limited(&path, data + MAX_HEADER_BYTES)
-            .with_context(|| format!("too large for model {}", spec.name))?;
+        let too_large = format!("too large for the weights of model {}", spec.name);
+        let bytes = read_limited(&path, data + MAX_HEADER_BYTES, &too_large)?;
         let params = Params::from_safetensors(spec, &bytes, &path)?;
         let sum = checksum(&bytes);
         ensure!(
@@ -884,7 +889,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let e = format!("{:#}", read_latest(dir).unwrap_err());
-        assert!(e.contains("latest") && e.contains("no such file"), "{e}");
+        assert!(e.contains("latest") && e.contains("missing"), "{e}");
         for bad in [
             "../../etc",
             "round-1",
