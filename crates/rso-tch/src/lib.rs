@@ -7,7 +7,7 @@
 //!   [`Network::params`]/[`Network::set_params`] copy them through the host, so checkpoints go
 //!   through [`Params`] (safetensors) and are portable between engines by construction.
 //! - Semantics equal the pure-Rust engine: conv 3×3 stride 1 padding 1, 2×2 max/avg pooling,
-//!   BatchNorm with the batch's statistics (biased variance, ε = [`BN_EPS`]) in training and RSO,
+//!   BatchNorm with the batch's statistics (biased variance, ε = [`rso_models::spec::BN_EPS`]) in training and RSO,
 //!   running statistics (mean 0, variance 1 until [`Network::calibrate_bn`]) in evaluation,
 //!   global average pooling, dense layers on the flattened (C, H, W) activations.
 //! - Loss: the logits are f32; the per-sample cross-entropy is computed from them **in f64 on the
