@@ -28,6 +28,7 @@ use rso_data::{Dataset, Split};
 use rso_models::{
     EngineError, Eval, Layer, ModelSpec, Network, ParamError, Params, Reduction, SplitKind,
 };
+use std::cell::RefCell;
 use std::ops::Range;
 
 /// Samples per evaluation forward pass.
@@ -36,6 +37,9 @@ const EVAL_CHUNK: usize = 500;
 /// Samples per partial sum of convolution weight gradients; the partials are added in chunk
 /// order, so this (not the thread count) fixes the summation order.
 pub(crate) const GRAD_CHUNK: usize = 32;
+
+/// Activation bytes per sample chunk of a forward segment: small enough to stay in L2.
+const SEGMENT_CHUNK_BYTES: usize = 256 << 10;
 
 /// Smallest step (in multiply-add equivalents over the whole batch) worth splitting over
 /// threads; below it a rayon dispatch costs more than it saves.
@@ -257,81 +261,99 @@ impl CpuNetwork {
     /// Runs layers `first..` on `n` samples whose input to layer `first` is in `acts[first]`
     /// (the other buffers before it are not read). In [`Mode::Train`] every BatchNorm layer
     /// from `first` on uses (and records) the batch's statistics.
-    pub(crate) fn forward_from(&mut self, first: usize, n: usize, mode: Mode) {
+    ///
+    /// The layers run in segments that end where a training-mode BatchNorm needs the whole
+    /// batch's statistics; within a segment every layer is per-sample, so the segment runs
+    /// through all its layers on a few samples at a time (which stay in cache), and over
+    /// threads by parts of the batch. With `keep_all` every layer's output is left in `acts`
+    /// (for a backward pass); otherwise only each segment's last output is (the logits, and the
+    /// inputs of training-mode BatchNorm layers), which saves the memory traffic of the rest.
+    pub(crate) fn forward_from(&mut self, first: usize, n: usize, mode: Mode, keep_all: bool) {
         self.reserve(n);
-        for i in first..self.plan.len() {
-            self.forward_step(i, n, mode);
+        let is_batch_norm = |op: &Op| matches!(op, Op::BatchNorm { .. });
+        let mut a = first;
+        while a < self.plan.len() {
+            if mode == Mode::Train && is_batch_norm(&self.plan[a].op) {
+                self.batch_statistics(a, n);
+            }
+            let b = match mode {
+                Mode::Train => (a + 1..self.plan.len())
+                    .find(|&i| is_batch_norm(&self.plan[i].op))
+                    .unwrap_or(self.plan.len()),
+                Mode::Eval => self.plan.len(),
+            };
+            self.forward_segment(a..b, n, mode, keep_all);
+            a = b;
         }
     }
 
-    fn forward_step(&mut self, i: usize, n: usize, mode: Mode) {
-        let step = &self.plan[i];
-        let (before, after) = self.ws.acts.split_at_mut(i + 1);
-        let x = &before[i][..n * step.in_len];
-        let y = &mut after[0][..n * step.out_len];
-        let in_len = step.in_len;
-        let split = n.saturating_mul(step.work) >= self.par_min_work;
-        let p = &self.params.values;
-        let part = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
-        match step.op {
-            Op::Conv { conv, weight, bias } => {
-                let (w, b) = (&p[weight], bias.map(|b| p[b].as_slice()));
-                par_samples(split, n, y, |r, y| {
-                    conv3x3_forward(&conv, r.len(), part(&r), w, b, y)
-                });
-            }
-            Op::Relu => par_samples(split, n, y, |r, y| relu_forward(part(&r), y)),
-            Op::MaxPool { c, h, w } => {
-                par_samples(split, n, y, |r, y| {
-                    maxpool2_forward(r.len() * c, h, w, part(&r), y)
-                });
-            }
-            Op::AvgPool { c, h, w } => {
-                par_samples(split, n, y, |r, y| {
-                    avgpool2_forward(r.len() * c, h, w, part(&r), y)
-                });
-            }
-            Op::GlobalAvgPool { c, hw } => {
-                par_samples(split, n, y, |r, y| {
-                    global_avgpool_forward(r.len() * c, hw, part(&r), y)
-                });
-            }
-            Op::Dense {
-                d_in,
-                d_out,
-                weight,
-                bias,
-            } => {
-                let (w, b) = (&p[weight], bias.map(|b| p[b].as_slice()));
-                par_samples(split, n, y, |r, y| {
-                    dense_forward(r.len(), d_in, d_out, part(&r), w, b, y)
-                });
-            }
-            Op::BatchNorm {
-                c,
-                hw,
-                gamma,
-                beta,
-                slot,
-            } => {
-                let stats = match mode {
-                    Mode::Train => {
-                        let moments = grown(&mut self.ws.partials_f64, n * c, (0.0, 0.0));
-                        par_samples(split, n, moments, |r, m| {
-                            plane_moments(r.len(), c, hw, part(&r), m)
-                        });
-                        let stats = &mut self.ws.batch_stats[slot];
-                        combine_moments(n, c, hw, moments, &mut stats.mean, &mut stats.var);
-                        &self.ws.batch_stats[slot]
-                    }
-                    Mode::Eval => &self.running[slot],
-                };
-                let (g, b) = (&p[gamma], &p[beta]);
-                par_samples(split, n, y, |r, y| {
-                    batchnorm_apply(r.len(), c, hw, part(&r), &stats.mean, &stats.var, g, b, y)
-                });
+    /// Batch mean and biased variance of the input of BatchNorm layer `i` into `batch_stats`.
+    fn batch_statistics(&mut self, i: usize, n: usize) {
+        let Op::BatchNorm { c, hw, slot, .. } = self.plan[i].op else {
+            unreachable!("layer {i} is not a batch norm");
+        };
+        let x = &self.ws.acts[i][..n * c * hw];
+        let split = n.saturating_mul(self.plan[i].work) >= self.par_min_work;
+        let moments = grown(&mut self.ws.partials_f64, n * c, (0.0, 0.0));
+        par_samples(split, n, moments, |r, m| {
+            plane_moments(r.len(), c, hw, &x[r.start * c * hw..r.end * c * hw], m)
+        });
+        let stats = &mut self.ws.batch_stats[slot];
+        combine_moments(n, c, hw, moments, &mut stats.mean, &mut stats.var);
+    }
+
+    /// Runs the per-sample layers `layers` on `n` samples (see [`CpuNetwork::forward_from`]).
+    fn forward_segment(&mut self, layers: Range<usize>, n: usize, mode: Mode, keep_all: bool) {
+        if n == 0 || layers.is_empty() {
+            return;
+        }
+        let steps = &self.plan[layers.clone()];
+        let params = &self.params.values;
+        let stats = match mode {
+            Mode::Train => &self.ws.batch_stats,
+            Mode::Eval => &self.running,
+        };
+        let in_len = steps[0].in_len;
+        let bytes = 4 * (in_len + steps.iter().map(|s| s.out_len).sum::<usize>());
+        let chunk = (SEGMENT_CHUNK_BYTES / bytes).max(1);
+        let work = n.saturating_mul(steps.iter().map(|s| s.work).sum());
+        let threads = if work >= self.par_min_work {
+            rayon::current_num_threads().min(n)
+        } else {
+            1
+        };
+        let (inputs, outputs) = self.ws.acts.split_at_mut(layers.start + 1);
+        let input = &inputs[layers.start][..n * in_len];
+        let outputs = &mut outputs[..layers.len()];
+        if threads <= 1 {
+            run_chunks(steps, params, stats, n, chunk, input, outputs, keep_all);
+            return;
+        }
+        // Each part's share of every output buffer.
+        let per_part = n.div_ceil(threads);
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per_part))
+            .map(|_| Vec::with_capacity(steps.len()))
+            .collect();
+        for (buf, step) in outputs.iter_mut().zip(steps) {
+            let pieces = buf[..n * step.out_len].chunks_mut(per_part * step.out_len);
+            for (part, piece) in parts.iter_mut().zip(pieces) {
+                part.push(piece);
             }
         }
+        parts.into_par_iter().enumerate().for_each(|(p, mut outs)| {
+            let samples = p * per_part..((p + 1) * per_part).min(n);
+            let x = &input[samples.start * in_len..samples.end * in_len];
+            run_chunks(
+                steps,
+                params,
+                stats,
+                samples.len(),
+                chunk,
+                x,
+                &mut outs,
+                keep_all,
+            );
+        });
     }
 
     /// Per-sample cross-entropy of the `n` samples in the last layer's output, into `losses`,
@@ -358,7 +380,7 @@ impl CpuNetwork {
     fn compute_grads(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
         let n = batch.len();
         self.load_batch(batch);
-        self.forward_from(0, n, Mode::Train);
+        self.forward_from(0, n, Mode::Train, true);
         let sum = self.loss_sum(n);
         let classes = self.spec.classes;
         let scale = match reduction {
@@ -532,14 +554,14 @@ impl Network for CpuNetwork {
     fn logits(&mut self, batch: &[u32]) -> Vec<f32> {
         let n = batch.len();
         self.load_batch(batch);
-        self.forward_from(0, n, Mode::Train);
+        self.forward_from(0, n, Mode::Train, false);
         self.ws.acts[self.plan.len()][..n * self.spec.classes].to_vec()
     }
 
     fn batch_loss(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
         let n = batch.len();
         self.load_batch(batch);
-        self.forward_from(0, n, Mode::Train);
+        self.forward_from(0, n, Mode::Train, false);
         reduction.finish(self.loss_sum(n), n)
     }
 
@@ -563,7 +585,7 @@ impl Network for CpuNetwork {
             return;
         }
         self.load_batch(batch);
-        self.forward_from(0, batch.len(), Mode::Train);
+        self.forward_from(0, batch.len(), Mode::Train, false);
         self.running.clone_from(&self.ws.batch_stats);
     }
 
@@ -575,7 +597,7 @@ impl Network for CpuNetwork {
         for start in (0..total).step_by(EVAL_CHUNK) {
             let m = EVAL_CHUNK.min(total - start);
             self.load_range(split, start..start + m);
-            self.forward_from(0, m, Mode::Eval);
+            self.forward_from(0, m, Mode::Eval, false);
             self.loss_sum(m);
             for &l in &self.ws.losses[..m] {
                 loss += l;
@@ -592,6 +614,113 @@ impl Network for CpuNetwork {
             loss: loss / denom,
             accuracy: hits as f64 / denom,
             samples: total,
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread buffer for the intermediate activations of one chunk of a forward segment.
+    static CHUNK_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs the per-sample `steps` on `n` samples, `chunk` samples at a time through all steps:
+/// `input` holds the samples' input to the first step, `outputs[k]` receives step `k`'s output
+/// when `keep_all` (else only the last step's output is written there, the others live in a
+/// per-thread chunk buffer).
+#[allow(clippy::too_many_arguments)]
+fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
+    steps: &[Step],
+    params: &[Vec<f32>],
+    stats: &[BnStats],
+    n: usize,
+    chunk: usize,
+    input: &[f32],
+    outputs: &mut [B],
+    keep_all: bool,
+) {
+    let last = steps.len() - 1;
+    // Where step k's chunk output starts in the scratch (when it goes there).
+    let offset = |k: usize| {
+        if keep_all {
+            0
+        } else {
+            chunk * steps[..k].iter().map(|s| s.out_len).sum::<usize>()
+        }
+    };
+    CHUNK_SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < offset(last) {
+            scratch.resize(offset(last), 0.0);
+        }
+        for start in (0..n).step_by(chunk) {
+            let r = start..(start + chunk).min(n);
+            for (k, step) in steps.iter().enumerate() {
+                let (prev, cur) = outputs.split_at_mut(k);
+                let (before, after) = scratch.split_at_mut(offset(k));
+                let x = if k == 0 {
+                    &input[r.start * step.in_len..r.end * step.in_len]
+                } else if keep_all {
+                    &prev[k - 1].as_ref()[r.start * step.in_len..r.end * step.in_len]
+                } else {
+                    &before[offset(k - 1)..][..r.len() * step.in_len]
+                };
+                let y = if keep_all || k == last {
+                    &mut cur[0].as_mut()[r.start * step.out_len..r.end * step.out_len]
+                } else {
+                    &mut after[..r.len() * step.out_len]
+                };
+                layer_forward(&step.op, params, stats, r.len(), x, y);
+            }
+        }
+    });
+}
+
+/// Forward pass of one layer on `n` samples, `x` → `y`; a BatchNorm layer normalises with
+/// `stats` (the batch's or the running statistics).
+fn layer_forward(
+    op: &Op,
+    params: &[Vec<f32>],
+    stats: &[BnStats],
+    n: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let bias = |b: Option<usize>| b.map(|b| params[b].as_slice());
+    match *op {
+        Op::Conv {
+            conv,
+            weight,
+            bias: b,
+        } => conv3x3_forward(&conv, n, x, &params[weight], bias(b), y),
+        Op::Relu => relu_forward(x, y),
+        Op::MaxPool { c, h, w } => maxpool2_forward(n * c, h, w, x, y),
+        Op::AvgPool { c, h, w } => avgpool2_forward(n * c, h, w, x, y),
+        Op::GlobalAvgPool { c, hw } => global_avgpool_forward(n * c, hw, x, y),
+        Op::Dense {
+            d_in,
+            d_out,
+            weight,
+            bias: b,
+        } => dense_forward(n, d_in, d_out, x, &params[weight], bias(b), y),
+        Op::BatchNorm {
+            c,
+            hw,
+            gamma,
+            beta,
+            slot,
+        } => {
+            let s = &stats[slot];
+            batchnorm_apply(
+                n,
+                c,
+                hw,
+                x,
+                &s.mean,
+                &s.var,
+                &params[gamma],
+                &params[beta],
+                y,
+            )
         }
     }
 }

@@ -1,9 +1,10 @@
-//! 3×3 convolution, stride 1, zero padding 1, through im2col and `sgemm`.
+//! 3×3 convolution, stride 1, zero padding 1: a direct register-tiled forward pass, and
+//! backward passes through im2col and `sgemm`.
 //!
 //! Weight layout `[c_out, c_in, 3, 3]`, row-major, so a weight row is one output channel's
 //! `c_in·9` taps in the same order as the rows of the im2col matrix.
 
-use super::{gemm, Mat};
+use super::{copy_row, gemm, madd, Mat};
 use std::cell::RefCell;
 
 /// Shape of a 3×3, stride 1, padding 1 convolution over `c_in × h × w` images.
@@ -79,11 +80,11 @@ fn im2col(s: &Conv3x3, x: &[f32], col: &mut [f32]) {
                     match kx {
                         0 => {
                             out[0] = 0.0;
-                            out[1..].copy_from_slice(&src[..w - 1]);
+                            copy_row(&mut out[1..], &src[..w - 1]);
                         }
-                        1 => out.copy_from_slice(src),
+                        1 => copy_row(out, src),
                         _ => {
-                            out[..w - 1].copy_from_slice(&src[1..]);
+                            copy_row(&mut out[..w - 1], &src[1..]);
                             out[w - 1] = 0.0;
                         }
                     }
@@ -120,8 +121,20 @@ fn col2im(s: &Conv3x3, col: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// Forward pass of `n` samples: `y[i] = weight ∗ x[i] + bias`, `x: [n, c_in, h, w]`,
-/// `y: [n, c_out, h, w]`.
+/// Output values computed at once per block of output channels (the register tile).
+const TILE: usize = 32;
+/// Output channels computed at once.
+const CO_BLOCK: usize = 2;
+
+/// Forward pass of `n` samples: `y[i] = weight ∗ x[i] + bias` (cross-correlation), with
+/// `x: [n, c_in, h, w]`, `y: [n, c_out, h, w]`.
+///
+/// Computed directly rather than through im2col + `sgemm`, which measured 3.7× slower for
+/// 1→4 channels, 1.5–1.9× slower on 14×14 and 7×7 planes and about as fast for 16→16 on 28×28
+/// (the models' shapes, 32 images, one thread): each input plane is copied into a zero-bordered `(h+2)×(w+2)` plane; the output, laid out
+/// with the same padded row width, is then one flat run per channel in which every value is
+/// `Σ_ci Σ_taps w·xp[j + ky·(w+2) + kx]`, with no edge cases (the two extra columns per row are
+/// computed and dropped). Tiles of [`TILE`] values × [`CO_BLOCK`] channels stay in registers.
 pub fn conv3x3_forward(
     s: &Conv3x3,
     n: usize,
@@ -130,34 +143,124 @@ pub fn conv3x3_forward(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let (hw, taps) = (s.plane(), s.taps());
-    if hw == 0 {
+    let (h, w) = (s.h, s.w);
+    if h * w == 0 {
         return;
     }
-    with_col(taps * hw, |col| {
-        for i in 0..n {
-            im2col(s, &x[i * s.in_len()..][..s.in_len()], col);
-            let yi = &mut y[i * s.out_len()..][..s.out_len()];
-            let beta = match bias {
-                Some(b) => {
-                    for (plane, &b) in yi.chunks_exact_mut(hw).zip(&b[..s.c_out]) {
-                        plane.fill(b);
-                    }
-                    1.0
-                }
-                None => 0.0,
-            };
-            gemm(
-                s.c_out,
-                taps,
-                hw,
-                Mat::rows(weight, taps),
-                Mat::rows(col, hw),
-                beta,
-                yi,
-            );
-        }
+    let wp = w + 2;
+    let run_pad = (h * wp).div_ceil(TILE) * TILE;
+    // Every tap of every tile stays inside the padded plane plus this slack.
+    let plane_p = (h + 2) * wp + (run_pad - h * wp) + 2;
+    let geometry = Padded {
+        wp,
+        run_pad,
+        plane_p,
+    };
+    with_col(s.c_in * plane_p + s.c_out * run_pad, |scratch| {
+        direct(s, &geometry, n, x, weight, bias, y, scratch)
     });
+}
+
+/// Layout of the zero-bordered planes of [`conv3x3_forward`].
+struct Padded {
+    /// Padded row width, `w + 2`.
+    wp: usize,
+    /// Values per output run (`h·wp` rounded up to whole tiles).
+    run_pad: usize,
+    /// Values per padded input plane, with slack for the last tile.
+    plane_p: usize,
+}
+
+simd_dispatch! {
+    fn direct(
+        s: &Conv3x3,
+        g: &Padded,
+        n: usize,
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        scratch: &mut [f32],
+    ) => direct_body
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn direct_body<const FMA: bool>(
+    s: &Conv3x3,
+    g: &Padded,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let (w, hw) = (s.w, s.plane());
+    let (xp, yp) = scratch.split_at_mut(s.c_in * g.plane_p);
+    xp.fill(0.0);
+    for i in 0..n {
+        let xi = &x[i * s.in_len()..][..s.in_len()];
+        for (src, dst) in xi.chunks_exact(hw).zip(xp.chunks_exact_mut(g.plane_p)) {
+            for (r, row) in src.chunks_exact(w).enumerate() {
+                copy_row(&mut dst[(r + 1) * g.wp + 1..][..w], row);
+            }
+        }
+        let mut co = 0;
+        while co + CO_BLOCK <= s.c_out {
+            block::<CO_BLOCK, FMA>(s, g, co, xp, weight, bias, yp);
+            co += CO_BLOCK;
+        }
+        while co < s.c_out {
+            block::<1, FMA>(s, g, co, xp, weight, bias, yp);
+            co += 1;
+        }
+        let yi = &mut y[i * s.out_len()..][..s.out_len()];
+        for (dst, src) in yi.chunks_exact_mut(hw).zip(yp.chunks_exact(g.run_pad)) {
+            for (r, row) in dst.chunks_exact_mut(w).enumerate() {
+                copy_row(row, &src[r * g.wp..][..w]);
+            }
+        }
+    }
+}
+
+/// Output channels `co..co + CB` of one sample into the padded-width runs `yp`.
+#[inline(always)]
+fn block<const CB: usize, const FMA: bool>(
+    s: &Conv3x3,
+    g: &Padded,
+    co: usize,
+    xp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    yp: &mut [f32],
+) {
+    let taps = s.taps();
+    let rows: [&[f32]; CB] = std::array::from_fn(|c| &weight[(co + c) * taps..][..taps]);
+    let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
+    for j0 in (0..g.run_pad).step_by(TILE) {
+        let mut acc = [[0.0f32; TILE]; CB];
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = [bias.map_or(0.0, |b| b[co + c]); TILE];
+        }
+        for ci in 0..s.c_in {
+            let plane = &xp[ci * g.plane_p..][..g.plane_p];
+            let w9: [&[f32; 9]; CB] =
+                std::array::from_fn(|c| rows[c][ci * 9..][..9].try_into().expect("9 taps"));
+            for (t, &off) in offsets.iter().enumerate() {
+                let xs: &[f32; TILE] = plane[j0 + off..][..TILE].try_into().expect("TILE values");
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let wv = w9[c][t];
+                    for (a, &xv) in a.iter_mut().zip(xs) {
+                        *a = madd::<FMA>(*a, wv, xv);
+                    }
+                }
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            yp[(co + c) * g.run_pad + j0..][..TILE].copy_from_slice(a);
+        }
+    }
 }
 
 /// Gradient with respect to the input: `dx[i] = weightᵀ ⋆ dy[i]` (fully written).

@@ -1,9 +1,23 @@
 //! Fully connected layer `y = W x + b` on flattened samples, `W: [d_out, d_in]`.
 
-use super::{gemm, Mat};
+use super::{gemm, madd, Mat};
 
-/// `y[i] = W x[i] + b` for `x: [n, d_in]`, `y: [n, d_out]`.
-pub fn dense_forward(
+simd_dispatch! {
+    /// `y[i] = W x[i] + b` for `x: [n, d_in]`, `y: [n, d_out]`: one dot product per output,
+    /// in a fixed order (16 partial sums, then added pairwise).
+    pub fn dense_forward(
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+        x: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) => forward_body
+}
+
+#[inline(always)]
+fn forward_body<const FMA: bool>(
     n: usize,
     d_in: usize,
     d_out: usize,
@@ -12,24 +26,41 @@ pub fn dense_forward(
     bias: Option<&[f32]>,
     y: &mut [f32],
 ) {
-    let beta = match bias {
-        Some(b) => {
-            for row in y[..n * d_out].chunks_exact_mut(d_out.max(1)) {
-                row.copy_from_slice(&b[..d_out]);
-            }
-            1.0
+    for (xi, yi) in x
+        .chunks_exact(d_in.max(1))
+        .zip(y[..n * d_out].chunks_exact_mut(d_out.max(1)))
+        .take(n)
+    {
+        for (j, out) in yi.iter_mut().enumerate() {
+            let b = bias.map_or(0.0, |b| b[j]);
+            *out = b + dot::<FMA>(&xi[..d_in], &weight[j * d_in..][..d_in]);
         }
-        None => 0.0,
-    };
-    gemm(
-        n,
-        d_in,
-        d_out,
-        Mat::rows(x, d_in),
-        Mat::transposed(weight, d_in),
-        beta,
-        y,
-    );
+    }
+}
+
+/// `Σ a·b` over 16 lanes of partial sums, combined pairwise.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (ca, cb) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] = madd::<FMA>(acc[l], ca[l], cb[l]);
+        }
+    }
+    for (l, (&a, &b)) in ra.iter().zip(rb).enumerate() {
+        acc[l] = madd::<FMA>(acc[l], a, b);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
 }
 
 /// Gradient with respect to the input: `dx[i] = Wᵀ dy[i]` (fully written).

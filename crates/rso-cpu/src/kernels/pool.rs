@@ -3,22 +3,32 @@
 //! A batch `[n, c, h, w]` is `n·c` planes of `h × w`. The 2×2 pools produce `h/2 × w/2`
 //! (rounded down; an odd last row or column is dropped and gets zero gradient).
 
-/// 2×2 max pooling. Within a window the first maximum in row-major order wins (strict `>`),
-/// which is also where [`maxpool2_backward`] routes the gradient.
-pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
+simd_dispatch! {
+    /// 2×2 max pooling. Within a window the first maximum in row-major order wins (strict
+    /// `>`), which is also where [`maxpool2_backward`] routes the gradient.
+    pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) => max_body
+}
+
+#[inline(always)]
+fn max_body<const FMA: bool>(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
     let (oh, ow) = (h / 2, w / 2);
-    for p in 0..planes {
-        let xp = &x[p * h * w..][..h * w];
-        let yp = &mut y[p * oh * ow..][..oh * ow];
-        for (oy, yrow) in yp.chunks_exact_mut(ow.max(1)).take(oh).enumerate() {
-            let r0 = &xp[2 * oy * w..][..w];
-            let r1 = &xp[(2 * oy + 1) * w..][..w];
-            for (ox, out) in yrow.iter_mut().enumerate() {
-                let mut m = r0[2 * ox];
-                for v in [r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]] {
-                    if v > m {
-                        m = v;
-                    }
+    if oh * ow == 0 {
+        return;
+    }
+    for (xp, yp) in x
+        .chunks_exact(h * w)
+        .zip(y[..planes * oh * ow].chunks_exact_mut(oh * ow))
+    {
+        for (pair, yrow) in xp.chunks_exact(2 * w).zip(yp.chunks_exact_mut(ow)) {
+            let (r0, r1) = (&pair[..2 * ow], &pair[w..w + 2 * ow]);
+            for ((out, a), b) in yrow
+                .iter_mut()
+                .zip(r0.chunks_exact(2))
+                .zip(r1.chunks_exact(2))
+            {
+                let mut m = a[0];
+                for v in [a[1], b[0], b[1]] {
+                    m = if v > m { v } else { m };
                 }
                 *out = m;
             }
@@ -55,17 +65,29 @@ pub fn maxpool2_backward(planes: usize, h: usize, w: usize, x: &[f32], dy: &[f32
     }
 }
 
-/// 2×2 mean pooling.
-pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
+simd_dispatch! {
+    /// 2×2 mean pooling: `((x00 + x01) + (x10 + x11)) / 4`.
+    pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) => mean_body
+}
+
+#[inline(always)]
+fn mean_body<const FMA: bool>(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
     let (oh, ow) = (h / 2, w / 2);
-    for p in 0..planes {
-        let xp = &x[p * h * w..][..h * w];
-        let yp = &mut y[p * oh * ow..][..oh * ow];
-        for (oy, yrow) in yp.chunks_exact_mut(ow.max(1)).take(oh).enumerate() {
-            let r0 = &xp[2 * oy * w..][..w];
-            let r1 = &xp[(2 * oy + 1) * w..][..w];
-            for (ox, out) in yrow.iter_mut().enumerate() {
-                *out = ((r0[2 * ox] + r0[2 * ox + 1]) + (r1[2 * ox] + r1[2 * ox + 1])) * 0.25;
+    if oh * ow == 0 {
+        return;
+    }
+    for (xp, yp) in x
+        .chunks_exact(h * w)
+        .zip(y[..planes * oh * ow].chunks_exact_mut(oh * ow))
+    {
+        for (pair, yrow) in xp.chunks_exact(2 * w).zip(yp.chunks_exact_mut(ow)) {
+            let (r0, r1) = (&pair[..2 * ow], &pair[w..w + 2 * ow]);
+            for ((out, a), b) in yrow
+                .iter_mut()
+                .zip(r0.chunks_exact(2))
+                .zip(r1.chunks_exact(2))
+            {
+                *out = ((a[0] + a[1]) + (b[0] + b[1])) * 0.25;
             }
         }
     }

@@ -1,10 +1,15 @@
 //! ReLU, `max(x, 0)`.
 
-/// `y = max(x, 0)` elementwise.
-pub fn relu_forward(x: &[f32], y: &mut [f32]) {
+simd_dispatch! {
+    /// `y = max(x, 0)` elementwise (NaN gives 0).
+    pub fn relu_forward(x: &[f32], y: &mut [f32]) => forward_body
+}
+
+#[inline(always)]
+fn forward_body<const FMA: bool>(x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "relu: length mismatch");
     for (y, &x) in y.iter_mut().zip(x) {
-        *y = x.max(0.0);
+        *y = if x > 0.0 { x } else { 0.0 };
     }
 }
 

@@ -105,12 +105,14 @@ fn forward_from_a_middle_layer_reproduces_the_full_forward() {
         let mut net = network(kind, 4, 1, 11);
         let batch = [3, 1, 2];
         let full = net.logits(&batch);
+        net.forward_from(0, batch.len(), Mode::Train, true);
+        assert_eq!(net.activation(net.plan.len(), batch.len()), full.as_slice());
         for first in 1..net.plan.len() {
             // Scribble over everything after the cached input of `first`, then rerun from it.
             for buf in &mut net.ws.acts[first + 1..] {
                 buf.fill(f32::NAN);
             }
-            net.forward_from(first, batch.len(), Mode::Train);
+            net.forward_from(first, batch.len(), Mode::Train, true);
             assert_eq!(
                 net.activation(net.plan.len(), batch.len()),
                 full.as_slice(),
