@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 const ROUNDS: usize = 4;
 
-/// The settings every run here shares: one-conv, RSO with the `seed` preset, 4 rounds.
+/// The settings of the killed runs: one-conv, RSO with the `seed` preset, 4 rounds.
 fn settings(data: &str) -> Vec<String> {
     [
         "train",
@@ -28,6 +28,10 @@ fn settings(data: &str) -> Vec<String> {
         "100",
         "--seed",
         "17",
+        // The reference path (three full forwards per weight) stays slow enough, whatever
+        // faster paths come, for a kill to land in the middle of a round.
+        "--rso-eval",
+        "reference",
         "--data-dir",
         data,
     ]
@@ -199,77 +203,96 @@ fn killed_twice_and_resumed_run_equals_the_uninterrupted_one() {
     assert_eq!(rows_without_seconds(&tmp.path().join("run.csv")), ref_rows);
 }
 
-#[test]
-fn sgd_run_resumed_from_a_checkpoint_equals_the_uninterrupted_one() {
-    // SGD epochs are too short to kill reliably; stopping at a round boundary is the same
-    // resumption path (the kill test covers mid-round kills). The checkpoint of epoch 1 is
-    // taken from a run of the same settings that stopped after epoch 1 by being given a copy
-    // of its own checkpoint.
+/// Runs `settings` (a `train` command line of `rounds` rounds, without annealing, so that a
+/// shorter run's checkpoint equals the longer run's one) uninterrupted, and again as a 1-round
+/// run whose checkpoint is then resumed to `rounds`; compares weights and rows. Rounds that are
+/// too short to be killed reliably resume through the same path as the kill test's.
+fn resume_at_a_round_boundary(settings: &[&str], rounds: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let data = mnist_dir();
     let d = data.to_str().unwrap();
-    let common = [
-        "train",
-        "--model",
-        "one-conv",
-        "--optimizer",
-        "sgd",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--lr",
-        "0.05",
-        "--train-limit",
-        "400",
-        "--test-limit",
-        "100",
-        "--seed",
-        "4",
-        "--data-dir",
-        d,
-    ];
-    let mut a = common.to_vec();
-    let (ref_csv, ref_w, ck) = (t("ref.csv"), t("ref.safetensors"), t("ck"));
-    a.extend([
-        "--out",
-        &ref_csv,
-        "--save-weights",
-        &ref_w,
-        "--checkpoint-dir",
-        &ck,
-    ]);
+    let rounds_s = rounds.to_string();
+    let mut a = vec!["train", "--rounds", &rounds_s, "--data-dir", d];
+    a.extend_from_slice(settings);
+    let (ref_csv, ref_w) = (t("ref.csv"), t("ref.safetensors"));
+    a.extend(["--out", &ref_csv, "--save-weights", &ref_w]);
     rso_ok(&a);
-    // Rewind the checkpoint to epoch 1 by rewriting it from a 1-epoch run with these settings
-    // except the round count, which `latest`'s state then claims to be 3.
-    let mut b = common.to_vec();
-    b[6] = "1";
-    let ck1 = t("ck1");
-    b.extend(["--checkpoint-dir", &ck1]);
+    // The checkpoint after round 1, as the full run would have left it: its state says
+    // `rounds` rounds.
+    let ck = t("ck");
+    let mut b = vec!["train", "--rounds", "1", "--data-dir", d];
+    b.extend_from_slice(settings);
+    b.extend(["--checkpoint-dir", &ck]);
     rso_ok(&b);
-    let state_path = tmp.path().join("ck1/round-000001/state.json");
+    let state_path = tmp.path().join("ck/round-000001/state.json");
     let state = std::fs::read_to_string(&state_path).unwrap();
     assert!(state.contains("\"rounds\": 1,"), "{state}");
-    std::fs::write(
-        &state_path,
-        state.replace("\"rounds\": 1,", "\"rounds\": 3,"),
-    )
-    .unwrap();
+    let claimed = format!("\"rounds\": {rounds},");
+    std::fs::write(&state_path, state.replace("\"rounds\": 1,", &claimed)).unwrap();
 
     let (res_csv, res_w) = (t("res.csv"), t("res.safetensors"));
     rso_ok(&[
         "train",
         "--resume",
-        &ck1,
+        &ck,
         "--out",
         &res_csv,
         "--save-weights",
         &res_w,
     ]);
-    assert!(std::fs::read(&ref_w).unwrap() == std::fs::read(&res_w).unwrap());
+    assert!(
+        std::fs::read(&ref_w).unwrap() == std::fs::read(&res_w).unwrap(),
+        "resumed weights differ from the uninterrupted run's"
+    );
     assert_eq!(
         rows_without_seconds(Path::new(&res_csv)),
         rows_without_seconds(Path::new(&ref_csv))
+    );
+}
+
+#[test]
+fn rso_with_the_default_candidate_path_resumes_exactly() {
+    // The engine's fast (incremental) candidate path may keep caches; a resumed run rebuilds
+    // them from the checkpoint's weights and must still match.
+    resume_at_a_round_boundary(
+        &[
+            "--model",
+            "one-conv",
+            "--optimizer",
+            "rso",
+            "--batch-size",
+            "8",
+            "--train-limit",
+            "300",
+            "--test-limit",
+            "100",
+            "--seed",
+            "18",
+        ],
+        3,
+    );
+}
+
+#[test]
+fn sgd_resumes_exactly() {
+    resume_at_a_round_boundary(
+        &[
+            "--model",
+            "one-conv",
+            "--optimizer",
+            "sgd",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.05",
+            "--train-limit",
+            "400",
+            "--test-limit",
+            "100",
+            "--seed",
+            "4",
+        ],
+        3,
     );
 }
