@@ -26,6 +26,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             .num_threads(threads)
             .build_global()
             .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
+        #[cfg(feature = "tch")]
+        rso_tch::set_threads(threads);
     }
     match cli.command {
         Command::Train(args) => {
