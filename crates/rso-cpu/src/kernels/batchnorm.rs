@@ -16,18 +16,52 @@ fn inv_std(var: f64) -> f64 {
     1.0 / (var + f64::from(BN_EPS)).sqrt()
 }
 
-/// Mean and sum of squared deviations of each `hw` plane: `moments[i·c + ch] = (mean, m2)` of
-/// sample `i`, channel `ch`.
-pub fn plane_moments(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) {
+simd_dispatch! {
+    /// Mean and sum of squared deviations of each `hw` plane: `moments[i·c + ch] = (mean, m2)`
+    /// of sample `i`, channel `ch` (f64, two passes, each over 8 partial sums in a fixed order).
+    pub fn plane_moments(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) => moments_body
+}
+
+#[inline(always)]
+fn moments_body<const FMA: bool>(
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &[f32],
+    moments: &mut [(f64, f64)],
+) {
     for (p, m) in moments[..n * c].iter_mut().enumerate() {
         let plane = &x[p * hw..][..hw];
-        let mean = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / hw.max(1) as f64;
-        let m2 = plane
-            .iter()
-            .map(|&v| (f64::from(v) - mean).powi(2))
-            .sum::<f64>();
+        let mean = lane_sum(plane, |v| f64::from(v)) / hw.max(1) as f64;
+        let m2 = lane_sum(plane, |v| (f64::from(v) - mean) * (f64::from(v) - mean));
         *m = (mean, m2);
     }
+}
+
+/// `Σ f(v)` over `values` in f64, as 8 interleaved partial sums added pairwise (vectorisable,
+/// and the same order on every run).
+#[inline(always)]
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for l in 0..LANES {
+            acc[l] += f(chunk[l]);
+        }
+    }
+    for (l, &v) in rest.iter().enumerate() {
+        acc[l] += f(v);
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
 }
 
 /// Combines [`plane_moments`] in sample order into the batch mean and biased variance of each
@@ -56,10 +90,25 @@ pub fn combine_moments(
     }
 }
 
-/// `y = γ (x − μ)/sqrt(var + ε) + β` with the given per-channel statistics, as
-/// `y = x·scale + shift` with `scale`, `shift` computed in f64 and rounded once.
+simd_dispatch! {
+    /// `y = γ (x − μ)/sqrt(var + ε) + β` with the given per-channel statistics, as
+    /// `y = x·scale + shift` with `scale`, `shift` computed in f64 and rounded once.
+    pub fn batchnorm_apply(
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: &[f32],
+        mean: &[f64],
+        var: &[f64],
+        gamma: &[f32],
+        beta: &[f32],
+        y: &mut [f32],
+    ) => apply_body
+}
+
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn batchnorm_apply(
+fn apply_body<const FMA: bool>(
     n: usize,
     c: usize,
     hw: usize,

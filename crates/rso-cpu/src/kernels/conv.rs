@@ -122,9 +122,9 @@ fn col2im(s: &Conv3x3, col: &[f32], dx: &mut [f32]) {
 }
 
 /// Output values computed at once per block of output channels (the register tile).
-const TILE: usize = 32;
+const TILE: usize = 16;
 /// Output channels computed at once.
-const CO_BLOCK: usize = 2;
+const CO_BLOCK: usize = 4;
 
 /// Forward pass of `n` samples: `y[i] = weight ∗ x[i] + bias` (cross-correlation), with
 /// `x: [n, c_in, h, w]`, `y: [n, c_out, h, w]`.
@@ -206,14 +206,17 @@ fn direct_body<const FMA: bool>(
                 copy_row(&mut dst[(r + 1) * g.wp + 1..][..w], row);
             }
         }
-        let mut co = 0;
-        while co + CO_BLOCK <= s.c_out {
-            block::<CO_BLOCK, FMA>(s, g, co, xp, weight, bias, yp);
-            co += CO_BLOCK;
-        }
-        while co < s.c_out {
-            block::<1, FMA>(s, g, co, xp, weight, bias, yp);
-            co += 1;
+        // Tiles outermost, so the input window of a tile is reused from L1 by every channel.
+        for j0 in (0..g.run_pad).step_by(TILE) {
+            let mut co = 0;
+            while co + CO_BLOCK <= s.c_out {
+                tile::<CO_BLOCK, FMA>(s, g, j0, co, xp, weight, bias, yp);
+                co += CO_BLOCK;
+            }
+            while co < s.c_out {
+                tile::<1, FMA>(s, g, j0, co, xp, weight, bias, yp);
+                co += 1;
+            }
         }
         let yi = &mut y[i * s.out_len()..][..s.out_len()];
         for (dst, src) in yi.chunks_exact_mut(hw).zip(yp.chunks_exact(g.run_pad)) {
@@ -224,11 +227,14 @@ fn direct_body<const FMA: bool>(
     }
 }
 
-/// Output channels `co..co + CB` of one sample into the padded-width runs `yp`.
+/// Output values `j0..j0 + TILE` of channels `co..co + CB` of one sample into the
+/// padded-width runs `yp`.
 #[inline(always)]
-fn block<const CB: usize, const FMA: bool>(
+#[allow(clippy::too_many_arguments)]
+fn tile<const CB: usize, const FMA: bool>(
     s: &Conv3x3,
     g: &Padded,
+    j0: usize,
     co: usize,
     xp: &[f32],
     weight: &[f32],
@@ -238,28 +244,26 @@ fn block<const CB: usize, const FMA: bool>(
     let taps = s.taps();
     let rows: [&[f32]; CB] = std::array::from_fn(|c| &weight[(co + c) * taps..][..taps]);
     let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
-    for j0 in (0..g.run_pad).step_by(TILE) {
-        let mut acc = [[0.0f32; TILE]; CB];
-        for (c, a) in acc.iter_mut().enumerate() {
-            *a = [bias.map_or(0.0, |b| b[co + c]); TILE];
-        }
-        for ci in 0..s.c_in {
-            let plane = &xp[ci * g.plane_p..][..g.plane_p];
-            let w9: [&[f32; 9]; CB] =
-                std::array::from_fn(|c| rows[c][ci * 9..][..9].try_into().expect("9 taps"));
-            for (t, &off) in offsets.iter().enumerate() {
-                let xs: &[f32; TILE] = plane[j0 + off..][..TILE].try_into().expect("TILE values");
-                for (c, a) in acc.iter_mut().enumerate() {
-                    let wv = w9[c][t];
-                    for (a, &xv) in a.iter_mut().zip(xs) {
-                        *a = madd::<FMA>(*a, wv, xv);
-                    }
+    let mut acc = [[0.0f32; TILE]; CB];
+    for (c, a) in acc.iter_mut().enumerate() {
+        *a = [bias.map_or(0.0, |b| b[co + c]); TILE];
+    }
+    for ci in 0..s.c_in {
+        let plane = &xp[ci * g.plane_p..][..g.plane_p];
+        let w9: [&[f32; 9]; CB] =
+            std::array::from_fn(|c| rows[c][ci * 9..][..9].try_into().expect("9 taps"));
+        for (t, &off) in offsets.iter().enumerate() {
+            let xs: &[f32; TILE] = plane[j0 + off..][..TILE].try_into().expect("TILE values");
+            for (c, a) in acc.iter_mut().enumerate() {
+                let wv = w9[c][t];
+                for (a, &xv) in a.iter_mut().zip(xs) {
+                    *a = madd::<FMA>(*a, wv, xv);
                 }
             }
         }
-        for (c, a) in acc.iter().enumerate() {
-            yp[(co + c) * g.run_pad + j0..][..TILE].copy_from_slice(a);
-        }
+    }
+    for (c, a) in acc.iter().enumerate() {
+        yp[(co + c) * g.run_pad + j0..][..TILE].copy_from_slice(a);
     }
 }
 
@@ -461,6 +465,48 @@ mod tests {
             assert_close(&dx, &numeric_grad(|x| loss(x, &ww, &bw), &xw, 1e-3), 1e-4, 1e-4, "dx");
             assert_close(&dw, &numeric_grad(|wt| loss(&xw, wt, &bw), &ww, 1e-3), 1e-4, 1e-4, "dw");
             assert_close(&db, &numeric_grad(|b| loss(&xw, &ww, b), &bw, 1e-3), 1e-4, 1e-4, "db");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::testutil as tu;
+    use std::time::Instant;
+
+    /// `cargo test --release -p rso-cpu conv_speed -- --ignored --nocapture`: forward GMAC/s
+    /// on the models' shapes (minimum over repetitions, one thread).
+    #[test]
+    #[ignore]
+    fn conv_speed() {
+        let mut rng = tu::rng(9);
+        for (c_in, c_out, hw) in [
+            (1, 4, 28),
+            (1, 16, 28),
+            (16, 16, 28),
+            (16, 16, 14),
+            (16, 16, 7),
+        ] {
+            let n = 8;
+            let s = Conv3x3 {
+                c_in,
+                c_out,
+                h: hw,
+                w: hw,
+            };
+            let x = tu::uniform(&mut rng, n * s.in_len(), 1.0);
+            let wt = tu::uniform(&mut rng, c_out * s.taps(), 1.0);
+            let b = tu::uniform(&mut rng, c_out, 1.0);
+            let mut y = vec![0.0; n * s.out_len()];
+            let mut best = f64::INFINITY;
+            for _ in 0..300 {
+                let t = Instant::now();
+                conv3x3_forward(&s, n, &x, &wt, Some(&b), &mut y);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gmacs = (n * s.macs()) as f64 / best / 1e9;
+            println!("{c_in:>2}->{c_out:<2} {hw:>2}x{hw:<2}: {:8.1} us per {n} images, {gmacs:5.1} GMAC/s", best * 1e6);
         }
     }
 }
