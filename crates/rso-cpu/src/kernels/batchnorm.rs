@@ -32,7 +32,7 @@ fn moments_body<const FMA: bool>(
 ) {
     for (p, m) in moments[..n * c].iter_mut().enumerate() {
         let plane = &x[p * hw..][..hw];
-        let mean = lane_sum(plane, |v| f64::from(v)) / hw.max(1) as f64;
+        let mean = lane_sum(plane, f64::from) / hw.max(1) as f64;
         let m2 = lane_sum(plane, |v| (f64::from(v) - mean) * (f64::from(v) - mean));
         *m = (mean, m2);
     }
