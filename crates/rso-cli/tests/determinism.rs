@@ -1,6 +1,7 @@
 //! Determinism of the pure-Rust engine: the same seed gives the same per-round CSV rows (every
 //! column but the wall time) and byte-identical final weights, from run to run and for one or
-//! two worker threads (`--threads` for rayon, `MATMUL_NUM_THREADS` for matrixmultiply's sgemm).
+//! two worker threads (`--threads` for rayon; `MATMUL_NUM_THREADS` is set alike, in case
+//! matrixmultiply's own sgemm threads are ever switched on again).
 //!
 //! The batch sizes are chosen so that the engine really splits work over threads: it does so
 //! for steps of at least 400 000 multiply-adds over the batch (`PAR_MIN_WORK` in rso-cpu), and
