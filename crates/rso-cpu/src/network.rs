@@ -2,8 +2,9 @@
 //!
 //! A forward pass is a list of per-layer steps over a list of activation buffers: `acts[0]` is
 //! the gathered input batch and `acts[i + 1]` the output of layer `i`, each sized for the
-//! largest batch seen so far (so a forward on a batch no larger than before allocates nothing).
-//! [`CpuNetwork::forward_from`] runs the steps from any layer on, given its input in `acts`.
+//! largest batch seen so far. [`CpuNetwork::forward_from`] runs the steps from any layer on,
+//! given its input in `acts`. On one thread, a loss on a batch no larger than before allocates
+//! nothing (a test checks it); split over threads it allocates only a few lists of slices.
 //!
 //! Steps that are big enough split the batch over rayon threads; every reduction over samples is
 //! combined in sample order (or in fixed chunks of [`GRAD_CHUNK`] samples), so results are

@@ -466,3 +466,37 @@ fn construction_rejects_what_does_not_fit() {
         "{e}"
     );
 }
+
+#[test]
+fn a_single_threaded_loss_on_a_batch_no_larger_than_before_allocates_nothing() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("thread pool");
+    for kind in ModelKind::ALL {
+        let mut net = network(kind, 40, 1, 110);
+        pool.install(|| {
+            net.batch_loss(&(0..32).collect::<Vec<u32>>(), Reduction::Mean);
+            for start in 1..4u32 {
+                let batch: Vec<u32> = (start..start + 32).collect();
+                let allocated = tu::allocations();
+                let _ = net.candidate_losses(&batch, 0, 1, 0.1, Reduction::Mean);
+                assert_eq!(
+                    tu::allocations(),
+                    allocated,
+                    "{}: candidate_losses allocated",
+                    kind.name()
+                );
+            }
+            // The counter does see the engine's allocations: a larger batch grows the buffers.
+            let batch: Vec<u32> = (0..40).collect();
+            let allocated = tu::allocations();
+            net.batch_loss(&batch, Reduction::Mean);
+            assert!(
+                tu::allocations() > allocated,
+                "{}: nothing counted",
+                kind.name()
+            );
+        });
+    }
+}
