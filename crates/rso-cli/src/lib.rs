@@ -32,7 +32,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => {
             let outcome = train::run(&args, &mut train::ConsoleReporter::new())?;
-            println!("{}", outcome.result_line());
+            // A closed stdout (`rso train … | head`) is not an error of the run.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{}", outcome.result_line());
             Ok(())
         }
         Command::Reproduce(cmd) => reproduce::run(&cmd),

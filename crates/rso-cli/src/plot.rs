@@ -42,9 +42,15 @@ pub fn accuracy_svg(title: &str, p: &Provenance, rows: &[CurveRow]) -> anyhow::R
                 .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
                 .map_err(err)?
                 .label(label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
             chart
-                .draw_series(points.into_iter().map(|pt| Circle::new(pt, 3, color.filled())))
+                .draw_series(
+                    points
+                        .into_iter()
+                        .map(|pt| Circle::new(pt, 3, color.filled())),
+                )
                 .map_err(err)?;
         }
         chart
@@ -56,7 +62,10 @@ pub fn accuracy_svg(title: &str, p: &Provenance, rows: &[CurveRow]) -> anyhow::R
             .map_err(err)?;
         lower
             .draw(&Text::new(
-                format!("{} · rev {} · {} · {}", p.command, p.revision, p.device, p.date),
+                format!(
+                    "{} · rev {} · {} · {}",
+                    p.command, p.revision, p.device, p.date
+                ),
                 (10, 10),
                 ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90)),
             ))

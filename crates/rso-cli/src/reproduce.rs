@@ -33,16 +33,86 @@ pub struct NotebookRow {
 
 /// The notebook's ten configurations, in its order. "Original" is our `paper` model.
 pub const NOTEBOOK: [NotebookRow; 10] = [
-    NotebookRow { model: "paper", rounds: 1, batch: 256, seconds: 5240.0, test_loss: None, test_acc: None },
-    NotebookRow { model: "paper", rounds: 1, batch: 1000, seconds: 73042.0, test_loss: None, test_acc: None },
-    NotebookRow { model: "two-conv", rounds: 10, batch: 32, seconds: 1457.0, test_loss: Some(0.5126024), test_acc: Some(0.8504) },
-    NotebookRow { model: "two-conv", rounds: 10, batch: 512, seconds: 19186.0, test_loss: Some(0.19334497), test_acc: Some(0.9397) },
-    NotebookRow { model: "two-conv", rounds: 10, batch: 1000, seconds: 36464.0, test_loss: Some(0.12634973), test_acc: Some(0.9604) },
-    NotebookRow { model: "one-conv", rounds: 10, batch: 32, seconds: 212.0, test_loss: Some(0.6316686), test_acc: Some(0.8075) },
-    NotebookRow { model: "one-conv", rounds: 10, batch: 64, seconds: 345.0, test_loss: Some(0.55254054), test_acc: Some(0.8353) },
-    NotebookRow { model: "one-conv", rounds: 10, batch: 256, seconds: 1641.0, test_loss: Some(0.37202972), test_acc: Some(0.8929) },
-    NotebookRow { model: "one-conv", rounds: 10, batch: 512, seconds: 2834.0, test_loss: Some(0.29727805), test_acc: Some(0.9152) },
-    NotebookRow { model: "one-conv", rounds: 10, batch: 1024, seconds: 5046.0, test_loss: Some(0.3011675), test_acc: Some(0.9148) },
+    NotebookRow {
+        model: "paper",
+        rounds: 1,
+        batch: 256,
+        seconds: 5240.0,
+        test_loss: None,
+        test_acc: None,
+    },
+    NotebookRow {
+        model: "paper",
+        rounds: 1,
+        batch: 1000,
+        seconds: 73042.0,
+        test_loss: None,
+        test_acc: None,
+    },
+    NotebookRow {
+        model: "two-conv",
+        rounds: 10,
+        batch: 32,
+        seconds: 1457.0,
+        test_loss: Some(0.5126024),
+        test_acc: Some(0.8504),
+    },
+    NotebookRow {
+        model: "two-conv",
+        rounds: 10,
+        batch: 512,
+        seconds: 19186.0,
+        test_loss: Some(0.19334497),
+        test_acc: Some(0.9397),
+    },
+    NotebookRow {
+        model: "two-conv",
+        rounds: 10,
+        batch: 1000,
+        seconds: 36464.0,
+        test_loss: Some(0.12634973),
+        test_acc: Some(0.9604),
+    },
+    NotebookRow {
+        model: "one-conv",
+        rounds: 10,
+        batch: 32,
+        seconds: 212.0,
+        test_loss: Some(0.6316686),
+        test_acc: Some(0.8075),
+    },
+    NotebookRow {
+        model: "one-conv",
+        rounds: 10,
+        batch: 64,
+        seconds: 345.0,
+        test_loss: Some(0.55254054),
+        test_acc: Some(0.8353),
+    },
+    NotebookRow {
+        model: "one-conv",
+        rounds: 10,
+        batch: 256,
+        seconds: 1641.0,
+        test_loss: Some(0.37202972),
+        test_acc: Some(0.8929),
+    },
+    NotebookRow {
+        model: "one-conv",
+        rounds: 10,
+        batch: 512,
+        seconds: 2834.0,
+        test_loss: Some(0.29727805),
+        test_acc: Some(0.9152),
+    },
+    NotebookRow {
+        model: "one-conv",
+        rounds: 10,
+        batch: 1024,
+        seconds: 5046.0,
+        test_loss: Some(0.3011675),
+        test_acc: Some(0.9148),
+    },
 ];
 
 /// The `--quick` subset: indices into [`NOTEBOOK`].
@@ -79,9 +149,14 @@ pub struct SeedTableRow {
 
 /// Runs `rso train` with these arguments (as typed after `rso train`).
 fn train_with(args: &[String]) -> anyhow::Result<TrainOutcome> {
-    let argv = ["rso", "train"].iter().map(|s| s.to_string()).chain(args.iter().cloned());
+    let argv = ["rso", "train"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(args.iter().cloned());
     let cli = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("internal arguments: {e}"))?;
-    let Command::Train(t) = cli.command else { unreachable!("parsed a train command") };
+    let Command::Train(t) = cli.command else {
+        unreachable!("parsed a train command")
+    };
     train::run(&t, &mut ConsoleReporter::new())
 }
 
@@ -112,8 +187,16 @@ pub fn run(cmd: &ReproduceCommand) -> anyhow::Result<()> {
 }
 
 fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
-    let picks: Vec<usize> = if a.quick { QUICK.to_vec() } else { (0..NOTEBOOK.len()).collect() };
-    let stem = if a.quick { "seed_table_quick" } else { "seed_table" };
+    let picks: Vec<usize> = if a.quick {
+        QUICK.to_vec()
+    } else {
+        (0..NOTEBOOK.len()).collect()
+    };
+    let stem = if a.quick {
+        "seed_table_quick"
+    } else {
+        "seed_table"
+    };
     let csv_path = a.engine.out_dir.join(format!("{stem}.csv"));
     let md_path = a.engine.out_dir.join(format!("{stem}.md"));
     ensure_dir(&a.engine.out_dir)?;
@@ -121,16 +204,32 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
     let mut provenance = None;
     for (i, &k) in picks.iter().enumerate() {
         let nb = NOTEBOOK[k];
-        println!("== [{}/{}] {} rounds={} batch={}", i + 1, picks.len(), nb.model, nb.rounds, nb.batch);
+        println!(
+            "== [{}/{}] {} rounds={} batch={}",
+            i + 1,
+            picks.len(),
+            nb.model,
+            nb.rounds,
+            nb.batch
+        );
         let mut args = vec![
-            "--model".to_string(), nb.model.into(), "--optimizer".into(), "rso".into(),
-            "--preset".into(), "seed".into(), "--rounds".into(), nb.rounds.to_string(),
-            "--batch-size".into(), nb.batch.to_string(),
+            "--model".to_string(),
+            nb.model.into(),
+            "--optimizer".into(),
+            "rso".into(),
+            "--preset".into(),
+            "seed".into(),
+            "--rounds".into(),
+            nb.rounds.to_string(),
+            "--batch-size".into(),
+            nb.batch.to_string(),
         ];
         args.extend(common(&a.engine));
         let outcome = train_with(&args)?;
         let last = outcome.rows.last().expect("at least one round");
-        provenance.get_or_insert_with(|| Provenance::current(&format!("{} {}", last.backend, last.device)));
+        provenance.get_or_insert_with(|| {
+            Provenance::current(&format!("{} {}", last.backend, last.device))
+        });
         rows.push(SeedTableRow {
             model: nb.model.into(),
             rounds: nb.rounds,
@@ -156,7 +255,10 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
 
 /// The seed table as Markdown, provenance first.
 pub fn seed_table_markdown(p: &Provenance, rows: &[SeedTableRow]) -> String {
-    let opt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "–".into());
+    let opt = |v: Option<f64>, digits: usize| {
+        v.map(|x| format!("{x:.digits$}"))
+            .unwrap_or_else(|| "–".into())
+    };
     let mut s = format!(
         "RSO, preset `seed`, MNIST. Command: `{}`; revision {}; machine: {}; device: {}; date {}.\n\n",
         p.command, p.revision, p.machine, p.device, p.date
@@ -166,8 +268,18 @@ pub fn seed_table_markdown(p: &Provenance, rows: &[SeedTableRow]) -> String {
     for r in rows {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {:.1} | {:.4} | {:.4} | {:.0} | {} | {} | {:.0}× |\n",
-            r.model, r.rounds, r.batch, r.engine, r.device, r.seconds, r.test_loss, r.test_acc,
-            r.notebook_seconds, opt(r.notebook_test_loss, 4), opt(r.notebook_test_acc, 4), r.speedup
+            r.model,
+            r.rounds,
+            r.batch,
+            r.engine,
+            r.device,
+            r.seconds,
+            r.test_loss,
+            r.test_acc,
+            r.notebook_seconds,
+            opt(r.notebook_test_loss, 4),
+            opt(r.notebook_test_acc, 4),
+            r.speedup
         ));
     }
     s
@@ -215,24 +327,46 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
         let mut rows: Vec<CurveRow> = Vec::new();
         let mut provenance = None;
         for optimizer in ["rso", "sgd"] {
-            println!("== {model} {optimizer} batch={} rounds={}", a.batch_size, a.rounds);
+            println!(
+                "== {model} {optimizer} batch={} rounds={}",
+                a.batch_size, a.rounds
+            );
             let mut args = vec![
-                "--model".to_string(), model.clone(), "--optimizer".into(), optimizer.into(),
-                "--preset".into(), "seed".into(), "--rounds".into(), a.rounds.to_string(),
-                "--batch-size".into(), a.batch_size.to_string(), "--lr".into(), a.lr.to_string(),
+                "--model".to_string(),
+                model.clone(),
+                "--optimizer".into(),
+                optimizer.into(),
+                "--preset".into(),
+                "seed".into(),
+                "--rounds".into(),
+                a.rounds.to_string(),
+                "--batch-size".into(),
+                a.batch_size.to_string(),
+                "--lr".into(),
+                a.lr.to_string(),
             ];
             args.extend(common(&a.engine));
             let outcome = train_with(&args)?;
             let last = outcome.rows.last().expect("at least one round");
-            provenance.get_or_insert_with(|| Provenance::current(&format!("{} {}", last.backend, last.device)));
+            provenance.get_or_insert_with(|| {
+                Provenance::current(&format!("{} {}", last.backend, last.device))
+            });
             rows.extend(outcome.rows.iter().map(CurveRow::from));
         }
-        let stem = if model == "one-conv" { "comparison".to_string() } else { format!("comparison_{}", model.replace('-', "_")) };
+        let stem = if model == "one-conv" {
+            "comparison".to_string()
+        } else {
+            format!("comparison_{}", model.replace('-', "_"))
+        };
         let p = provenance.expect("two runs");
         let csv_path = a.engine.out_dir.join(format!("{stem}.csv"));
         output::write_file(&csv_path, &output::csv_text(&p, &rows)?)?;
         let svg_path = a.engine.out_dir.join(format!("{stem}.svg"));
-        let svg = crate::plot::accuracy_svg(&format!("Accuracy comparison, {model}, batch {}", a.batch_size), &p, &rows)?;
+        let svg = crate::plot::accuracy_svg(
+            &format!("Accuracy comparison, {model}, batch {}", a.batch_size),
+            &p,
+            &rows,
+        )?;
         output::write_file(&svg_path, &svg)?;
         println!("wrote {} and {}", csv_path.display(), svg_path.display());
     }
@@ -243,9 +377,18 @@ fn paper(a: &PaperArgs) -> anyhow::Result<()> {
     ensure_dir(&a.engine.out_dir)?;
     let path = a.engine.out_dir.join("paper_mnist.csv");
     let mut args = vec![
-        "--model".to_string(), "paper".into(), "--optimizer".into(), "rso".into(),
-        "--preset".into(), "paper".into(), "--rounds".into(), a.rounds.to_string(),
-        "--batch-size".into(), a.batch_size.to_string(), "--out".into(), path.display().to_string(),
+        "--model".to_string(),
+        "paper".into(),
+        "--optimizer".into(),
+        "rso".into(),
+        "--preset".into(),
+        "paper".into(),
+        "--rounds".into(),
+        a.rounds.to_string(),
+        "--batch-size".into(),
+        a.batch_size.to_string(),
+        "--out".into(),
+        path.display().to_string(),
         "--force".into(),
     ];
     args.extend(common(&a.engine));
@@ -281,13 +424,25 @@ mod tests {
             date: "2026-01-01T00:00:00Z".into(),
         };
         let row = SeedTableRow {
-            model: "one-conv".into(), rounds: 10, batch: 32, engine: "cpu".into(), device: "cpu".into(),
-            seconds: 2.0, test_loss: 0.6, test_acc: 0.81, notebook_seconds: 212.0,
-            notebook_test_loss: Some(0.63), notebook_test_acc: Some(0.8075), speedup: 106.0,
+            model: "one-conv".into(),
+            rounds: 10,
+            batch: 32,
+            engine: "cpu".into(),
+            device: "cpu".into(),
+            seconds: 2.0,
+            test_loss: 0.6,
+            test_acc: 0.81,
+            notebook_seconds: 212.0,
+            notebook_test_loss: Some(0.63),
+            notebook_test_acc: Some(0.8075),
+            speedup: 106.0,
         };
         let md = seed_table_markdown(&p, &[row.clone(), row]);
         assert!(md.contains("rso reproduce seed-table") && md.contains("abc"));
-        assert_eq!(md.lines().filter(|l| l.starts_with("| one-conv")).count(), 2);
+        assert_eq!(
+            md.lines().filter(|l| l.starts_with("| one-conv")).count(),
+            2
+        );
         assert!(md.contains("| 106× |"));
     }
 }
