@@ -23,6 +23,6 @@ cargo clippy -p rso-tch --all-targets --features cuda -- -D warnings
 cargo test -p rso-tch
 # The CUDA build: libtorch_cuda.so must load (TF32 off for cuDNN) even where no GPU is present.
 cargo test -p rso-tch --features cuda --test engine
-# TODO(rso-cli): once crates/rso-cli has its build.rs rpath lines, also run
-#   cargo clippy -p rso-cli --features tch --all-targets -- -D warnings
-#   cargo test -p rso-cli --features tch
+# The rso binary with the libtorch engine (rpath, feature wiring, --backend tch end to end).
+cargo clippy -p rso-cli --features tch --all-targets -- -D warnings
+cargo test -p rso-cli --features tch --test cli

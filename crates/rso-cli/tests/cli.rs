@@ -191,3 +191,36 @@ fn bad_arguments_fail_with_a_reason() {
     );
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+/// With the libtorch engine built in, `--backend tch` trains the same model to the same result
+/// as the pure-Rust engine (SGD: a few steps on a subset; the engines agree far below the
+/// printed precision, so the accuracies must be within one test sample of each other).
+#[cfg(feature = "tch")]
+#[test]
+fn tch_backend_trains_like_the_cpu_backend() {
+    let run = |backend: &str| {
+        let lines = small_run(&[
+            "--optimizer",
+            "sgd",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--lr",
+            "0.05",
+            "--backend",
+            backend,
+            "--threads",
+            "1",
+        ]);
+        lines.last().unwrap().clone()
+    };
+    let (cpu, tch) = (run("cpu"), run("tch"));
+    assert!(tch.contains("backend=tch device=cpu"), "{tch}");
+    let acc = |l: &str| field(l, "test_acc").parse::<f64>().unwrap();
+    assert!(
+        (acc(&cpu) - acc(&tch)).abs() <= 1.0 / 300.0 + 1e-9,
+        "{cpu}\n{tch}"
+    );
+    assert!(acc(&tch) > 0.5, "{tch}");
+}
