@@ -57,7 +57,7 @@ pub(crate) enum Mode {
 
 /// One layer, with its shapes resolved and its parameter arrays located.
 #[derive(Clone, Debug)]
-pub(crate) enum Op {
+enum Op {
     Conv {
         conv: Conv3x3,
         weight: usize,
@@ -95,21 +95,21 @@ pub(crate) enum Op {
 
 /// A layer of the plan: its operation and per-sample sizes.
 #[derive(Clone, Debug)]
-pub(crate) struct Step {
-    pub(crate) op: Op,
+struct Step {
+    op: Op,
     /// Input values per sample.
-    pub(crate) in_len: usize,
+    in_len: usize,
     /// Output values per sample.
-    pub(crate) out_len: usize,
+    out_len: usize,
     /// Rough forward cost per sample, in multiply-add equivalents (for the threading choice).
-    pub(crate) work: usize,
+    work: usize,
 }
 
 /// Per-channel statistics of one BatchNorm layer.
 #[derive(Clone, Debug)]
-pub(crate) struct BnStats {
-    pub(crate) mean: Vec<f64>,
-    pub(crate) var: Vec<f64>,
+struct BnStats {
+    mean: Vec<f64>,
+    var: Vec<f64>,
 }
 
 impl BnStats {
@@ -123,15 +123,15 @@ impl BnStats {
 
 /// Scratch state reused across calls.
 #[derive(Debug, Default)]
-pub(crate) struct Workspace {
+struct Workspace {
     /// Training-set indices whose images and labels are in `acts[0]` and `labels`.
-    pub(crate) gathered: Option<Vec<u32>>,
+    gathered: Option<Vec<u32>>,
     /// Labels of the samples in `acts[0]`.
-    pub(crate) labels: Vec<u8>,
+    labels: Vec<u8>,
     /// `acts[0]`: input batch; `acts[i + 1]`: output of layer `i`.
-    pub(crate) acts: Vec<Vec<f32>>,
+    acts: Vec<Vec<f32>>,
     /// Statistics of the last training-mode forward, per BatchNorm layer.
-    pub(crate) batch_stats: Vec<BnStats>,
+    batch_stats: Vec<BnStats>,
     /// BatchNorm per-(sample, channel) partials.
     partials_f64: Vec<(f64, f64)>,
     /// Per-sample losses of the last forward.
@@ -151,19 +151,17 @@ pub(crate) struct Workspace {
 /// A model on the pure-Rust CPU engine, with its training and test sets in memory.
 #[derive(Debug)]
 pub struct CpuNetwork {
-    pub(crate) spec: ModelSpec,
-    pub(crate) plan: Vec<Step>,
-    pub(crate) params: Params,
+    spec: ModelSpec,
+    plan: Vec<Step>,
+    params: Params,
     /// Running statistics per BatchNorm layer (mean 0, variance 1 until calibrated).
     running: Vec<BnStats>,
-    pub(crate) train: Dataset,
+    train: Dataset,
     test: Dataset,
-    pub(crate) ws: Workspace,
+    ws: Workspace,
     /// Steps with less work than this over the batch run on one thread ([`PAR_MIN_WORK`];
     /// tests lower it to split every step).
-    pub(crate) par_min_work: usize,
-    /// Caches of the incremental RSO path ([`crate::incremental`]).
-    pub(crate) inc: crate::incremental::Incremental,
+    par_min_work: usize,
 }
 
 impl CpuNetwork {
@@ -200,7 +198,6 @@ impl CpuNetwork {
             test: data.test,
             ws,
             par_min_work: PAR_MIN_WORK,
-            inc: Default::default(),
         })
     }
 
@@ -216,7 +213,7 @@ impl CpuNetwork {
     }
 
     /// Grows every activation buffer to hold `n` samples.
-    pub(crate) fn reserve(&mut self, n: usize) {
+    fn reserve(&mut self, n: usize) {
         let lens = std::iter::once(self.plan[0].in_len).chain(self.plan.iter().map(|s| s.out_len));
         for (buf, len) in self.ws.acts.iter_mut().zip(lens) {
             if buf.len() < n * len {
@@ -230,7 +227,7 @@ impl CpuNetwork {
 
     /// Puts the training samples `batch` into `acts[0]` and their labels into `labels`, unless
     /// they are already there.
-    pub(crate) fn load_batch(&mut self, batch: &[u32]) {
+    fn load_batch(&mut self, batch: &[u32]) {
         if self.ws.gathered.as_deref() == Some(batch) {
             return;
         }
@@ -248,7 +245,7 @@ impl CpuNetwork {
     }
 
     /// Puts samples `range` of a resident set into `acts[0]` and `labels`.
-    pub(crate) fn load_range(&mut self, split: SplitKind, range: Range<usize>) {
+    fn load_range(&mut self, split: SplitKind, range: Range<usize>) {
         self.ws.gathered = None;
         self.reserve(range.len());
         let set = match split {
@@ -307,7 +304,7 @@ impl CpuNetwork {
     }
 
     /// Runs the per-sample layers `layers` on `n` samples (see [`CpuNetwork::forward_from`]).
-    pub(crate) fn forward_segment(&mut self, layers: Range<usize>, n: usize, mode: Mode, keep_all: bool) {
+    fn forward_segment(&mut self, layers: Range<usize>, n: usize, mode: Mode, keep_all: bool) {
         if n == 0 || layers.is_empty() {
             return;
         }
@@ -362,7 +359,7 @@ impl CpuNetwork {
 
     /// Per-sample cross-entropy of the `n` samples in the last layer's output, into `losses`,
     /// and their sum in sample order.
-    pub(crate) fn loss_sum(&mut self, n: usize) -> f64 {
+    fn loss_sum(&mut self, n: usize) -> f64 {
         let classes = self.spec.classes;
         let logits = &self.ws.acts[self.plan.len()][..n * classes];
         let labels = &self.ws.labels[..n];
@@ -544,7 +541,6 @@ impl Network for CpuNetwork {
     fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
         params.check_layout(&self.spec, "cpu engine: set_params")?;
         self.params.values.clone_from(&params.values);
-        self.inc.invalidate();
         Ok(())
     }
 
@@ -553,8 +549,7 @@ impl Network for CpuNetwork {
     }
 
     fn set_weight(&mut self, param: usize, index: usize, value: f32) {
-        let old = std::mem::replace(&mut self.params.values[param][index], value);
-        crate::incremental::weight_changed(self, param, index, old);
+        self.params.values[param][index] = value;
     }
 
     fn logits(&mut self, batch: &[u32]) -> Vec<f32> {
@@ -583,23 +578,7 @@ impl Network for CpuNetwork {
                 *w -= lr * d;
             }
         }
-        self.inc.invalidate();
         loss
-    }
-
-    fn candidate_losses(
-        &mut self,
-        batch: &[u32],
-        param: usize,
-        index: usize,
-        delta: f32,
-        reduction: Reduction,
-    ) -> [f64; 3] {
-        crate::incremental::candidate_losses(self, batch, param, index, delta, reduction)
-    }
-
-    fn begin_sweep(&mut self, param: usize) {
-        crate::incremental::begin_sweep(self, param);
     }
 
     fn calibrate_bn(&mut self, batch: &[u32]) {
@@ -699,7 +678,7 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
 
 /// Forward pass of one layer on `n` samples, `x` → `y`; a BatchNorm layer normalises with
 /// `stats` (the batch's or the running statistics).
-pub(crate) fn layer_forward(
+fn layer_forward(
     op: &Op,
     params: &[Vec<f32>],
     stats: &[BnStats],
