@@ -42,9 +42,11 @@ pub(crate) const GRAD_CHUNK: usize = 32;
 /// Activation bytes per sample chunk of a forward segment: small enough to stay in L2.
 const SEGMENT_CHUNK_BYTES: usize = 256 << 10;
 
-/// Smallest step (in multiply-add equivalents over the whole batch) worth splitting over
-/// threads; below it a rayon dispatch costs more than it saves.
-const PAR_MIN_WORK: usize = 400_000;
+/// Smallest step or forward segment (in multiply-add equivalents over the whole batch) worth
+/// splitting over threads, about 0.1 ms of one core: below it a rayon dispatch (some 15 µs
+/// from outside the pool) and a second core that is busy elsewhere cost more than they save
+/// (measured on the 2-core machine: one-conv at B = 32 and 64 ran faster on one thread).
+const PAR_MIN_WORK: usize = 4_000_000;
 
 /// Whether BatchNorm uses the batch's statistics or the running ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -330,8 +332,9 @@ impl CpuNetwork {
             run_chunks(steps, params, stats, n, chunk, input, outputs, keep_all);
             return;
         }
-        // Each part's share of every output buffer.
-        let per_part = n.div_ceil(threads);
+        // Parts of at most one chunk, at least one per thread, so that work stealing can even
+        // out threads that run at different speeds. Each part's share of every output buffer:
+        let per_part = chunk.min(n.div_ceil(threads));
         let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(per_part))
             .map(|_| Vec::with_capacity(steps.len()))
             .collect();
