@@ -5,6 +5,7 @@
 //! every reduction over samples (losses, BatchNorm statistics, gradients) is combined in a fixed
 //! order.
 
+mod incremental;
 pub mod kernels;
 mod network;
 

@@ -59,7 +59,7 @@ pub(crate) enum Mode {
 
 /// One layer, with its shapes resolved and its parameter arrays located.
 #[derive(Clone, Debug)]
-enum Op {
+pub(crate) enum Op {
     Conv {
         conv: Conv3x3,
         weight: usize,
@@ -97,21 +97,21 @@ enum Op {
 
 /// A layer of the plan: its operation and per-sample sizes.
 #[derive(Clone, Debug)]
-struct Step {
-    op: Op,
+pub(crate) struct Step {
+    pub(crate) op: Op,
     /// Input values per sample.
-    in_len: usize,
+    pub(crate) in_len: usize,
     /// Output values per sample.
-    out_len: usize,
+    pub(crate) out_len: usize,
     /// Rough forward cost per sample, in multiply-add equivalents (for the threading choice).
-    work: usize,
+    pub(crate) work: usize,
 }
 
 /// Per-channel statistics of one BatchNorm layer.
 #[derive(Clone, Debug)]
-struct BnStats {
-    mean: Vec<f64>,
-    var: Vec<f64>,
+pub(crate) struct BnStats {
+    pub(crate) mean: Vec<f64>,
+    pub(crate) var: Vec<f64>,
 }
 
 impl BnStats {
@@ -125,15 +125,15 @@ impl BnStats {
 
 /// Scratch state reused across calls.
 #[derive(Debug, Default)]
-struct Workspace {
+pub(crate) struct Workspace {
     /// Training-set indices whose images and labels are in `acts[0]` and `labels`.
-    gathered: Option<Vec<u32>>,
+    pub(crate) gathered: Option<Vec<u32>>,
     /// Labels of the samples in `acts[0]`.
-    labels: Vec<u8>,
+    pub(crate) labels: Vec<u8>,
     /// `acts[0]`: input batch; `acts[i + 1]`: output of layer `i`.
-    acts: Vec<Vec<f32>>,
+    pub(crate) acts: Vec<Vec<f32>>,
     /// Statistics of the last training-mode forward, per BatchNorm layer.
-    batch_stats: Vec<BnStats>,
+    pub(crate) batch_stats: Vec<BnStats>,
     /// BatchNorm per-(sample, channel) partials.
     partials_f64: Vec<(f64, f64)>,
     /// Per-sample losses of the last forward.
@@ -153,17 +153,19 @@ struct Workspace {
 /// A model on the pure-Rust CPU engine, with its training and test sets in memory.
 #[derive(Debug)]
 pub struct CpuNetwork {
-    spec: ModelSpec,
-    plan: Vec<Step>,
-    params: Params,
+    pub(crate) spec: ModelSpec,
+    pub(crate) plan: Vec<Step>,
+    pub(crate) params: Params,
     /// Running statistics per BatchNorm layer (mean 0, variance 1 until calibrated).
     running: Vec<BnStats>,
-    train: Dataset,
+    pub(crate) train: Dataset,
     test: Dataset,
-    ws: Workspace,
+    pub(crate) ws: Workspace,
     /// Steps with less work than this over the batch run on one thread ([`PAR_MIN_WORK`];
     /// tests lower it to split every step).
-    par_min_work: usize,
+    pub(crate) par_min_work: usize,
+    /// Caches of the incremental RSO path ([`crate::incremental`]).
+    pub(crate) inc: crate::incremental::Incremental,
 }
 
 impl CpuNetwork {
@@ -200,6 +202,7 @@ impl CpuNetwork {
             test: data.test,
             ws,
             par_min_work: PAR_MIN_WORK,
+            inc: Default::default(),
         })
     }
 
@@ -215,7 +218,7 @@ impl CpuNetwork {
     }
 
     /// Grows every activation buffer to hold `n` samples.
-    fn reserve(&mut self, n: usize) {
+    pub(crate) fn reserve(&mut self, n: usize) {
         let lens = std::iter::once(self.plan[0].in_len).chain(self.plan.iter().map(|s| s.out_len));
         for (buf, len) in self.ws.acts.iter_mut().zip(lens) {
             if buf.len() < n * len {
@@ -229,7 +232,7 @@ impl CpuNetwork {
 
     /// Puts the training samples `batch` into `acts[0]` and their labels into `labels`, unless
     /// they are already there.
-    fn load_batch(&mut self, batch: &[u32]) {
+    pub(crate) fn load_batch(&mut self, batch: &[u32]) {
         if self.ws.gathered.as_deref() == Some(batch) {
             return;
         }
@@ -247,7 +250,7 @@ impl CpuNetwork {
     }
 
     /// Puts samples `range` of a resident set into `acts[0]` and `labels`.
-    fn load_range(&mut self, split: SplitKind, range: Range<usize>) {
+    pub(crate) fn load_range(&mut self, split: SplitKind, range: Range<usize>) {
         self.ws.gathered = None;
         self.reserve(range.len());
         let set = match split {
@@ -306,7 +309,13 @@ impl CpuNetwork {
     }
 
     /// Runs the per-sample layers `layers` on `n` samples (see [`CpuNetwork::forward_from`]).
-    fn forward_segment(&mut self, layers: Range<usize>, n: usize, mode: Mode, keep_all: bool) {
+    pub(crate) fn forward_segment(
+        &mut self,
+        layers: Range<usize>,
+        n: usize,
+        mode: Mode,
+        keep_all: bool,
+    ) {
         if n == 0 || layers.is_empty() {
             return;
         }
@@ -362,7 +371,7 @@ impl CpuNetwork {
 
     /// Per-sample cross-entropy of the `n` samples in the last layer's output, into `losses`,
     /// and their sum in sample order.
-    fn loss_sum(&mut self, n: usize) -> f64 {
+    pub(crate) fn loss_sum(&mut self, n: usize) -> f64 {
         let classes = self.spec.classes;
         let logits = &self.ws.acts[self.plan.len()][..n * classes];
         let labels = &self.ws.labels[..n];
@@ -544,6 +553,7 @@ impl Network for CpuNetwork {
     fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
         params.check_layout(&self.spec, "cpu engine: set_params")?;
         self.params.values.clone_from(&params.values);
+        self.inc.invalidate();
         Ok(())
     }
 
@@ -552,7 +562,8 @@ impl Network for CpuNetwork {
     }
 
     fn set_weight(&mut self, param: usize, index: usize, value: f32) {
-        self.params.values[param][index] = value;
+        let old = std::mem::replace(&mut self.params.values[param][index], value);
+        crate::incremental::weight_changed(self, param, index, old);
     }
 
     fn logits(&mut self, batch: &[u32]) -> Vec<f32> {
@@ -581,7 +592,23 @@ impl Network for CpuNetwork {
                 *w -= lr * d;
             }
         }
+        self.inc.invalidate();
         loss
+    }
+
+    fn candidate_losses(
+        &mut self,
+        batch: &[u32],
+        param: usize,
+        index: usize,
+        delta: f32,
+        reduction: Reduction,
+    ) -> [f64; 3] {
+        crate::incremental::candidate_losses(self, batch, param, index, delta, reduction)
+    }
+
+    fn begin_sweep(&mut self, param: usize) {
+        crate::incremental::begin_sweep(self, param);
     }
 
     fn calibrate_bn(&mut self, batch: &[u32]) {
@@ -681,7 +708,7 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
 
 /// Forward pass of one layer on `n` samples, `x` → `y`; a BatchNorm layer normalises with
 /// `stats` (the batch's or the running statistics).
-fn layer_forward(
+pub(crate) fn layer_forward(
     op: &Op,
     params: &[Vec<f32>],
     stats: &[BnStats],

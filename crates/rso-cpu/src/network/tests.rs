@@ -198,6 +198,9 @@ proptest! {
 
 #[test]
 fn reference_candidate_losses_are_the_losses_at_w_and_w_plus_minus_delta() {
+    // The engine's own `candidate_losses` is the incremental path (tests/incremental.rs holds it
+    // to this one within a tolerance); this is the reference path, exactly.
+    use rso_models::network::reference_candidate_losses;
     for kind in ModelKind::ALL {
         let mut net = network(kind, 8, 1, 20);
         let batch = [7, 2, 2, 5, 0];
@@ -205,7 +208,8 @@ fn reference_candidate_losses_are_the_losses_at_w_and_w_plus_minus_delta() {
         // The last array (dense) and the first (first conv) of every model.
         for (param, index) in [(0, 3), (before.values.len() - 1, 5)] {
             let delta = 0.05;
-            let got = net.candidate_losses(&batch, param, index, delta, Reduction::Mean);
+            let got =
+                reference_candidate_losses(&mut net, &batch, param, index, delta, Reduction::Mean);
             assert_eq!(net.params(), before, "{}: weights changed", kind.name());
             let w = net.weight(param, index);
             let mut want = [0.0; 3];
@@ -222,7 +226,8 @@ fn reference_candidate_losses_are_the_losses_at_w_and_w_plus_minus_delta() {
                 kind.name()
             );
 
-            let same = net.candidate_losses(&batch, param, index, 0.0, Reduction::Sum);
+            let same =
+                reference_candidate_losses(&mut net, &batch, param, index, 0.0, Reduction::Sum);
             assert_eq!(
                 [same[0], same[0]],
                 [same[1], same[2]],
@@ -477,6 +482,9 @@ fn a_single_threaded_loss_on_a_batch_no_larger_than_before_allocates_nothing() {
         let mut net = network(kind, 40, 1, 110);
         pool.install(|| {
             net.batch_loss(&(0..32).collect::<Vec<u32>>(), Reduction::Mean);
+            // The incremental path builds its caches on its first visit of a layer.
+            let _ =
+                net.candidate_losses(&(0..32).collect::<Vec<u32>>(), 0, 0, 0.1, Reduction::Mean);
             for start in 1..4u32 {
                 let batch: Vec<u32> = (start..start + 32).collect();
                 let allocated = tu::allocations();

@@ -1,0 +1,764 @@
+//! Candidates of a convolution in a model without BatchNorm (`one-conv`, `two-conv`).
+//!
+//! A scalar of output channel `k` (weight `(k, c, ky, kx)` or bias `k`) changes channel `k` of
+//! the layer's output only: by `Δ·shift(x_c)` for a weight, by `Δ` for a bias. The ReLU and
+//! pooling after it (the *tail*) act on each channel alone, so the next parameter layer sees one
+//! changed input channel:
+//! - a dense layer: the logits move by `W_fc[:, block k]·Δo_k` (O(B·classes·|block|));
+//! - a convolution: its output moves by `W_next[:, k] ⊛ Δo_k` (one input channel instead of
+//!   all), after which the rest of the network (ReLU, pooling, dense) runs on the batch.
+//!
+//! Everything is relative to a *snapshot*: all-samples arrays from the
+//! [store](super::store) — the input of the layer, the input of the next parameter layer
+//! (`O`), and either the logits (next layer dense) or the next convolution's output (`P`) —
+//! consistent with the layer's weights `W_snap` at some moment. Channels whose weights differ
+//! from the snapshot are *dirty*: a visit recomputes, for the batch only, channel `k` and every
+//! dirty channel from the cached input (`c_in·9·h·w` multiply-adds per sample and channel) and
+//! adds their differences to the snapshot. *Folding* a dirty channel brings the snapshot up to
+//! date for the whole training set (the same work for N samples instead of B). RSO visits the
+//! `9·c_in` weights of a channel one after the other, so a channel is dirty while it is being
+//! visited and stays dirty until folded; a visit folds the other dirty channels when the visits
+//! left in the layer times the batch size exceed the training-set size (each later visit would
+//! otherwise redo that work on its batch), and the end of the layer's sweep folds everything, so
+//! the arrays are current for the next layer's sweep without a forward pass of the training set.
+//!
+//! The base loss goes through exactly the same arithmetic as the candidates (with channel `k`'s
+//! pre-activation unchanged), so a candidate that changes nothing for the batch (a zero input
+//! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
+
+use super::util::{
+    add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch, LogProd,
+};
+use super::{Clock, Incremental, Visit};
+use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
+use crate::kernels::relu::relu_forward;
+use crate::network::{layer_forward, CpuNetwork, Op};
+use rayon::prelude::*;
+
+/// Samples per chunk of a visit (fixed: results do not depend on the thread count).
+const CHUNK: usize = 32;
+/// Samples per chunk of a fold.
+const FOLD_CHUNK: usize = 64;
+
+/// A channel-local layer between the convolution and the next parameter layer, with the plane
+/// shape of its input.
+#[derive(Clone, Copy, Debug)]
+enum Tail {
+    Relu { hw: usize },
+    Max { h: usize, w: usize },
+    Avg { h: usize, w: usize },
+}
+
+impl Tail {
+    fn out_hw(self) -> usize {
+        match self {
+            Tail::Relu { hw } => hw,
+            Tail::Max { h, w } | Tail::Avg { h, w } => (h / 2) * (w / 2),
+        }
+    }
+
+    fn apply(self, planes: usize, x: &[f32], y: &mut [f32]) {
+        match self {
+            Tail::Relu { hw } => relu_forward(&x[..planes * hw], &mut y[..planes * hw]),
+            Tail::Max { h, w } => maxpool2_forward(planes, h, w, x, y),
+            Tail::Avg { h, w } => avgpool2_forward(planes, h, w, x, y),
+        }
+    }
+}
+
+/// Runs the tail on `planes` planes of `x` into `out`, using `tmp` in between.
+fn run_tail(tail: &[Tail], planes: usize, x: &[f32], tmp: &mut [f32], out: &mut [f32]) {
+    let m = tail.len();
+    if m == 0 {
+        out.copy_from_slice(x);
+        return;
+    }
+    for (q, op) in tail.iter().enumerate() {
+        let to_out = (m - 1 - q).is_multiple_of(2);
+        match (q == 0, to_out) {
+            (true, true) => op.apply(planes, x, out),
+            (true, false) => op.apply(planes, x, tmp),
+            (false, true) => op.apply(planes, tmp, out),
+            (false, false) => op.apply(planes, out, tmp),
+        }
+    }
+}
+
+/// The parameter layer after the convolution.
+#[derive(Clone, Copy, Debug)]
+enum Next {
+    /// The final dense layer (plan index, input length, weight array).
+    Dense {
+        layer: usize,
+        d_in: usize,
+        weight: usize,
+    },
+    /// A convolution (plan index, shape, weight array).
+    Conv {
+        layer: usize,
+        conv: Conv3x3,
+        weight: usize,
+    },
+}
+
+/// The snapshot of one convolution's sweep (see the module docs).
+#[derive(Debug)]
+pub(super) struct ConvCache {
+    /// Plan index of the convolution.
+    pub(super) layer: usize,
+    conv: Conv3x3,
+    weight: usize,
+    bias: Option<usize>,
+    tail: Vec<Tail>,
+    /// Plane size after the tail.
+    hw_out: usize,
+    next: Next,
+    /// Clock tick of the snapshot: every other layer must be unchanged since.
+    created: u64,
+    w_snap: Vec<f32>,
+    b_snap: Vec<f32>,
+    /// Dirty channels other than the visited one (reused buffer).
+    dirty: Vec<usize>,
+    /// The next convolution's weights of the dirty channels, `[c_out_next][dirty][9]`, and of
+    /// channel `k`, `[c_out_next][9]`.
+    w_dirty: Vec<f32>,
+    w_k: Vec<f32>,
+    parts: Vec<[LogProd; 3]>,
+    /// Fold: logit changes `[N][classes]`.
+    dz: Vec<f64>,
+}
+
+impl ConvCache {
+    /// The cache of the convolution at plan index `layer`, or `None` when what follows it is not
+    /// a channel-local tail then a convolution or the final dense layer.
+    fn new(net: &CpuNetwork, layer: usize, created: u64) -> Option<ConvCache> {
+        let Op::Conv { conv, weight, bias } = net.plan[layer].op else {
+            return None;
+        };
+        let mut tail = Vec::new();
+        let (mut h, mut w) = (conv.h, conv.w);
+        let mut i = layer + 1;
+        let next = loop {
+            let op = &net.plan.get(i)?.op;
+            match *op {
+                Op::Relu => tail.push(Tail::Relu { hw: h * w }),
+                Op::MaxPool { c, h: ph, w: pw } | Op::AvgPool { c, h: ph, w: pw } => {
+                    if c != conv.c_out || (ph, pw) != (h, w) {
+                        return None;
+                    }
+                    tail.push(if matches!(op, Op::MaxPool { .. }) {
+                        Tail::Max { h, w }
+                    } else {
+                        Tail::Avg { h, w }
+                    });
+                    (h, w) = (h / 2, w / 2);
+                }
+                Op::Dense { d_in, weight, .. } => {
+                    if i + 1 != net.plan.len() || d_in != conv.c_out * h * w {
+                        return None;
+                    }
+                    break Next::Dense {
+                        layer: i,
+                        d_in,
+                        weight,
+                    };
+                }
+                Op::Conv {
+                    conv: next, weight, ..
+                } => {
+                    if next.c_in != conv.c_out || (next.h, next.w) != (h, w) {
+                        return None;
+                    }
+                    break Next::Conv {
+                        layer: i,
+                        conv: next,
+                        weight,
+                    };
+                }
+                _ => return None,
+            }
+            i += 1;
+        };
+        let p = &net.params.values;
+        Some(ConvCache {
+            layer,
+            conv,
+            weight,
+            bias,
+            hw_out: tail.iter().fold(conv.h * conv.w, |_, t| t.out_hw()),
+            tail,
+            next,
+            created,
+            w_snap: p[weight].clone(),
+            b_snap: bias.map_or_else(Vec::new, |b| p[b].clone()),
+            dirty: Vec::with_capacity(conv.c_out),
+            w_dirty: Vec::new(),
+            w_k: Vec::new(),
+            parts: Vec::new(),
+            dz: Vec::new(),
+        })
+    }
+
+    /// Plan index of the next parameter layer (`O` is activation `next_index`).
+    fn next_index(&self) -> usize {
+        match self.next {
+            Next::Dense { layer, .. } | Next::Conv { layer, .. } => layer,
+        }
+    }
+
+    /// Whether every layer other than this one is unchanged since the snapshot.
+    pub(super) fn valid(&self, clock: &Clock, layers: usize) -> bool {
+        clock.unchanged_since(self.created, 0..self.layer)
+            && clock.unchanged_since(self.created, self.layer + 1..layers)
+    }
+
+    /// Whether channel `c` differs from the snapshot.
+    fn is_dirty(&self, net: &CpuNetwork, c: usize) -> bool {
+        let taps = self.conv.taps();
+        let w = &net.params.values[self.weight][c * taps..(c + 1) * taps];
+        let bits = |v: &[f32], s: &[f32]| v.iter().zip(s).any(|(a, b)| a.to_bits() != b.to_bits());
+        bits(w, &self.w_snap[c * taps..(c + 1) * taps])
+            || self
+                .bias
+                .is_some_and(|b| net.params.values[b][c].to_bits() != self.b_snap[c].to_bits())
+    }
+
+    /// Collects the next convolution's weights of input channels `chans` as `[c_out][chans][9]`.
+    fn gather_next(net: &CpuNetwork, next: Next, chans: &[usize], out: &mut Vec<f32>) {
+        let Next::Conv { conv, weight, .. } = next else {
+            return;
+        };
+        let w = &net.params.values[weight];
+        out.clear();
+        for o in 0..conv.c_out {
+            for &c in chans {
+                out.extend_from_slice(&w[(o * conv.c_in + c) * 9..][..9]);
+            }
+        }
+    }
+}
+
+/// Channel `c` of the convolution on `n` samples of `x` with the current weights: `[n][h·w]`.
+fn conv_channel(net: &CpuNetwork, cache: &ConvCache, c: usize, n: usize, x: &[f32], y: &mut [f32]) {
+    let s = Conv3x3 {
+        c_out: 1,
+        ..cache.conv
+    };
+    let taps = cache.conv.taps();
+    let w = &net.params.values[cache.weight][c * taps..(c + 1) * taps];
+    let b = cache.bias.map(|b| &net.params.values[b][c..c + 1]);
+    conv3x3_forward(&s, n, x, w, b, y);
+}
+
+/// The input rows of the convolution for the whole training set.
+fn inputs<'a>(net: &'a CpuNetwork, store_in: &'a [f32], layer: usize) -> &'a [f32] {
+    if layer == 0 {
+        &net.train.images
+    } else {
+        store_in
+    }
+}
+
+/// The three losses for a scalar of the convolution at plan index `layer`, or `None` when the
+/// layers after it are not supported (the caller then takes the reference path).
+pub(super) fn visit(
+    inc: &mut Incremental,
+    net: &mut CpuNetwork,
+    layer: usize,
+    v: Visit,
+) -> Option<[f64; 3]> {
+    let layers = net.plan.len();
+    let n_train = net.train.len();
+    let fresh = inc
+        .conv
+        .as_ref()
+        .is_some_and(|c| c.layer == layer && c.valid(&inc.clock, layers));
+    if !fresh {
+        let cache = ConvCache::new(net, layer, 0)?;
+        inc.finish_conv(net);
+        let o = cache.next_index();
+        let mut want = vec![o];
+        if layer > 0 {
+            want.push(layer);
+        }
+        let logits = matches!(cache.next, Next::Dense { .. });
+        if !logits {
+            want.push(o + 1);
+        }
+        inc.store.ensure(net, &inc.clock, &want, logits);
+        inc.conv = Some(ConvCache {
+            created: inc.clock.now(),
+            ..cache
+        });
+    }
+    let mut cache = inc.conv.take().expect("conv cache");
+    let out = visit_cached(inc, &mut cache, net, v, n_train);
+    inc.conv = Some(cache);
+    Some(out)
+}
+
+fn visit_cached(
+    inc: &mut Incremental,
+    cache: &mut ConvCache,
+    net: &mut CpuNetwork,
+    v: Visit,
+    n_train: usize,
+) -> [f64; 3] {
+    let Visit {
+        batch,
+        param,
+        index,
+        delta,
+        reduction,
+    } = v;
+    let conv = cache.conv;
+    let taps = conv.taps();
+    let (k, tap) = if param == cache.weight {
+        (index / taps, Some(index % taps))
+    } else {
+        (index, None)
+    };
+    let [dp, dm] = changes(net.params.values[param][index], delta);
+    let mut dirty = std::mem::take(&mut cache.dirty);
+    dirty.clear();
+    dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(net, c)));
+    if !dirty.is_empty() {
+        let w_len = net.params.values[cache.weight].len();
+        let b_len = cache.bias.map_or(0, |b| net.params.values[b].len());
+        let remaining = if param == cache.weight {
+            w_len - index + b_len
+        } else {
+            b_len - index
+        };
+        if remaining.saturating_mul(batch.len()) >= n_train {
+            fold(inc, cache, net, &dirty);
+            dirty.clear();
+        }
+    }
+    ConvCache::gather_next(net, cache.next, &dirty, &mut cache.w_dirty);
+    ConvCache::gather_next(net, cache.next, &[k], &mut cache.w_k);
+
+    let (h, w) = (conv.h, conv.w);
+    let hw = h * w;
+    let in_len = conv.in_len();
+    let hwo = cache.hw_out;
+    let o_idx = cache.next_index();
+    let o_len = conv.c_out * hwo;
+    let nd = dirty.len();
+    let classes = net.spec.classes;
+    let layers = net.plan.len();
+    let net: &CpuNetwork = net;
+    let store = &inc.store;
+    let x_all = inputs(
+        net,
+        store.acts.get(cache.layer).map_or(&[][..], |s| &s.data[..]),
+        cache.layer,
+    );
+    let o_all = &store.acts[o_idx].data;
+    let labels = &net.train.labels;
+    let params = &net.params.values;
+    let plan = &net.plan;
+    let mut parts = std::mem::take(&mut cache.parts);
+    let cache_ref = &*cache;
+    let dirty_ref = &dirty;
+    // Per-sample work, for the threading choice.
+    let next_work = match cache.next {
+        Next::Dense { .. } => 3 * classes * hwo * (nd + 1),
+        Next::Conv { layer, .. } => {
+            3 * plan[layer..].iter().map(|s| s.work).sum::<usize>() / conv.c_out.max(1)
+                + plan[layer + 1..].iter().map(|s| s.work).sum::<usize>() * 3
+        }
+    };
+    let work = batch.len() * ((nd + 1) * conv.macs() / conv.c_out + 3 * hw + next_work);
+    let chunks = batch.len().div_ceil(CHUNK);
+    let parts_s = grown(&mut parts, chunks, Default::default());
+    for_chunks(batch.len(), CHUNK, parallel(work), parts_s, |r, acc| {
+        *acc = Default::default();
+        let idx = &batch[r];
+        let nc = idx.len();
+        // Scratch: xg | pre | cand | tmp | dO | dK.
+        let sizes = [
+            nc * in_len,
+            nc * hw,
+            nc * hw,
+            nc * hw,
+            nc * nd * hwo,
+            3 * nc * hwo,
+        ];
+        with_scratch(sizes.iter().sum(), |s| {
+            let (xg, s) = s.split_at_mut(sizes[0]);
+            let (pre, s) = s.split_at_mut(sizes[1]);
+            let (cand, s) = s.split_at_mut(sizes[2]);
+            let (tmp, s) = s.split_at_mut(sizes[3]);
+            let (d_o, dk) = s.split_at_mut(sizes[4]);
+            for (dst, &i) in xg.chunks_exact_mut(in_len).zip(idx) {
+                dst.copy_from_slice(&x_all[i as usize * in_len..][..in_len]);
+            }
+            // Dirty channels: current output minus snapshot, `[t][dirty][hwo]`.
+            for (q, &c) in dirty_ref.iter().enumerate() {
+                conv_channel(net, cache_ref, c, nc, xg, pre);
+                // The tail's output goes to `cand` (free until channel k).
+                run_tail(&cache_ref.tail, nc, pre, tmp, &mut cand[..nc * hwo]);
+                for (t, &i) in idx.iter().enumerate() {
+                    let snap = &o_all[i as usize * o_len + c * hwo..][..hwo];
+                    let dst = &mut d_o[(t * nd + q) * hwo..][..hwo];
+                    for ((d, &o), &s) in dst.iter_mut().zip(&cand[t * hwo..]).zip(snap) {
+                        *d = o - s;
+                    }
+                }
+            }
+            // Channel k at W, W + Δ, W − Δ: `[v][t][hwo]`.
+            conv_channel(net, cache_ref, k, nc, xg, pre);
+            for v in 0..3 {
+                let d = [0.0, dp as f32, dm as f32][v];
+                match (v, tap) {
+                    (0, _) => cand.copy_from_slice(pre),
+                    (_, Some(tap)) => {
+                        let (ci, ky, kx) = (tap / 9, (tap % 9) / 3, tap % 3);
+                        for t in 0..nc {
+                            add_shifted(
+                                h,
+                                w,
+                                &pre[t * hw..],
+                                &xg[t * in_len + ci * hw..],
+                                ky,
+                                kx,
+                                d,
+                                &mut cand[t * hw..],
+                            );
+                        }
+                    }
+                    (_, None) => {
+                        for (c, &p) in cand.iter_mut().zip(pre.iter()) {
+                            *c = p + d;
+                        }
+                    }
+                }
+                let out = &mut dk[v * nc * hwo..(v + 1) * nc * hwo];
+                run_tail(&cache_ref.tail, nc, cand, tmp, out);
+                for (t, &i) in idx.iter().enumerate() {
+                    let snap = &o_all[i as usize * o_len + k * hwo..][..hwo];
+                    for (o, &s) in out[t * hwo..(t + 1) * hwo].iter_mut().zip(snap) {
+                        *o -= s;
+                    }
+                }
+            }
+            match cache_ref.next {
+                Next::Dense { d_in, weight, .. } => {
+                    let wf = &params[weight];
+                    let z = &store.z.data;
+                    let mut zb = [0.0f64; 64];
+                    let mut zv = [0.0f64; 64];
+                    for (t, &i) in idx.iter().enumerate() {
+                        let i = i as usize;
+                        for (cls, zb) in zb[..classes].iter_mut().enumerate() {
+                            let row = &wf[cls * d_in..(cls + 1) * d_in];
+                            let mut s = z[cls * n_train + i];
+                            for (q, &c) in dirty_ref.iter().enumerate() {
+                                s += dot(
+                                    &row[c * hwo..(c + 1) * hwo],
+                                    &d_o[(t * nd + q) * hwo..][..hwo],
+                                );
+                            }
+                            *zb = s;
+                        }
+                        let label = usize::from(labels[i]);
+                        for (v, a) in acc.iter_mut().enumerate() {
+                            let dkv = &dk[(v * nc + t) * hwo..][..hwo];
+                            for (cls, zv) in zv[..classes].iter_mut().enumerate() {
+                                let row = &wf[cls * d_in + k * hwo..][..hwo];
+                                *zv = zb[cls] + dot(row, dkv);
+                            }
+                            push_ce(a, &zv[..classes], label);
+                        }
+                    }
+                }
+                Next::Conv {
+                    layer: nl,
+                    conv: nconv,
+                    ..
+                } => {
+                    let p_all = &store.acts[nl + 1].data;
+                    let p_len = nconv.out_len();
+                    next_conv_losses(
+                        plan, params, cache_ref, nconv, p_all, p_len, nl, idx, nd, d_o, dk, labels,
+                        classes, layers, acc,
+                    );
+                }
+            }
+        });
+    });
+    let sums = combine(&parts[..chunks]);
+    cache.parts = parts;
+    cache.dirty = dirty;
+    sums.map(|s| reduction.finish(s, batch.len()))
+}
+
+/// `Σ a·b` in f64, in index order.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+        .sum()
+}
+
+/// Next layer a convolution: its output for each variant is `P_snap + ΔP_dirty + ΔP_k`, after
+/// which the rest of the network runs on the `3·nc` samples.
+#[allow(clippy::too_many_arguments)]
+fn next_conv_losses(
+    plan: &[crate::network::Step],
+    params: &[Vec<f32>],
+    cache: &ConvCache,
+    nconv: Conv3x3,
+    p_all: &[f32],
+    p_len: usize,
+    nl: usize,
+    idx: &[u32],
+    nd: usize,
+    d_o: &[f32],
+    dk: &[f32],
+    labels: &[u8],
+    classes: usize,
+    layers: usize,
+    acc: &mut [LogProd; 3],
+) {
+    let nc = idx.len();
+    let max_len = plan[nl..].iter().map(|s| s.out_len).max().unwrap_or(0);
+    // Scratch (this thread's second buffer): dPD | dPK | a | b.
+    let sizes = [nc * p_len, nc * p_len, 3 * nc * max_len, 3 * nc * max_len];
+    super::util::with_scratch_b(sizes.iter().sum(), |s| {
+        let (dpd, s) = s.split_at_mut(sizes[0]);
+        let (dpk, s) = s.split_at_mut(sizes[1]);
+        let (a, b) = s.split_at_mut(sizes[2]);
+        if nd > 0 {
+            let s = Conv3x3 { c_in: nd, ..nconv };
+            conv3x3_forward(
+                &s,
+                nc,
+                &d_o[..nc * nd * nconv.h * nconv.w],
+                &cache.w_dirty,
+                None,
+                dpd,
+            );
+        }
+        let s1 = Conv3x3 { c_in: 1, ..nconv };
+        let hwo = nconv.h * nconv.w;
+        for v in 0..3 {
+            conv3x3_forward(
+                &s1,
+                nc,
+                &dk[v * nc * hwo..(v + 1) * nc * hwo],
+                &cache.w_k,
+                None,
+                dpk,
+            );
+            for (t, &i) in idx.iter().enumerate() {
+                let snap = &p_all[i as usize * p_len..][..p_len];
+                let dst = &mut a[(v * nc + t) * p_len..][..p_len];
+                if nd > 0 {
+                    for (((d, &p), &x), &y) in dst
+                        .iter_mut()
+                        .zip(snap)
+                        .zip(&dpd[t * p_len..])
+                        .zip(&dpk[t * p_len..])
+                    {
+                        *d = (p + x) + y;
+                    }
+                } else {
+                    for ((d, &p), &y) in dst.iter_mut().zip(snap).zip(&dpk[t * p_len..]) {
+                        *d = p + y;
+                    }
+                }
+            }
+        }
+        // The rest of the network on 3·nc samples, ping-ponging between `a` and `b`.
+        let m = 3 * nc;
+        let mut in_a = true;
+        for step in &plan[nl + 1..layers] {
+            let (src, dst) = if in_a {
+                (&a[..m * step.in_len], &mut b[..m * step.out_len])
+            } else {
+                (&b[..m * step.in_len], &mut a[..m * step.out_len])
+            };
+            layer_forward(&step.op, params, &[], m, src, dst);
+            in_a = !in_a;
+        }
+        let logits = if in_a {
+            &a[..m * classes]
+        } else {
+            &b[..m * classes]
+        };
+        let mut z = [0.0f64; 64];
+        for (v, acc) in acc.iter_mut().enumerate() {
+            for (t, &i) in idx.iter().enumerate() {
+                let row = &logits[(v * nc + t) * classes..][..classes];
+                for (z, &l) in z.iter_mut().zip(row) {
+                    *z = f64::from(l);
+                }
+                push_ce(acc, &z[..classes], usize::from(labels[i as usize]));
+            }
+        }
+    });
+}
+
+/// Brings the snapshot of channels `chans` up to date for the whole training set.
+fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &[usize]) {
+    if chans.is_empty() {
+        return;
+    }
+    let conv = cache.conv;
+    let n = net.train.len();
+    let (hw, in_len, hwo) = (conv.h * conv.w, conv.in_len(), cache.hw_out);
+    let o_len = conv.c_out * hwo;
+    let o_idx = cache.next_index();
+    let nd = chans.len();
+    let classes = net.spec.classes;
+    ConvCache::gather_next(net, cache.next, chans, &mut cache.w_dirty);
+    let mut o_all = std::mem::take(&mut inc.store.acts[o_idx].data);
+    let mut p_all = match cache.next {
+        Next::Conv { layer, .. } => std::mem::take(&mut inc.store.acts[layer + 1].data),
+        Next::Dense { .. } => Vec::new(),
+    };
+    let x_all = inputs(
+        net,
+        inc.store
+            .acts
+            .get(cache.layer)
+            .map_or(&[][..], |s| &s.data[..]),
+        cache.layer,
+    );
+    let mut dz_buf = std::mem::take(&mut cache.dz);
+    let cache_ref = &*cache;
+    let par = parallel(n * nd * conv.macs() / conv.c_out);
+    // Per chunk: new outputs of the channels into O, their changes into `d_o`; returns nothing,
+    // the caller applies `d_o` to the logits or to P.
+    let chunk_outputs = |r: std::ops::Range<usize>, o: &mut [f32], d_o: &mut [f32]| {
+        let nc = r.len();
+        with_scratch(3 * nc * hw, |s| {
+            let (pre, s) = s.split_at_mut(nc * hw);
+            let (tmp, out) = s.split_at_mut(nc * hw);
+            let xs = &x_all[r.start * in_len..r.end * in_len];
+            for (q, &c) in chans.iter().enumerate() {
+                conv_channel(net, cache_ref, c, nc, xs, pre);
+                run_tail(&cache_ref.tail, nc, pre, tmp, &mut out[..nc * hwo]);
+                for t in 0..nc {
+                    let snap = &mut o[t * o_len + c * hwo..][..hwo];
+                    let d = &mut d_o[(t * nd + q) * hwo..][..hwo];
+                    for ((d, s), &v) in d.iter_mut().zip(snap.iter_mut()).zip(&out[t * hwo..]) {
+                        *d = v - *s;
+                        *s = v;
+                    }
+                }
+            }
+        });
+    };
+    match cache.next {
+        Next::Dense { d_in, weight, .. } => {
+            let wf = &net.params.values[weight];
+            let dz = grown(&mut dz_buf, n * classes, 0.0);
+            let task = |(c, (o, dz)): (usize, (&mut [f32], &mut [f64]))| {
+                let r = c * FOLD_CHUNK..(c * FOLD_CHUNK + o.len() / o_len);
+                let nc = r.len();
+                super::util::with_scratch_b(nc * nd * hwo, |d_o| {
+                    chunk_outputs(r, o, d_o);
+                    for t in 0..nc {
+                        for cls in 0..classes {
+                            let row = &wf[cls * d_in..(cls + 1) * d_in];
+                            dz[t * classes + cls] = chans
+                                .iter()
+                                .enumerate()
+                                .map(|(q, &c)| {
+                                    dot(
+                                        &row[c * hwo..(c + 1) * hwo],
+                                        &d_o[(t * nd + q) * hwo..][..hwo],
+                                    )
+                                })
+                                .sum();
+                        }
+                    }
+                });
+            };
+            if par {
+                o_all[..n * o_len]
+                    .par_chunks_mut(FOLD_CHUNK * o_len)
+                    .zip(dz.par_chunks_mut(FOLD_CHUNK * classes))
+                    .enumerate()
+                    .for_each(task);
+            } else {
+                o_all[..n * o_len]
+                    .chunks_mut(FOLD_CHUNK * o_len)
+                    .zip(dz.chunks_mut(FOLD_CHUNK * classes))
+                    .enumerate()
+                    .for_each(task);
+            }
+            inc.store.add_logits(&dz_buf[..n * classes], classes);
+        }
+        Next::Conv {
+            layer: nl,
+            conv: nconv,
+            ..
+        } => {
+            let p_len = nconv.out_len();
+            let w_dirty = &cache.w_dirty;
+            let task = |(c, (o, p)): (usize, (&mut [f32], &mut [f32]))| {
+                let r = c * FOLD_CHUNK..(c * FOLD_CHUNK + o.len() / o_len);
+                let nc = r.len();
+                super::util::with_scratch_b(nc * nd * hwo + nc * p_len, |s| {
+                    let (d_o, dp) = s.split_at_mut(nc * nd * hwo);
+                    chunk_outputs(r, o, d_o);
+                    let s = Conv3x3 { c_in: nd, ..nconv };
+                    conv3x3_forward(&s, nc, d_o, w_dirty, None, dp);
+                    for (p, &d) in p.iter_mut().zip(dp.iter()) {
+                        *p += d;
+                    }
+                });
+            };
+            if par {
+                o_all[..n * o_len]
+                    .par_chunks_mut(FOLD_CHUNK * o_len)
+                    .zip(p_all[..n * p_len].par_chunks_mut(FOLD_CHUNK * p_len))
+                    .enumerate()
+                    .for_each(task);
+            } else {
+                o_all[..n * o_len]
+                    .chunks_mut(FOLD_CHUNK * o_len)
+                    .zip(p_all[..n * p_len].chunks_mut(FOLD_CHUNK * p_len))
+                    .enumerate()
+                    .for_each(task);
+            }
+            inc.store.acts[nl + 1].data = p_all;
+        }
+    }
+    inc.store.acts[o_idx].data = o_all;
+    cache.dz = dz_buf;
+    // The snapshot of these channels is now the current weights.
+    let taps = conv.taps();
+    for &c in chans {
+        let w = &net.params.values[cache.weight][c * taps..(c + 1) * taps];
+        cache.w_snap[c * taps..(c + 1) * taps].copy_from_slice(w);
+        if let Some(b) = cache.bias {
+            cache.b_snap[c] = net.params.values[b][c];
+        }
+    }
+}
+
+/// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are
+/// current again (and stamps them so), or drops it if another layer changed meanwhile.
+pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, net: &CpuNetwork) {
+    if !cache.valid(&inc.clock, net.plan.len()) {
+        return;
+    }
+    let dirty: Vec<usize> = (0..cache.conv.c_out)
+        .filter(|&c| cache.is_dirty(net, c))
+        .collect();
+    fold(inc, &mut cache, net, &dirty);
+    let now = Some(inc.clock.now());
+    let o = cache.next_index();
+    inc.store.acts[o].tick = now;
+    match cache.next {
+        Next::Dense { .. } => inc.store.z.tick = now,
+        Next::Conv { layer, .. } => inc.store.acts[layer + 1].tick = now,
+    }
+}

@@ -1,0 +1,262 @@
+//! Incremental RSO candidate evaluation: the three losses of [`Network::candidate_losses`] (at
+//! W, at `w + δ`, at `w − δ`) computed from what one scalar change touches instead of three
+//! forward passes, equal to the reference path ([`reference_candidate_losses`]) up to
+//! floating-point rounding (the tests hold them to 1e-5 relative).
+//!
+//! What each layer kind does:
+//!
+//! | visited array | model without BatchNorm | model with BatchNorm (batch statistics) |
+//! |---|---|---|
+//! | final dense weight/bias | [`dense::cached`]: all-samples logits (f64) and input kept current; O(B) per visit, O(N) per change | [`dense::per_batch`]: one forward pass of the batch, then O(B) |
+//! | convolution weight/bias | [`conv`]: all-samples snapshot of the next layer's input and of the logits or next convolution's output; channel `k` and the dirty channels recomputed for the batch | [`bn::conv`]: one forward pass of the batch, then channel `k` through the chain, one input channel of the next convolution, and a forward pass of the rest per candidate |
+//! | BatchNorm γ/β | — | [`bn::norm`]: as a convolution, from the BatchNorm on |
+//!
+//! Anything else (a layer order these paths do not recognise, more than 64 classes, an empty
+//! batch) takes the reference path.
+//!
+//! Caches are built lazily by the first incremental visit of a sweep (so `--rso-eval reference`
+//! never builds them) and checked against a change clock: every parameter change ticks it and
+//! records the tick per layer ([`Clock`]); a cached array remembers the tick it is consistent
+//! with and is valid while no layer it depends on changed since. Changes of the final dense
+//! layer update the all-samples logits in place (O(N)); a convolution's changes are folded into
+//! its snapshot ([`conv`]); `set_params` and SGD steps mark every layer changed.
+//!
+//! Work is split over rayon threads in fixed chunks of samples and every reduction combines the
+//! chunks in order, so the losses do not depend on the number of threads.
+
+mod bn;
+mod conv;
+mod dense;
+mod store;
+mod util;
+
+use crate::network::{CpuNetwork, Op};
+use rso_models::network::reference_candidate_losses;
+#[cfg(doc)]
+use rso_models::Network;
+use rso_models::Reduction;
+use std::ops::Range;
+
+/// One RSO visit: the batch, the scalar (array, index), Δ and the loss reduction.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Visit<'a> {
+    pub(super) batch: &'a [u32],
+    pub(super) param: usize,
+    pub(super) index: usize,
+    pub(super) delta: f32,
+    pub(super) reduction: Reduction,
+}
+
+/// Largest class count of the incremental paths (their per-sample logits live on the stack).
+const MAX_CLASSES: usize = 64;
+
+/// The change clock: a tick per parameter change, and the tick of each layer's last change.
+#[derive(Debug, Default)]
+pub(super) struct Clock {
+    tick: u64,
+    changed: Vec<u64>,
+}
+
+impl Clock {
+    /// The current tick.
+    pub(super) fn now(&self) -> u64 {
+        self.tick
+    }
+
+    /// Whether none of plan layers `layers` changed after tick `t`.
+    pub(super) fn unchanged_since(&self, t: u64, layers: Range<usize>) -> bool {
+        self.changed[layers].iter().all(|&c| c <= t)
+    }
+
+    fn touch(&mut self, layer: usize) {
+        self.tick += 1;
+        self.changed[layer] = self.tick;
+    }
+
+    fn touch_all(&mut self) {
+        self.tick += 1;
+        let t = self.tick;
+        self.changed.iter_mut().for_each(|c| *c = t);
+    }
+}
+
+/// Where each parameter array lives, resolved once per network.
+#[derive(Debug)]
+struct Topology {
+    /// Plan index of each parameter array's layer.
+    param_layer: Vec<usize>,
+    /// Whether any layer is a BatchNorm (batch statistics mix samples).
+    has_bn: bool,
+    /// Plan index of the last layer when it is dense.
+    dense: Option<usize>,
+}
+
+impl Topology {
+    fn of(net: &CpuNetwork) -> Topology {
+        let mut param_layer = vec![0; net.params.values.len()];
+        let mut has_bn = false;
+        for (i, step) in net.plan.iter().enumerate() {
+            let arrays: [Option<usize>; 2] = match step.op {
+                Op::Conv { weight, bias, .. } | Op::Dense { weight, bias, .. } => {
+                    [Some(weight), bias]
+                }
+                Op::BatchNorm { gamma, beta, .. } => {
+                    has_bn = true;
+                    [Some(gamma), Some(beta)]
+                }
+                _ => [None, None],
+            };
+            for p in arrays.into_iter().flatten() {
+                param_layer[p] = i;
+            }
+        }
+        let last = net.plan.len() - 1;
+        let dense = matches!(net.plan[last].op, Op::Dense { .. }).then_some(last);
+        Topology {
+            param_layer,
+            has_bn,
+            dense,
+        }
+    }
+}
+
+/// The incremental path's caches and scratch, owned by the [`CpuNetwork`].
+#[derive(Default)]
+pub(crate) struct Incremental {
+    topo: Option<Topology>,
+    clock: Clock,
+    store: store::Store,
+    dense: dense::DenseState,
+    conv: Option<conv::ConvCache>,
+    bn: bn::BnScratch,
+}
+
+impl std::fmt::Debug for Incremental {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incremental")
+            .field("tick", &self.clock.tick)
+            .field("conv_snapshot", &self.conv.as_ref().map(|c| c.layer))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incremental {
+    /// Marks every layer changed (after `set_params`, an SGD step): every cache becomes stale.
+    pub(crate) fn invalidate(&mut self) {
+        if self.topo.is_some() {
+            self.clock.touch_all();
+            self.conv = None;
+            self.dense.forget_rows();
+        }
+    }
+
+    fn init(&mut self, net: &CpuNetwork) {
+        if self.topo.is_none() {
+            self.topo = Some(Topology::of(net));
+            self.clock.changed = vec![0; net.plan.len()];
+        }
+    }
+
+    /// Ends the convolution snapshot, if any (see [`conv::finish`]).
+    fn finish_conv(&mut self, net: &CpuNetwork) {
+        if let Some(cache) = self.conv.take() {
+            conv::finish(self, cache, net);
+        }
+    }
+
+    fn route(&mut self, net: &mut CpuNetwork, v: Visit) -> Option<[f64; 3]> {
+        let topo = self.topo.as_ref().expect("initialised");
+        let layer = topo.param_layer[v.param];
+        let (has_bn, dense) = (topo.has_bn, topo.dense);
+        match net.plan[layer].op {
+            Op::Dense { .. } if dense == Some(layer) => {
+                self.finish_conv(net);
+                Some(if has_bn {
+                    dense::per_batch(self, net, layer, v)
+                } else {
+                    dense::cached(self, net, layer, v)
+                })
+            }
+            Op::Conv { .. } if has_bn => bn::conv(&mut self.bn, net, layer, v),
+            Op::Conv { .. } => conv::visit(self, net, layer, v),
+            Op::BatchNorm { .. } => bn::norm(&mut self.bn, net, layer, v),
+            _ => None,
+        }
+    }
+}
+
+/// [`Network::candidate_losses`] of the CPU engine: the incremental path where it applies, else
+/// the reference path.
+pub(crate) fn candidate_losses(
+    net: &mut CpuNetwork,
+    batch: &[u32],
+    param: usize,
+    index: usize,
+    delta: f32,
+    reduction: Reduction,
+) -> [f64; 3] {
+    let supported = !batch.is_empty() && (2..=MAX_CLASSES).contains(&net.spec.classes);
+    let out = if supported {
+        let mut inc = std::mem::take(&mut net.inc);
+        inc.init(net);
+        let visit = Visit {
+            batch,
+            param,
+            index,
+            delta,
+            reduction,
+        };
+        let out = inc.route(net, visit);
+        net.inc = inc;
+        out
+    } else {
+        None
+    };
+    out.unwrap_or_else(|| reference_candidate_losses(net, batch, param, index, delta, reduction))
+}
+
+/// [`Network::begin_sweep`]. Caches are built lazily; this only ends what the new sweep does not
+/// continue:
+/// - the sweep of the final dense layer's weight is where every RSO round starts (both presets
+///   visit it first): all caches are dropped there, so that a round's arithmetic depends on
+///   the weights it starts from and not on earlier rounds (a run resumed from a checkpoint then
+///   computes bit for bit what the uninterrupted run computes);
+/// - a sweep of another layer ends the convolution snapshot, folding it so that the next
+///   sweep starts from current all-samples arrays.
+pub(crate) fn begin_sweep(net: &mut CpuNetwork, param: usize) {
+    let mut inc = std::mem::take(&mut net.inc);
+    if let Some(topo) = &inc.topo {
+        let layer = topo.param_layer[param];
+        let round_start = topo.dense == Some(layer)
+            && matches!(net.plan[layer].op, Op::Dense { weight, .. } if weight == param);
+        if round_start {
+            inc.invalidate();
+        } else if inc.conv.as_ref().is_some_and(|c| c.layer != layer) {
+            inc.finish_conv(net);
+        }
+    }
+    net.inc = inc;
+}
+
+/// Called by `set_weight` after scalar `index` of array `param` changed from `old`: ticks the
+/// clock, and keeps the all-samples logits current when the final dense layer changed.
+pub(crate) fn weight_changed(net: &mut CpuNetwork, param: usize, index: usize, old: f32) {
+    let new = net.params.values[param][index];
+    if new.to_bits() == old.to_bits() {
+        return;
+    }
+    let mut inc = std::mem::take(&mut net.inc);
+    if let Some(topo) = &inc.topo {
+        let layer = topo.param_layer[param];
+        let layers = net.plan.len();
+        let eager = topo.dense == Some(layer)
+            && !topo.has_bn
+            && inc.store.z.valid(&inc.clock, layers)
+            && inc.store.xt.valid(&inc.clock, layer);
+        inc.clock.touch(layer);
+        if eager {
+            dense::update(&mut inc, net, layer, param, index, old, new);
+        }
+    }
+    net.inc = inc;
+}

@@ -1,0 +1,238 @@
+//! Activations of the whole training set, for models without BatchNorm (where every layer is
+//! per-sample, so an activation of a sample does not depend on which batch it is in).
+//!
+//! Each stored array carries the tick of the [change clock](super::Clock) at which it was last
+//! consistent with the parameters; it is valid while no layer it depends on has changed since.
+
+use super::Clock;
+use crate::network::{CpuNetwork, Mode, Op};
+use rayon::prelude::*;
+use rso_models::SplitKind;
+
+/// Samples per forward pass when filling the store.
+const CHUNK: usize = 512;
+
+/// An all-samples array and the tick it is consistent with.
+#[derive(Debug, Default)]
+pub(super) struct Stamped<T> {
+    pub(super) data: Vec<T>,
+    /// `None`: never computed (or dropped).
+    pub(super) tick: Option<u64>,
+}
+
+impl<T> Stamped<T> {
+    /// Whether the array is consistent with the current parameters of layers `..upto`.
+    pub(super) fn valid(&self, clock: &Clock, upto: usize) -> bool {
+        self.tick.is_some_and(|t| clock.unchanged_since(t, 0..upto))
+    }
+}
+
+/// The all-samples arrays.
+#[derive(Debug, Default)]
+pub(super) struct Store {
+    /// `acts[a]`: activation `a` (output of layer `a − 1`) of every training sample,
+    /// sample-major. `acts[0]` is never stored (the images are resident).
+    pub(super) acts: Vec<Stamped<f32>>,
+    /// Logits of every sample, class-major (`z[class·N + sample]`), f64. Kept up to date by
+    /// dense-layer changes ([`super::dense`]).
+    pub(super) z: Stamped<f64>,
+    /// Generation of each logit row (class): bumped whenever the row changes.
+    pub(super) z_gen: Vec<u64>,
+    /// The input of the final dense layer, feature-major (`xt[feature·N + sample]`).
+    pub(super) xt: Stamped<f32>,
+}
+
+impl Store {
+    /// Makes `acts[a]` valid for every `a` in `want` (`0 < a < plan.len()`), and the logits when
+    /// `logits`, by chunked forward passes from the highest valid stored activation below the
+    /// first invalid one (or from the images).
+    pub(super) fn ensure(
+        &mut self,
+        net: &mut CpuNetwork,
+        clock: &Clock,
+        want: &[usize],
+        logits: bool,
+    ) {
+        let layers = net.plan.len();
+        if self.acts.len() < layers {
+            self.acts.resize_with(layers, Stamped::default);
+        }
+        let mut invalid: Vec<usize> = want
+            .iter()
+            .copied()
+            .filter(|&a| !self.acts[a].valid(clock, a))
+            .collect();
+        let logits = logits && !self.z.valid(clock, layers);
+        if invalid.is_empty() && !logits {
+            return;
+        }
+        let first = invalid.iter().copied().min().unwrap_or(layers);
+        let start = (1..first)
+            .rev()
+            .find(|&a| self.acts[a].valid(clock, a))
+            .unwrap_or(0);
+        let end = if logits {
+            layers
+        } else {
+            invalid.iter().copied().max().unwrap_or(start)
+        };
+        // Also refresh wanted arrays that were valid but lie inside the recomputed range (cheap,
+        // and keeps the bookkeeping simple), and keep the arrays later sweeps of the round will
+        // want, while they are computed anyway.
+        invalid = want
+            .iter()
+            .copied()
+            .filter(|&a| a > start && a <= end)
+            .collect();
+        for a in useful(net) {
+            if a > start && a <= end && !invalid.contains(&a) {
+                invalid.push(a);
+            }
+        }
+        let n = net.train.len();
+        let classes = net.spec.classes;
+        for &a in &invalid {
+            let len = n * act_len(net, a);
+            let s = &mut self.acts[a];
+            if s.data.len() != len {
+                s.data = vec![0.0; len];
+            }
+        }
+        if logits && self.z.data.len() != n * classes {
+            self.z.data = vec![0.0; n * classes];
+        }
+        let src_len = act_len(net, start);
+        for c0 in (0..n).step_by(CHUNK) {
+            let m = CHUNK.min(n - c0);
+            net.reserve(m);
+            if start == 0 {
+                net.load_range(SplitKind::Train, c0..c0 + m);
+            } else {
+                net.ws.gathered = None;
+                net.ws.acts[start][..m * src_len]
+                    .copy_from_slice(&self.acts[start].data[c0 * src_len..(c0 + m) * src_len]);
+            }
+            net.forward_segment(start..end, m, Mode::Train, true);
+            for &a in &invalid {
+                let len = act_len(net, a);
+                self.acts[a].data[c0 * len..(c0 + m) * len]
+                    .copy_from_slice(&net.ws.acts[a][..m * len]);
+            }
+            if logits {
+                let out = &net.ws.acts[layers][..m * classes];
+                for (i, row) in out.chunks_exact(classes).enumerate() {
+                    for (k, &v) in row.iter().enumerate() {
+                        self.z.data[k * n + c0 + i] = f64::from(v);
+                    }
+                }
+            }
+        }
+        for &a in &invalid {
+            self.acts[a].tick = Some(clock.now());
+        }
+        if logits {
+            self.z.tick = Some(clock.now());
+            self.bump_all_rows(classes);
+        }
+    }
+
+    /// Marks every logit row as changed.
+    pub(super) fn bump_all_rows(&mut self, classes: usize) {
+        if self.z_gen.len() != classes {
+            self.z_gen = vec![0; classes];
+        }
+        for g in &mut self.z_gen {
+            *g += 1;
+        }
+    }
+
+    /// Makes `xt` (the transposed input of the dense layer at plan index `dense`) valid, from a
+    /// valid `acts[dense]`.
+    pub(super) fn ensure_xt(&mut self, net: &mut CpuNetwork, clock: &Clock, dense: usize) {
+        if self.xt.valid(clock, dense) {
+            return;
+        }
+        self.ensure(net, clock, &[dense], false);
+        let n = net.train.len();
+        let d = act_len(net, dense);
+        if self.xt.data.len() != n * d {
+            self.xt.data = vec![0.0; n * d];
+        }
+        let src = &self.acts[dense].data;
+        // Blocks of 64 features × all samples, one block per task: each writes its own rows.
+        const FB: usize = 64;
+        let par = rayon::current_num_threads() > 1 && n * d >= 1 << 16;
+        let task = |(b, dst): (usize, &mut [f32])| {
+            let f0 = b * FB;
+            let fl = dst.len() / n;
+            for s0 in (0..n).step_by(64) {
+                let s1 = (s0 + 64).min(n);
+                for f in 0..fl {
+                    let row = &mut dst[f * n..][s0..s1];
+                    for (i, v) in row.iter_mut().enumerate() {
+                        *v = src[(s0 + i) * d + f0 + f];
+                    }
+                }
+            }
+        };
+        if par {
+            self.xt
+                .data
+                .par_chunks_mut(FB * n)
+                .enumerate()
+                .for_each(task);
+        } else {
+            self.xt.data.chunks_mut(FB * n).enumerate().for_each(task);
+        }
+        self.xt.tick = Some(clock.now());
+    }
+
+    /// Adds `dz[sample·classes + class]` (sample-major) to the class-major logits.
+    pub(super) fn add_logits(&mut self, dz: &[f64], classes: usize) {
+        let n = self.z.data.len() / classes.max(1);
+        for (k, row) in self.z.data.chunks_exact_mut(n.max(1)).enumerate() {
+            for (i, z) in row.iter_mut().enumerate() {
+                *z += dz[i * classes + k];
+            }
+        }
+        for g in &mut self.z_gen {
+            *g += 1;
+        }
+    }
+}
+
+/// Bytes of all-samples activations [`useful`] may keep.
+const KEEP_BUDGET: usize = 2 << 30;
+
+/// Activations that the sweeps of a model without BatchNorm read, smallest first within
+/// [`KEEP_BUDGET`]: the input of every convolution but the first and of the final dense layer,
+/// and the output of every convolution but the first (the next layer's input of the one before).
+fn useful(net: &CpuNetwork) -> Vec<usize> {
+    let n = net.train.len();
+    let mut out: Vec<usize> = Vec::new();
+    for (i, step) in net.plan.iter().enumerate() {
+        match step.op {
+            Op::Conv { .. } if i > 0 => out.extend([i, i + 1]),
+            Op::Dense { .. } if i > 0 && i + 1 == net.plan.len() => out.push(i),
+            _ => {}
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out.sort_by_key(|&a| act_len(net, a));
+    let mut bytes = 0usize;
+    out.retain(|&a| {
+        bytes = bytes.saturating_add(4 * n * act_len(net, a));
+        bytes <= KEEP_BUDGET
+    });
+    out
+}
+
+/// Values per sample of activation `a` of `net`'s plan.
+pub(super) fn act_len(net: &CpuNetwork, a: usize) -> usize {
+    if a == 0 {
+        net.plan[0].in_len
+    } else {
+        net.plan[a - 1].out_len
+    }
+}
