@@ -63,7 +63,9 @@ mod tests {
         let i = p.index_of("conv3.weight").unwrap();
         let s = std(&p.values[i]);
         assert!((s / he_std(144) - 1.0).abs() < 0.05, "std {s}");
-        assert!(p.values[p.index_of("bn3.gamma").unwrap()].iter().all(|&g| g == 1.0));
+        assert!(p.values[p.index_of("bn3.gamma").unwrap()]
+            .iter()
+            .all(|&g| g == 1.0));
     }
 
     #[test]
@@ -75,14 +77,24 @@ mod tests {
         let w = &p.values[p.index_of("fc.weight").unwrap()];
         assert!(w.iter().all(|x| x.abs() <= a));
         assert!(std(w) > 0.5 * f64::from(a) / 3f64.sqrt());
-        assert!(p.values[p.index_of("fc.bias").unwrap()].iter().all(|&b| b == 0.0));
+        assert!(p.values[p.index_of("fc.bias").unwrap()]
+            .iter()
+            .all(|&b| b == 0.0));
     }
 
     #[test]
     fn same_seed_same_parameters() {
         let spec = ModelKind::TwoConv.mnist();
-        let a = init_params(&spec, Init::He, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
-        let b = init_params(&spec, Init::He, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
+        let a = init_params(
+            &spec,
+            Init::He,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(7),
+        );
+        let b = init_params(
+            &spec,
+            Init::He,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(7),
+        );
         assert_eq!(a, b);
     }
 }

@@ -12,7 +12,7 @@ pub mod params;
 pub mod spec;
 
 pub use init::{init_params, Init};
-pub use network::{Eval, EngineError, Network, Reduction, SplitKind};
+pub use network::{EngineError, Eval, Network, Reduction, SplitKind};
 pub use params::{ParamError, Params};
 pub use spec::{Layer, ModelKind, ModelSpec, ParamKind, ParamSpec};
 

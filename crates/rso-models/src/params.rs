@@ -67,7 +67,10 @@ impl Params {
     /// Checks that these parameters have exactly the layout of `spec`.
     pub fn check_layout(&self, spec: &ModelSpec, context: &str) -> Result<(), ParamError> {
         let want = spec.params();
-        let mismatch = |reason: String| ParamError::Mismatch { context: context.into(), reason };
+        let mismatch = |reason: String| ParamError::Mismatch {
+            context: context.into(),
+            reason,
+        };
         if want.len() != self.specs.len() {
             return Err(mismatch(format!(
                 "model {} has {} parameter arrays, got {}",
@@ -99,9 +102,12 @@ impl Params {
             .iter()
             .zip(&bytes)
             .map(|(s, b)| {
-                let view =
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.shape.clone(), b)
-                        .expect("shape and byte length agree by construction");
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    s.shape.clone(),
+                    b,
+                )
+                .expect("shape and byte length agree by construction");
                 (s.name.clone(), view)
             })
             .collect();
@@ -110,21 +116,35 @@ impl Params {
 
     /// Parses safetensors bytes into parameters for `spec`; every canonical name must be present
     /// with its shape and dtype F32. `context` names the source in errors.
-    pub fn from_safetensors(spec: &ModelSpec, bytes: &[u8], context: &Path) -> Result<Params, ParamError> {
+    pub fn from_safetensors(
+        spec: &ModelSpec,
+        bytes: &[u8],
+        context: &Path,
+    ) -> Result<Params, ParamError> {
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ParamError::Format {
             path: context.to_path_buf(),
             reason: e.to_string(),
         })?;
         let ctx = context.display().to_string();
-        let mismatch = |reason: String| ParamError::Mismatch { context: ctx.clone(), reason };
+        let mismatch = |reason: String| ParamError::Mismatch {
+            context: ctx.clone(),
+            reason,
+        };
         let specs = spec.params();
         let mut values = Vec::with_capacity(specs.len());
         for p in &specs {
             let t = st.tensor(&p.name).map_err(|_| {
-                mismatch(format!("no tensor '{}' (is this a {} checkpoint?)", p.name, spec.name))
+                mismatch(format!(
+                    "no tensor '{}' (is this a {} checkpoint?)",
+                    p.name, spec.name
+                ))
             })?;
             if t.dtype() != safetensors::Dtype::F32 {
-                return Err(mismatch(format!("{} has dtype {:?}, expected F32", p.name, t.dtype())));
+                return Err(mismatch(format!(
+                    "{} has dtype {:?}, expected F32",
+                    p.name,
+                    t.dtype()
+                )));
             }
             if t.shape() != p.shape.as_slice() {
                 return Err(mismatch(format!(
@@ -154,14 +174,18 @@ impl Params {
 
     /// Writes a safetensors file atomically (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> Result<(), ParamError> {
-        write_atomic(path, &self.to_safetensors())
-            .map_err(|source| ParamError::Io { path: path.to_path_buf(), source })
+        write_atomic(path, &self.to_safetensors()).map_err(|source| ParamError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Reads a safetensors file for `spec`.
     pub fn load(spec: &ModelSpec, path: &Path) -> Result<Params, ParamError> {
-        let bytes = std::fs::read(path)
-            .map_err(|source| ParamError::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| ParamError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Params::from_safetensors(spec, &bytes, path)
     }
 }
@@ -174,7 +198,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -226,9 +253,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.safetensors");
         numbered(&ModelKind::OneConv.mnist()).save(&path).unwrap();
-        let err = Params::load(&ModelKind::TwoConv.mnist(), &path).unwrap_err().to_string();
+        let err = Params::load(&ModelKind::TwoConv.mnist(), &path)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("w.safetensors"), "{err}");
-        assert!(err.contains("conv1.weight") || err.contains("conv2"), "{err}");
+        assert!(
+            err.contains("conv1.weight") || err.contains("conv2"),
+            "{err}"
+        );
     }
 
     #[test]

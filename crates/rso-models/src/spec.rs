@@ -124,7 +124,12 @@ impl ModelKind {
             c_out,
             bias,
         };
-        let dense = |d_in, bias| Layer::Dense { name: "fc".into(), d_in, d_out: classes, bias };
+        let dense = |d_in, bias| Layer::Dense {
+            name: "fc".into(),
+            d_in,
+            d_out: classes,
+            bias,
+        };
         let layers = match self {
             ModelKind::OneConv => vec![
                 conv("conv1", channels, 4, true),
@@ -152,7 +157,10 @@ impl ModelKind {
                     if i == 2 || i == 4 {
                         layers.push(Layer::AvgPool2);
                     }
-                    layers.push(Layer::BatchNorm { name: format!("bn{i}"), channels: 16 });
+                    layers.push(Layer::BatchNorm {
+                        name: format!("bn{i}"),
+                        channels: 16,
+                    });
                 }
                 layers.push(Layer::GlobalAvgPool);
                 layers.push(dense(16, false));
@@ -176,9 +184,10 @@ impl ModelKind {
 impl std::str::FromStr for ModelKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        ModelKind::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
-            format!("unknown model '{s}' (expected one-conv, two-conv or paper)")
-        })
+        ModelKind::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown model '{s}' (expected one-conv, two-conv or paper)"))
     }
 }
 
@@ -202,24 +211,77 @@ impl ModelSpec {
         let mut out = Vec::new();
         for (layer, l) in self.layers.iter().enumerate() {
             let mut push = |name: String, shape: Vec<usize>, kind, fan_in, fan_out| {
-                out.push(ParamSpec { name, shape, kind, layer, fan_in, fan_out })
+                out.push(ParamSpec {
+                    name,
+                    shape,
+                    kind,
+                    layer,
+                    fan_in,
+                    fan_out,
+                })
             };
             match l {
-                Layer::Conv { name, c_in, c_out, bias } => {
+                Layer::Conv {
+                    name,
+                    c_in,
+                    c_out,
+                    bias,
+                } => {
                     let (fi, fo) = (c_in * 9, c_out * 9);
-                    push(format!("{name}.weight"), vec![*c_out, *c_in, 3, 3], ParamKind::ConvWeight, fi, fo);
+                    push(
+                        format!("{name}.weight"),
+                        vec![*c_out, *c_in, 3, 3],
+                        ParamKind::ConvWeight,
+                        fi,
+                        fo,
+                    );
                     if *bias {
-                        push(format!("{name}.bias"), vec![*c_out], ParamKind::ConvBias, fi, fo);
+                        push(
+                            format!("{name}.bias"),
+                            vec![*c_out],
+                            ParamKind::ConvBias,
+                            fi,
+                            fo,
+                        );
                     }
                 }
                 Layer::BatchNorm { name, channels } => {
-                    push(format!("{name}.gamma"), vec![*channels], ParamKind::BnGamma, 1, 1);
-                    push(format!("{name}.beta"), vec![*channels], ParamKind::BnBeta, 1, 1);
+                    push(
+                        format!("{name}.gamma"),
+                        vec![*channels],
+                        ParamKind::BnGamma,
+                        1,
+                        1,
+                    );
+                    push(
+                        format!("{name}.beta"),
+                        vec![*channels],
+                        ParamKind::BnBeta,
+                        1,
+                        1,
+                    );
                 }
-                Layer::Dense { name, d_in, d_out, bias } => {
-                    push(format!("{name}.weight"), vec![*d_out, *d_in], ParamKind::DenseWeight, *d_in, *d_out);
+                Layer::Dense {
+                    name,
+                    d_in,
+                    d_out,
+                    bias,
+                } => {
+                    push(
+                        format!("{name}.weight"),
+                        vec![*d_out, *d_in],
+                        ParamKind::DenseWeight,
+                        *d_in,
+                        *d_out,
+                    );
                     if *bias {
-                        push(format!("{name}.bias"), vec![*d_out], ParamKind::DenseBias, *d_in, *d_out);
+                        push(
+                            format!("{name}.bias"),
+                            vec![*d_out],
+                            ParamKind::DenseBias,
+                            *d_in,
+                            *d_out,
+                        );
                     }
                 }
                 _ => {}
@@ -235,7 +297,9 @@ impl ModelSpec {
 
     /// Whether any layer is a BatchNorm (whose batch statistics mix samples).
     pub fn has_batch_norm(&self) -> bool {
-        self.layers.iter().any(|l| matches!(l, Layer::BatchNorm { .. }))
+        self.layers
+            .iter()
+            .any(|l| matches!(l, Layer::BatchNorm { .. }))
     }
 
     /// The activation shape `[c, h, w]` after each layer (index `i` = output of layer `i`);
@@ -288,8 +352,12 @@ mod tests {
 
     #[test]
     fn canonical_names_are_unique_and_ordered() {
-        let names: Vec<String> =
-            ModelKind::Paper.mnist().params().into_iter().map(|p| p.name).collect();
+        let names: Vec<String> = ModelKind::Paper
+            .mnist()
+            .params()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
         assert_eq!(names[0], "conv1.weight");
         assert_eq!(names[1], "bn1.gamma");
         assert_eq!(names[2], "bn1.beta");

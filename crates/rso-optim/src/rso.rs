@@ -162,12 +162,16 @@ impl Rso {
         }
         if let SigmaRule::Fixed(s) = config.sigma {
             if !(s.is_finite() && s > 0.0) {
-                return Err(OptimError::Config(format!("--sigma must be a positive number, got {s}")));
+                return Err(OptimError::Config(format!(
+                    "--sigma must be a positive number, got {s}"
+                )));
             }
         }
         if let Some(a) = config.anneal {
             if !(0.0..=1.0).contains(&a) {
-                return Err(OptimError::Config(format!("--anneal must lie in [0, 1], got {a}")));
+                return Err(OptimError::Config(format!(
+                    "--anneal must lie in [0, 1], got {a}"
+                )));
             }
         }
         if !(0.0..1.0).contains(&config.weight_decay) {
@@ -178,7 +182,11 @@ impl Rso {
         }
         let schedule = schedule(spec, &config);
         let names = spec.params().into_iter().map(|p| p.name).collect();
-        Ok(Rso { config, schedule, names })
+        Ok(Rso {
+            config,
+            schedule,
+            names,
+        })
     }
 
     /// The settings.
@@ -203,7 +211,12 @@ fn schedule(spec: &ModelSpec, config: &RsoConfig) -> Vec<SweepStep> {
         v
     };
     let in_layer = |layer: usize| -> Vec<usize> {
-        params.iter().enumerate().filter(|(_, p)| p.layer == layer).map(|(i, _)| i).collect()
+        params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.layer == layer)
+            .map(|(i, _)| i)
+            .collect()
     };
     match config.preset {
         Preset::Seed => {
@@ -255,7 +268,11 @@ fn schedule(spec: &ModelSpec, config: &RsoConfig) -> Vec<SweepStep> {
     let sigmas = sigmas(spec, config);
     order
         .into_iter()
-        .map(|(param, group)| SweepStep { param, sigma: sigmas[param], group })
+        .map(|(param, group)| SweepStep {
+            param,
+            sigma: sigmas[param],
+            group,
+        })
         .collect()
 }
 
@@ -316,7 +333,13 @@ struct Batches {
 impl Batches {
     fn new(policy: BatchPolicy, batch_size: usize, n: usize, rng: &mut impl Rng) -> Batches {
         let order = shuffled(n, rng);
-        Batches { policy, batch_size: batch_size.min(n), order, pos: 0, window: Vec::new() }
+        Batches {
+            policy,
+            batch_size: batch_size.min(n),
+            order,
+            pos: 0,
+            window: Vec::new(),
+        }
     }
 
     /// Sequential policy: start a layer's sweep on a fresh shuffle.
@@ -396,9 +419,14 @@ impl Optimizer for Rso {
                     net.set_weight(step.param, index, w);
                 }
                 let losses = match cfg.eval {
-                    RsoEval::Reference => {
-                        reference_candidate_losses(net, batch, step.param, index, delta, cfg.reduction)
-                    }
+                    RsoEval::Reference => reference_candidate_losses(
+                        net,
+                        batch,
+                        step.param,
+                        index,
+                        delta,
+                        cfg.reduction,
+                    ),
                     RsoEval::Incremental => {
                         net.candidate_losses(batch, step.param, index, delta, cfg.reduction)
                     }
@@ -459,9 +487,17 @@ mod tests {
             let p = spec.params().iter().position(|p| p.name == name).unwrap();
             rso.schedule().iter().find(|s| s.param == p).unwrap().sigma
         };
-        assert!((sigma("conv1.weight") - 0.316).abs() < 0.06, "{}", sigma("conv1.weight"));
+        assert!(
+            (sigma("conv1.weight") - 0.316).abs() < 0.06,
+            "{}",
+            sigma("conv1.weight")
+        );
         assert_eq!(sigma("conv1.weight"), sigma("conv1.bias"));
-        assert!((sigma("fc.weight") - 0.032).abs() < 0.003, "{}", sigma("fc.weight"));
+        assert!(
+            (sigma("fc.weight") - 0.032).abs() < 0.003,
+            "{}",
+            sigma("fc.weight")
+        );
     }
 
     #[test]
@@ -469,9 +505,15 @@ mod tests {
         let spec = ModelKind::Paper.mnist();
         let rso = Rso::new(&spec, RsoConfig::preset(Preset::Paper, 50, 5000, 0)).unwrap();
         let params = spec.params();
-        let names: Vec<&str> =
-            rso.schedule().iter().map(|s| params[s.param].name.as_str()).collect();
-        assert_eq!(&names[..4], ["fc.weight", "conv6.weight", "bn6.beta", "bn6.gamma"]);
+        let names: Vec<&str> = rso
+            .schedule()
+            .iter()
+            .map(|s| params[s.param].name.as_str())
+            .collect();
+        assert_eq!(
+            &names[..4],
+            ["fc.weight", "conv6.weight", "bn6.beta", "bn6.gamma"]
+        );
         assert_eq!(names.last(), Some(&"bn1.gamma"));
         assert_eq!(names.len(), params.len());
         let s = &rso.schedule()[2];
@@ -484,11 +526,21 @@ mod tests {
         let spec = ModelKind::TwoConv.mnist();
         let rso = Rso::new(&spec, RsoConfig::preset(Preset::Seed, 1, 32, 0)).unwrap();
         let params = spec.params();
-        let names: Vec<&str> =
-            rso.schedule().iter().map(|s| params[s.param].name.as_str()).collect();
+        let names: Vec<&str> = rso
+            .schedule()
+            .iter()
+            .map(|s| params[s.param].name.as_str())
+            .collect();
         assert_eq!(
             names,
-            ["fc.weight", "fc.bias", "conv2.weight", "conv2.bias", "conv1.weight", "conv1.bias"]
+            [
+                "fc.weight",
+                "fc.bias",
+                "conv2.weight",
+                "conv2.bias",
+                "conv1.weight",
+                "conv1.bias"
+            ]
         );
     }
 

@@ -27,7 +27,10 @@ impl Sgd {
             return Err(OptimError::Config("--batch-size must be at least 1".into()));
         }
         if !(config.lr.is_finite() && config.lr > 0.0) {
-            return Err(OptimError::Config(format!("--lr must be a positive number, got {}", config.lr)));
+            return Err(OptimError::Config(format!(
+                "--lr must be a positive number, got {}",
+                config.lr
+            )));
         }
         Ok(Sgd { config })
     }
