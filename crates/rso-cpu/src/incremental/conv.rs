@@ -27,7 +27,8 @@
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
 
 use super::util::{
-    add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch, LogProd,
+    acc_shifted, add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch,
+    LogProd,
 };
 use super::{Clock, Incremental, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
@@ -127,6 +128,48 @@ pub(super) struct ConvCache {
     parts: Vec<[LogProd; 3]>,
     /// Fold: logit changes `[N][classes]`.
     dz: Vec<f64>,
+    /// Whether the store holds this layer's output (valid at the snapshot), which folds then
+    /// keep current.
+    own_out: bool,
+    /// Channel k's changes since the snapshot (reused buffer).
+    k_changes: Vec<(usize, f32)>,
+}
+
+/// Hands out the rows of disjoint sample ranges of a sample-major array to parallel tasks.
+struct DisjointRows {
+    ptr: *mut f32,
+    len: usize,
+    row: usize,
+}
+
+// SAFETY: tasks only touch the rows of their own (disjoint) sample ranges.
+unsafe impl Sync for DisjointRows {}
+
+impl DisjointRows {
+    /// `data` as rows of `row` values; an empty `data` hands out `None`.
+    fn new(data: &mut [f32], row: usize) -> DisjointRows {
+        DisjointRows {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+            row,
+        }
+    }
+
+    /// The rows `r`, or `None` when there is no array.
+    ///
+    /// # Safety
+    /// No two live results may overlap (callers pass disjoint ranges).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(&self, r: std::ops::Range<usize>) -> Option<&mut [f32]> {
+        if self.len == 0 {
+            return None;
+        }
+        assert!(r.end * self.row <= self.len, "rows out of range");
+        // SAFETY: in bounds (checked); disjointness is the caller's promise.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.add(r.start * self.row), r.len() * self.row)
+        })
+    }
 }
 
 impl ConvCache {
@@ -197,6 +240,8 @@ impl ConvCache {
             w_k: Vec::new(),
             parts: Vec::new(),
             dz: Vec::new(),
+            own_out: false,
+            k_changes: Vec::new(),
         })
     }
 
@@ -270,6 +315,8 @@ pub(super) fn visit(
 ) -> Option<[f64; 3]> {
     let layers = net.plan.len();
     let n_train = net.train.len();
+    // The snapshot logits are read directly: no dense-weight change may be pending.
+    inc.store.flush_pending();
     let fresh = inc
         .conv
         .as_ref()
@@ -287,8 +334,12 @@ pub(super) fn visit(
             want.push(o + 1);
         }
         inc.store.ensure(net, &inc.clock, &want, logits);
+        let own = inc.store.acts.get(layer + 1).is_some_and(|s| {
+            s.valid(&inc.clock, layer + 1) && s.data.len() == n_train * net.plan[layer].out_len
+        });
         inc.conv = Some(ConvCache {
             created: inc.clock.now(),
+            own_out: own,
             ..cache
         });
     }
@@ -320,6 +371,27 @@ fn visit_cached(
         (index, None)
     };
     let [dp, dm] = changes(net.params.values[param][index], delta);
+    // Channel k's changes since the snapshot, `(tap, Δ)` (`tap == taps`: the bias). When the
+    // store keeps the layer's output at the snapshot and they are fewer than the taps, channel
+    // k's pre-activation is that output plus one shifted input plane per change, instead of a
+    // convolution over all taps.
+    let mut k_changes = std::mem::take(&mut cache.k_changes);
+    k_changes.clear();
+    {
+        let p = &net.params.values;
+        let w = &p[cache.weight][k * taps..(k + 1) * taps];
+        for (t, (&a, &b)) in w.iter().zip(&cache.w_snap[k * taps..]).enumerate() {
+            if a.to_bits() != b.to_bits() {
+                k_changes.push((t, a - b));
+            }
+        }
+        if let Some(b) = cache.bias {
+            if p[b][k].to_bits() != cache.b_snap[k].to_bits() {
+                k_changes.push((taps, p[b][k] - cache.b_snap[k]));
+            }
+        }
+    }
+    let from_snapshot = cache.own_out && 2 * k_changes.len() < taps;
     let mut dirty = std::mem::take(&mut cache.dirty);
     dirty.clear();
     dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(net, c)));
@@ -360,6 +432,12 @@ fn visit_cached(
     let params = &net.params.values;
     let plan = &net.plan;
     let mut parts = std::mem::take(&mut cache.parts);
+    let own_all: &[f32] = if from_snapshot {
+        &store.acts[cache.layer + 1].data
+    } else {
+        &[]
+    };
+    let k_changes_ref = &k_changes;
     let cache_ref = &*cache;
     let dirty_ref = &dirty;
     // Per-sample work, for the threading choice.
@@ -377,27 +455,24 @@ fn visit_cached(
         *acc = Default::default();
         let idx = &batch[r];
         let nc = idx.len();
-        // Scratch: xg | pre | cand | tmp | dO | dK.
-        let sizes = [
-            nc * in_len,
-            nc * hw,
-            nc * hw,
-            nc * hw,
-            nc * nd * hwo,
-            3 * nc * hwo,
-        ];
-        with_scratch(sizes.iter().sum(), |s| {
-            let (xg, s) = s.split_at_mut(sizes[0]);
-            let (pre, s) = s.split_at_mut(sizes[1]);
-            let (cand, s) = s.split_at_mut(sizes[2]);
-            let (tmp, s) = s.split_at_mut(sizes[3]);
-            let (d_o, dk) = s.split_at_mut(sizes[4]);
-            for (dst, &i) in xg.chunks_exact_mut(in_len).zip(idx) {
-                dst.copy_from_slice(&x_all[i as usize * in_len..][..in_len]);
+        // Scratch: pre | cand | tmp | dO | dK. The samples' inputs are read where they are
+        // (one convolution call per sample), not gathered: copying them was a third of the
+        // memory traffic of a visit.
+        let sizes = [nc * hw, nc * hw, nc * hw, nc * nd * hwo, 3 * nc * hwo];
+        let x_of = |t: usize| &x_all[idx[t] as usize * in_len..][..in_len];
+        let conv_rows = |c: usize, out: &mut [f32]| {
+            for (t, y) in out.chunks_exact_mut(hw).enumerate() {
+                conv_channel(net, cache_ref, c, 1, x_of(t), y);
             }
+        };
+        with_scratch(sizes.iter().sum(), |s| {
+            let (pre, s) = s.split_at_mut(sizes[0]);
+            let (cand, s) = s.split_at_mut(sizes[1]);
+            let (tmp, s) = s.split_at_mut(sizes[2]);
+            let (d_o, dk) = s.split_at_mut(sizes[3]);
             // Dirty channels: current output minus snapshot, `[t][dirty][hwo]`.
             for (q, &c) in dirty_ref.iter().enumerate() {
-                conv_channel(net, cache_ref, c, nc, xg, pre);
+                conv_rows(c, pre);
                 // The tail's output goes to `cand` (free until channel k).
                 run_tail(&cache_ref.tail, nc, pre, tmp, &mut cand[..nc * hwo]);
                 for (t, &i) in idx.iter().enumerate() {
@@ -409,7 +484,24 @@ fn visit_cached(
                 }
             }
             // Channel k at W, W + Δ, W − Δ: `[v][t][hwo]`.
-            conv_channel(net, cache_ref, k, nc, xg, pre);
+            if from_snapshot {
+                let own_len = conv.out_len();
+                for (t, out) in pre.chunks_exact_mut(hw).enumerate() {
+                    let i = idx[t] as usize;
+                    out.copy_from_slice(&own_all[i * own_len + k * hw..][..hw]);
+                    let x = x_of(t);
+                    for &(tp, d) in k_changes_ref {
+                        if tp == taps {
+                            out.iter_mut().for_each(|o| *o += d);
+                        } else {
+                            let (ci, ky, kx) = (tp / 9, (tp % 9) / 3, tp % 3);
+                            acc_shifted(h, w, &x[ci * hw..], ky, kx, d, out);
+                        }
+                    }
+                }
+            } else {
+                conv_rows(k, pre);
+            }
             for v in 0..3 {
                 let d = [0.0, dp as f32, dm as f32][v];
                 match (v, tap) {
@@ -421,7 +513,7 @@ fn visit_cached(
                                 h,
                                 w,
                                 &pre[t * hw..],
-                                &xg[t * in_len + ci * hw..],
+                                &x_of(t)[ci * hw..],
                                 ky,
                                 kx,
                                 d,
@@ -492,16 +584,25 @@ fn visit_cached(
     let sums = combine(&parts[..chunks]);
     cache.parts = parts;
     cache.dirty = dirty;
+    cache.k_changes = k_changes;
     sums.map(|s| reduction.finish(s, batch.len()))
 }
 
-/// `Σ a·b` in f64, in index order.
+/// `Σ a·b` in f64: four interleaved partial sums, added pairwise (a fixed order).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-        .sum()
+    let mut acc = [0.0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (a, b) in ca.zip(cb) {
+        for l in 0..4 {
+            acc[l] += f64::from(a[l]) * f64::from(b[l]);
+        }
+    }
+    for (l, (&a, &b)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += f64::from(a) * f64::from(b);
+    }
+    (acc[0] + acc[2]) + (acc[1] + acc[3])
 }
 
 /// Next layer a convolution: its output for each variant is `P_snap + ΔP_dirty + ΔP_k`, after
@@ -621,6 +722,14 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
         Next::Conv { layer, .. } => std::mem::take(&mut inc.store.acts[layer + 1].data),
         Next::Dense { .. } => Vec::new(),
     };
+    // The layer's own output (pre-activation), when the store keeps it: updated too, so that it
+    // is current after the sweep (the next layer's sweep reads it).
+    let own_len = conv.out_len();
+    let mut own_all = if cache.own_out {
+        std::mem::take(&mut inc.store.acts[cache.layer + 1].data)
+    } else {
+        Vec::new()
+    };
     let x_all = inputs(
         net,
         inc.store
@@ -630,6 +739,7 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
         cache.layer,
     );
     let mut dz_buf = std::mem::take(&mut cache.dz);
+    let own = DisjointRows::new(&mut own_all, own_len);
     let cache_ref = &*cache;
     let par = parallel(n * nd * conv.macs() / conv.c_out);
     // Per chunk: new outputs of the channels into O, their changes into `d_o`; returns nothing,
@@ -640,8 +750,15 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
             let (pre, s) = s.split_at_mut(nc * hw);
             let (tmp, out) = s.split_at_mut(nc * hw);
             let xs = &x_all[r.start * in_len..r.end * in_len];
+            // SAFETY: chunks cover disjoint sample ranges.
+            let mut own_rows = unsafe { own.rows(r.clone()) };
             for (q, &c) in chans.iter().enumerate() {
                 conv_channel(net, cache_ref, c, nc, xs, pre);
+                if let Some(own_rows) = own_rows.as_deref_mut() {
+                    for (t, p) in pre.chunks_exact(hw).enumerate() {
+                        own_rows[t * own_len + c * hw..][..hw].copy_from_slice(p);
+                    }
+                }
                 run_tail(&cache_ref.tail, nc, pre, tmp, &mut out[..nc * hwo]);
                 for t in 0..nc {
                     let snap = &mut o[t * o_len + c * hwo..][..hwo];
@@ -732,6 +849,9 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
         }
     }
     inc.store.acts[o_idx].data = o_all;
+    if cache.own_out {
+        inc.store.acts[cache.layer + 1].data = own_all;
+    }
     cache.dz = dz_buf;
     // The snapshot of these channels is now the current weights.
     let taps = conv.taps();
@@ -747,6 +867,7 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are
 /// current again (and stamps them so), or drops it if another layer changed meanwhile.
 pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, net: &CpuNetwork) {
+    inc.store.flush_pending();
     if !cache.valid(&inc.clock, net.plan.len()) {
         return;
     }
@@ -760,5 +881,8 @@ pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, net: &CpuNetwo
     match cache.next {
         Next::Dense { .. } => inc.store.z.tick = now,
         Next::Conv { layer, .. } => inc.store.acts[layer + 1].tick = now,
+    }
+    if cache.own_out {
+        inc.store.acts[cache.layer + 1].tick = now;
     }
 }

@@ -2,34 +2,49 @@
 //! `Δ·x_j` (a bias by `Δ`), so a candidate costs O(B) given the logits and the layer's input.
 //!
 //! Without BatchNorm ([`cached`]) both come from the [store](super::store): the logits of the
-//! whole training set (f64, class-major, kept current by [`update`] on every change of the
-//! layer, O(N)) and its input transposed (so `x_j` of all samples is one contiguous row).
+//! whole training set (f64, class-major) and the layer's input in blocks of 16 features per
+//! sample (one cache line, so the visits of a block gather from a few MB that stay in cache).
+//! Accepted changes of row `k` stay *pending* while RSO is in the same block of 16 weights and
+//! are added to the logits of all N samples when it leaves the block ([`update`],
+//! [`Store::flush_pending`](super::store::Store::flush_pending)): one pass over N per block
+//! instead of one per change. A visit adds the pending changes to its batch's logits itself,
+//! from the cache lines it reads `x_j` from.
+//!
 //! During the sweep of row `k`, `m_i = max_{c≠k} z_ic` and `s_i = Σ_{c≠k} exp(z_ic − m_i)` do
 //! not change, so they are computed once per row for every sample ([`Rows`]); a sample's
 //! cross-entropy at a candidate is then `m_i − z_i,label + ln(s_i + exp(z_ik − m_i))`: one
-//! exponential per sample and candidate, and one logarithm per batch ([`LogProd`]).
+//! exponential per sample and candidate (a vectorised polynomial, [`exp_kernel`]) and one
+//! logarithm per lane of a chunk of samples ([`LogProd`]).
 //!
 //! With BatchNorm ([`per_batch`]) the logits depend on the batch, so one forward pass of the
 //! batch gives them and the layer's input, and the candidates are O(B) from there.
 
-use super::store::act_len;
-use super::util::{changes, combine, for_chunks, parallel, push_ce, LogProd};
-use super::{Incremental, Visit};
+use super::store::{act_len, pending_sum, FB};
+use super::util::{
+    avx2_dispatch, changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch64,
+    LogProd,
+};
+use super::{Incremental, Visit, MAX_CLASSES};
 use crate::network::{CpuNetwork, Mode, Op};
 use rayon::prelude::*;
 
 /// Samples per chunk of a candidate evaluation (fixed: results do not depend on threads).
-const CHUNK: usize = 128;
+const CHUNK: usize = 256;
 
-/// Per-sample constants of one logit row `k`: the maximum and the sum of exponentials of the
-/// other rows.
+/// Batches at least this large split their candidate evaluation over threads. A visit of 1024
+/// samples takes tens of microseconds; splitting it measured slower than not (waking the
+/// second thread costs about as much), so in practice visits stay on one thread.
+const PAR_BATCH: usize = 1 << 20;
+
+/// Per-sample constants of one logit row `k`: `[m, s, z_label, label == k]` with
+/// `m = max_{c≠k} z_c`, `s = Σ_{c≠k} exp(z_c − m)`, `z_label` the label's logit when it is not
+/// `k` (else 0) and the last entry 1 when the label is `k` (else 0).
 #[derive(Debug)]
 struct Rows {
     k: usize,
     /// `Store::z_gen` when computed (valid while no row other than `k` has changed).
     gens: Vec<u64>,
-    m: Vec<f64>,
-    s: Vec<f64>,
+    c: Vec<[f64; 4]>,
 }
 
 /// State of the dense path.
@@ -84,87 +99,257 @@ pub(super) fn cached(
         delta,
         reduction,
     } = v;
-    let layers = net.plan.len();
     let classes = net.spec.classes;
     let n = net.train.len();
     inc.store.ensure(net, &inc.clock, &[layer], true);
-    inc.store.ensure_xt(net, &inc.clock, layer);
+    inc.store.ensure_xb(net, &inc.clock, layer);
     let (k, j) = target(net, layer, param, index);
     let [dp, dm] = changes(net.params.values[param][index], delta);
-    let z = &inc.store.z.data;
+    // Pending changes of another row or block are added to the logits first.
+    let store = &mut inc.store;
+    if store.has_pending
+        && j.is_none_or(|j| (store.pending_row, store.pending_block) != (k, j / FB))
+    {
+        store.flush_pending();
+    }
     // Row constants: computed once per row of a weight sweep; a bias visit (one per row)
     // computes them for its batch only.
-    let rows = match j {
-        Some(_) => {
-            let fresh = inc.dense.rows.as_ref().is_some_and(|r| {
-                r.k == k
-                    && r.gens
-                        .iter()
-                        .zip(&inc.store.z_gen)
-                        .enumerate()
-                        .all(|(c, (a, b))| c == k || a == b)
-            });
-            if !fresh {
-                inc.dense.rows = Some(row_constants(z, n, classes, k, &inc.store.z_gen));
-            }
-            inc.dense.rows.as_ref()
+    if j.is_some() {
+        let fresh = inc.dense.rows.as_ref().is_some_and(|r| {
+            r.k == k
+                && r.gens
+                    .iter()
+                    .zip(&inc.store.z_gen)
+                    .enumerate()
+                    .all(|(c, (a, b))| c == k || a == b)
+        });
+        if !fresh {
+            let rows = row_constants(
+                &inc.store.z.data,
+                &net.train.labels,
+                classes,
+                k,
+                &inc.store.z_gen,
+                &mut inc.dense.rows,
+            );
+            inc.dense.rows = Some(rows);
         }
-        None => None,
+    }
+    let rows = if j.is_some() {
+        inc.dense.rows.as_ref()
+    } else {
+        None
     };
-    debug_assert!(inc.store.z.valid(&inc.clock, layers));
-    let xt = j.map(|j| &inc.store.xt.data[j * n..(j + 1) * n]);
+    let z = &inc.store.z.data;
+    // The block of x_j, and where x_j sits in a sample's line of it.
+    let (xb, f) = match j {
+        Some(j) => (
+            Some(&inc.store.xb.data[j / FB * n * FB..(j / FB + 1) * n * FB]),
+            j % FB,
+        ),
+        None => (None, 0),
+    };
+    let pending = &inc.store.pending;
     let labels = &net.train.labels;
+    // Logit k and x_j of sample i.
+    let logit_and_x = |i: usize| -> (f64, f64) {
+        match xb {
+            Some(xb) => {
+                let line = &xb[i * FB..][..FB];
+                (
+                    z[k * n + i] + pending_sum(pending, line),
+                    f64::from(line[f]),
+                )
+            }
+            None => (z[k * n + i], 1.0),
+        }
+    };
     let chunks = batch.len().div_ceil(CHUNK);
     let parts = super::util::grown(&mut inc.dense.parts, chunks, Default::default());
-    for_chunks(
-        batch.len(),
-        CHUNK,
-        parallel(batch.len() * 60),
-        parts,
-        |r, acc| {
-            *acc = Default::default();
-            let mut zrow = [0.0f64; 64];
-            for &i in &batch[r] {
-                let i = i as usize;
-                let label = usize::from(labels[i]);
-                let zk = z[k * n + i];
-                let x = xt.map_or(1.0, |xt| f64::from(xt[i]));
-                let (m, s) = match rows {
-                    Some(rows) => (rows.m[i], rows.s[i]),
-                    None => others(z, n, classes, k, i),
-                };
-                let zl = z[label * n + i];
-                for (v, a) in acc.iter_mut().enumerate() {
-                    let zk2 = match v {
-                        0 => zk,
-                        1 => zk + dp * x,
-                        _ => zk + dm * x,
-                    };
-                    let zlab = if label == k { zk2 } else { zl };
-                    let e = s + (zk2 - m).exp();
-                    if e.is_finite() && e < 1e300 {
-                        a.push(m - zlab, e);
-                    } else if classes <= zrow.len() {
-                        // Overflow (a logit far above the others) or non-finite logits: the plain
-                        // shifted log-sum-exp of this sample.
-                        for (c, zc) in zrow[..classes].iter_mut().enumerate() {
-                            *zc = if c == k { zk2 } else { z[c * n + i] };
-                        }
-                        push_ce(a, &zrow[..classes], label);
-                    } else {
-                        a.push_value(f64::NAN);
+    let ds = [0.0, dp, dm];
+    let par = batch.len() >= PAR_BATCH && parallel(1 << 20);
+    for_chunks(batch.len(), CHUNK, par, parts, |r, acc| {
+        *acc = Default::default();
+        let idx = &batch[r];
+        let len = idx.len();
+        let fast = with_scratch64(6 * len + len * FB / 2, |buf| {
+            let (zk, buf) = buf.split_at_mut(len);
+            let (x, buf) = buf.split_at_mut(len);
+            let (m, buf) = buf.split_at_mut(len);
+            let (s, buf) = buf.split_at_mut(len);
+            let (zl, buf) = buf.split_at_mut(len);
+            let (isk, lines) = buf.split_at_mut(len);
+            // Gather first (loads only, so that many cache misses are in flight at once), then
+            // compute.
+            match rows {
+                Some(rows) => {
+                    for (t, &i) in idx.iter().enumerate() {
+                        [m[t], s[t], zl[t], isk[t]] = rows.c[i as usize];
+                    }
+                }
+                None => {
+                    for (t, &i) in idx.iter().enumerate() {
+                        let i = i as usize;
+                        [m[t], s[t], zl[t], isk[t]] =
+                            constants(z, n, classes, k, i, usize::from(labels[i]));
                     }
                 }
             }
-        },
-    );
+            for (t, &i) in idx.iter().enumerate() {
+                zk[t] = z[k * n + i as usize];
+            }
+            match xb {
+                Some(xb) => {
+                    // Lines of 16 f32 in f64 slots: 8 slots per line.
+                    for (t, &i) in idx.iter().enumerate() {
+                        let src = &xb[i as usize * FB..][..FB];
+                        let dst = &mut lines[t * FB / 2..][..FB / 2];
+                        for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                            *d = f64::from_bits(
+                                u64::from(pair[0].to_bits()) | (u64::from(pair[1].to_bits()) << 32),
+                            );
+                        }
+                    }
+                    add_lines(pending, f, lines, zk, x);
+                }
+                None => x.fill(1.0),
+            }
+            let mut ok = true;
+            for (a, &d) in acc.iter_mut().zip(&ds) {
+                ok &= lanes(zk, x, m, s, zl, isk, d, a);
+            }
+            ok
+        });
+        if !fast {
+            // An overflowing exponential or non-finite logits: the plain per-sample
+            // log-sum-exp over all logits, for the whole chunk.
+            *acc = Default::default();
+            let mut zrow = [0.0f64; MAX_CLASSES];
+            for &i in idx {
+                let i = i as usize;
+                let label = usize::from(labels[i]);
+                let (zk, x) = logit_and_x(i);
+                for (a, &d) in acc.iter_mut().zip(&ds) {
+                    for (c, zc) in zrow[..classes].iter_mut().enumerate() {
+                        *zc = z[c * n + i];
+                    }
+                    zrow[k] = zk + d * x;
+                    push_ce(a, &zrow[..classes], label);
+                }
+            }
+        }
+    });
     let sums = combine(&parts[..chunks]);
     sums.map(|s| reduction.finish(s, batch.len()))
 }
 
-/// `(max_{c≠k} z_c, Σ_{c≠k} exp(z_c − max))` of sample `i`.
+avx2_dispatch! {
+    /// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for gathered lines (16 f32 packed
+    /// in 8 f64 slots each).
+    fn add_lines(pending: &[f64; FB], f: usize, lines: &[f64], zk: &mut [f64], x: &mut [f64]) -> () => add_lines_body
+}
+
 #[inline(always)]
-fn others(z: &[f64], n: usize, classes: usize, k: usize, i: usize) -> (f64, f64) {
+fn add_lines_body(pending: &[f64; FB], f: usize, lines: &[f64], zk: &mut [f64], x: &mut [f64]) {
+    for ((zk, x), packed) in zk
+        .iter_mut()
+        .zip(x.iter_mut())
+        .zip(lines.chunks_exact(FB / 2))
+    {
+        let mut line = [0.0f32; FB];
+        for (pair, &p) in line.chunks_exact_mut(2).zip(packed) {
+            let b = p.to_bits();
+            pair[0] = f32::from_bits(b as u32);
+            pair[1] = f32::from_bits((b >> 32) as u32);
+        }
+        *zk += pending_sum(pending, &line);
+        *x = f64::from(line[f]);
+    }
+}
+
+avx2_dispatch! {
+    /// Adds the cross-entropies `m − z_label + ln(s + exp(zk + d·x − m))` of a chunk's samples
+    /// (with `z_label = zk + d·x` where `isk` is 1) to `acc`, in four interleaved lanes merged in
+    /// lane order. Returns false (leaving `acc` unspecified) if an exponent exceeds 709 or a
+    /// value is not finite; the caller then recomputes the chunk.
+    fn lanes(
+        zk: &[f64],
+        x: &[f64],
+        m: &[f64],
+        s: &[f64],
+        zl: &[f64],
+        isk: &[f64],
+        d: f64,
+        acc: &mut LogProd,
+    ) -> bool => lanes_body
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lanes_body(
+    zk: &[f64],
+    x: &[f64],
+    m: &[f64],
+    s: &[f64],
+    zl: &[f64],
+    isk: &[f64],
+    d: f64,
+    acc: &mut LogProd,
+) -> bool {
+    const L: usize = 4;
+    const FRAC: u64 = (1 << 52) - 1;
+    let mut lin = [0.0f64; L];
+    let mut mant = [1.0f64; L];
+    let mut ex = [0i64; L];
+    let mut bad = [0u64; L];
+    let n = zk.len();
+    let full = n / L * L;
+    let lane = |v: &[f64], t0: usize| -> [f64; L] { v[t0..t0 + L].try_into().expect("lane") };
+    let mut t0 = 0;
+    while t0 < full {
+        let (zk4, x4, m4, s4, zl4, isk4) = (
+            lane(zk, t0),
+            lane(x, t0),
+            lane(m, t0),
+            lane(s, t0),
+            lane(zl, t0),
+            lane(isk, t0),
+        );
+        for l in 0..L {
+            let z2 = zk4[l] + d * x4[l];
+            let arg = z2 - m4[l];
+            let a = s4[l] + exp_kernel(arg);
+            bad[l] |= u64::from(!(arg <= 709.0 && a < 1e300));
+            lin[l] += m4[l] - if isk4[l] != 0.0 { z2 } else { zl4[l] };
+            let b = (mant[l] * a).to_bits();
+            ex[l] += ((b >> 52) & 0x7ff) as i64 - 1023;
+            mant[l] = f64::from_bits((b & FRAC) | (1023 << 52));
+        }
+        t0 += L;
+    }
+    for t in full..n {
+        let l = t - full;
+        let z2 = zk[t] + d * x[t];
+        let arg = z2 - m[t];
+        let a = s[t] + exp_kernel(arg);
+        bad[l] |= u64::from(!(arg <= 709.0 && a < 1e300));
+        lin[l] += m[t] - if isk[t] != 0.0 { z2 } else { zl[t] };
+        let b = (mant[l] * a).to_bits();
+        ex[l] += ((b >> 52) & 0x7ff) as i64 - 1023;
+        mant[l] = f64::from_bits((b & FRAC) | (1023 << 52));
+    }
+    if bad.iter().any(|&b| b != 0) {
+        return false;
+    }
+    for l in 0..L {
+        acc.merge(&LogProd::from_parts(lin[l], mant[l], ex[l]));
+    }
+    true
+}
+
+/// The [`Rows`] entry of sample `i` computed on the spot (bias visits, one per row).
+#[inline(always)]
+fn constants(z: &[f64], n: usize, classes: usize, k: usize, i: usize, label: usize) -> [f64; 4] {
     let mut m = f64::NEG_INFINITY;
     for c in (0..classes).filter(|&c| c != k) {
         m = m.max(z[c * n + i]);
@@ -173,41 +358,83 @@ fn others(z: &[f64], n: usize, classes: usize, k: usize, i: usize) -> (f64, f64)
     for c in (0..classes).filter(|&c| c != k) {
         s += (z[c * n + i] - m).exp();
     }
-    (m, s)
+    if label == k {
+        [m, s, 0.0, 1.0]
+    } else {
+        [m, s, z[label * n + i], 0.0]
+    }
 }
 
-fn row_constants(z: &[f64], n: usize, classes: usize, k: usize, gens: &[u64]) -> Rows {
-    let mut m = vec![0.0; n];
-    let mut s = vec![0.0; n];
-    const C: usize = 4096;
-    let task = |(b, (m, s)): (usize, (&mut [f64], &mut [f64]))| {
-        for (t, (m, s)) in m.iter_mut().zip(s.iter_mut()).enumerate() {
-            (*m, *s) = others(z, n, classes, k, b * C + t);
-        }
+/// [`Rows`] of row `k` for every sample, reusing the buffer of `old`. Class by class over
+/// contiguous rows of the logits, so the loops vectorise.
+fn row_constants(
+    z: &[f64],
+    labels: &[u8],
+    classes: usize,
+    k: usize,
+    gens: &[u64],
+    old: &mut Option<Rows>,
+) -> Rows {
+    let n = labels.len();
+    let mut c = old.take().map(|r| r.c).unwrap_or_default();
+    c.resize(n, [0.0; 4]);
+    const C: usize = 2048;
+    let task = |(b, c): (usize, &mut [[f64; 4]])| {
+        let i0 = b * C;
+        let len = c.len();
+        with_scratch64(2 * len, |buf| {
+            let (m, s) = buf.split_at_mut(len);
+            m.fill(f64::NEG_INFINITY);
+            s.fill(0.0);
+            for cl in (0..classes).filter(|&cl| cl != k) {
+                for (m, &v) in m.iter_mut().zip(&z[cl * n + i0..][..len]) {
+                    *m = m.max(v);
+                }
+            }
+            for cl in (0..classes).filter(|&cl| cl != k) {
+                exp_sum(&z[cl * n + i0..][..len], m, s);
+            }
+            for (t, c) in c.iter_mut().enumerate() {
+                let label = usize::from(labels[i0 + t]);
+                *c = if label == k {
+                    [m[t], s[t], 0.0, 1.0]
+                } else {
+                    [m[t], s[t], z[label * n + i0 + t], 0.0]
+                };
+            }
+        });
     };
     if parallel(n * classes * 20) {
-        m.par_chunks_mut(C)
-            .zip(s.par_chunks_mut(C))
-            .enumerate()
-            .for_each(task);
+        c.par_chunks_mut(C).enumerate().for_each(task);
     } else {
-        m.chunks_mut(C)
-            .zip(s.chunks_mut(C))
-            .enumerate()
-            .for_each(task);
+        c.chunks_mut(C).enumerate().for_each(task);
     }
     Rows {
         k,
         gens: gens.to_vec(),
-        m,
-        s,
+        c,
+    }
+}
+
+avx2_dispatch! {
+    /// `s += exp(z − m)` elementwise (NaN where `z − m` is not at most 709, so that the
+    /// visit's check takes the exact per-sample path).
+    fn exp_sum(z: &[f64], m: &[f64], s: &mut [f64]) -> () => exp_sum_body
+}
+
+#[inline(always)]
+fn exp_sum_body(z: &[f64], m: &[f64], s: &mut [f64]) {
+    for ((s, &z), &m) in s.iter_mut().zip(z).zip(m) {
+        let a = z - m;
+        *s += if a <= 709.0 { exp_kernel(a) } else { f64::NAN };
     }
 }
 
 /// Keeps the all-samples logits current after scalar `index` of array `param` (of the dense
-/// layer at plan index `layer`) changed from `old` to `new`: row `k` moves by `(new − old)·x_j`
-/// (or by `new − old` for a bias). The caller checked that the logits and the transposed input
-/// are valid.
+/// layer at plan index `layer`) changed from `old` to `new`: a weight `(k, j)` joins the
+/// pending changes (added to row `k` of all N samples when RSO leaves its block of features),
+/// a bias moves row `k` by `new − old` at once. The caller checked that the logits and the
+/// blocked input are valid.
 pub(super) fn update(
     inc: &mut Incremental,
     net: &CpuNetwork,
@@ -220,26 +447,26 @@ pub(super) fn update(
     let n = net.train.len();
     let (k, j) = target(net, layer, param, index);
     let d = f64::from(new) - f64::from(old);
-    let row = &mut inc.store.z.data[k * n..(k + 1) * n];
-    const C: usize = 8192;
+    let store = &mut inc.store;
     match j {
         Some(j) => {
-            let x = &inc.store.xt.data[j * n..(j + 1) * n];
-            let task = |(row, x): (&mut [f64], &[f32])| {
-                for (z, &x) in row.iter_mut().zip(x) {
-                    *z += d * f64::from(x);
-                }
-            };
-            if parallel(n * 4) {
-                row.par_chunks_mut(C).zip(x.par_chunks(C)).for_each(task);
-            } else {
-                row.chunks_mut(C).zip(x.chunks(C)).for_each(task);
+            if store.has_pending && (store.pending_row, store.pending_block) != (k, j / FB) {
+                store.flush_pending();
             }
+            store.pending_row = k;
+            store.pending_block = j / FB;
+            store.pending[j % FB] += d;
+            store.has_pending = true;
         }
-        None => row.iter_mut().for_each(|z| *z += d),
+        None => {
+            store.flush_pending();
+            store.z.data[k * n..(k + 1) * n]
+                .iter_mut()
+                .for_each(|z| *z += d);
+        }
     }
-    inc.store.z.tick = Some(inc.clock.now());
-    inc.store.z_gen[k] += 1;
+    store.z.tick = Some(inc.clock.now());
+    store.z_gen[k] += 1;
 }
 
 /// The three losses for a scalar of the final dense layer (plan index `layer`) of a model with
@@ -271,14 +498,10 @@ pub(super) fn per_batch(
     let parts = super::util::grown(&mut inc.dense.parts, chunks, Default::default());
     for_chunks(b, CHUNK, parallel(b * classes * 30), parts, |r, acc| {
         *acc = Default::default();
-        let mut zrow = [0.0f64; 64];
+        let mut zrow = [0.0f64; MAX_CLASSES];
         for t in r {
             let label = usize::from(labels[t]);
             let xj = j.map_or(1.0, |j| f64::from(x[t * d_in + j]));
-            if classes > zrow.len() {
-                acc.iter_mut().for_each(|a| a.push_value(f64::NAN));
-                continue;
-            }
             for (v, a) in acc.iter_mut().enumerate() {
                 for (zc, &l) in zrow.iter_mut().zip(&logits[t * classes..(t + 1) * classes]) {
                     *zc = f64::from(l);

@@ -48,7 +48,7 @@ pub(super) struct Visit<'a> {
 }
 
 /// Largest class count of the incremental paths (their per-sample logits live on the stack).
-const MAX_CLASSES: usize = 64;
+pub(super) const MAX_CLASSES: usize = 64;
 
 /// The change clock: a tick per parameter change, and the tick of each layer's last change.
 #[derive(Debug, Default)]
@@ -147,6 +147,8 @@ impl Incremental {
             self.clock.touch_all();
             self.conv = None;
             self.dense.forget_rows();
+            self.store.pending = [0.0; store::FB];
+            self.store.has_pending = false;
         }
     }
 
@@ -252,7 +254,7 @@ pub(crate) fn weight_changed(net: &mut CpuNetwork, param: usize, index: usize, o
         let eager = topo.dense == Some(layer)
             && !topo.has_bn
             && inc.store.z.valid(&inc.clock, layers)
-            && inc.store.xt.valid(&inc.clock, layer);
+            && inc.store.xb.valid(&inc.clock, layer);
         inc.clock.touch(layer);
         if eager {
             dense::update(&mut inc, net, layer, param, index, old, new);

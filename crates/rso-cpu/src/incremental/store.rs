@@ -38,9 +38,21 @@ pub(super) struct Store {
     pub(super) z: Stamped<f64>,
     /// Generation of each logit row (class): bumped whenever the row changes.
     pub(super) z_gen: Vec<u64>,
-    /// The input of the final dense layer, feature-major (`xt[feature·N + sample]`).
-    pub(super) xt: Stamped<f32>,
+    /// The input of the final dense layer in blocks of [`FB`] features:
+    /// `xb[(block·N + sample)·FB + feature % FB]`, so that one cache line holds a sample's
+    /// features of a block (zero-padded past the last feature).
+    pub(super) xb: Stamped<f32>,
+    /// Accepted changes of the dense weights of row `pending_row`, block `pending_block`, not
+    /// yet added to `z` (see [`super::dense`]): `pending[f]` is the summed change of feature
+    /// `block·FB + f`, and the logits are `z + Σ_f pending[f]·x_f` while `has_pending`.
+    pub(super) pending: [f64; FB],
+    pub(super) has_pending: bool,
+    pub(super) pending_row: usize,
+    pub(super) pending_block: usize,
 }
+
+/// Features per block of [`Store::xb`] (a 64-byte cache line of f32).
+pub(super) const FB: usize = 16;
 
 impl Store {
     /// Makes `acts[a]` valid for every `a` in `want` (`0 < a < plan.len()`), and the logits when
@@ -131,8 +143,11 @@ impl Store {
             self.acts[a].tick = Some(clock.now());
         }
         if logits {
+            // Computed from the current weights: nothing is pending any more.
             self.z.tick = Some(clock.now());
             self.bump_all_rows(classes);
+            self.pending = [0.0; FB];
+            self.has_pending = false;
         }
     }
 
@@ -146,45 +161,61 @@ impl Store {
         }
     }
 
-    /// Makes `xt` (the transposed input of the dense layer at plan index `dense`) valid, from a
+    /// Makes `xb` (the blocked input of the dense layer at plan index `dense`) valid, from a
     /// valid `acts[dense]`.
-    pub(super) fn ensure_xt(&mut self, net: &mut CpuNetwork, clock: &Clock, dense: usize) {
-        if self.xt.valid(clock, dense) {
+    pub(super) fn ensure_xb(&mut self, net: &mut CpuNetwork, clock: &Clock, dense: usize) {
+        if self.xb.valid(clock, dense) {
             return;
         }
         self.ensure(net, clock, &[dense], false);
         let n = net.train.len();
         let d = act_len(net, dense);
-        if self.xt.data.len() != n * d {
-            self.xt.data = vec![0.0; n * d];
+        let blocks = d.div_ceil(FB);
+        if self.xb.data.len() != blocks * n * FB {
+            self.xb.data = vec![0.0; blocks * n * FB];
         }
         let src = &self.acts[dense].data;
-        // Blocks of 64 features × all samples, one block per task: each writes its own rows.
-        const FB: usize = 64;
-        let par = rayon::current_num_threads() > 1 && n * d >= 1 << 16;
         let task = |(b, dst): (usize, &mut [f32])| {
             let f0 = b * FB;
-            let fl = dst.len() / n;
-            for s0 in (0..n).step_by(64) {
-                let s1 = (s0 + 64).min(n);
-                for f in 0..fl {
-                    let row = &mut dst[f * n..][s0..s1];
-                    for (i, v) in row.iter_mut().enumerate() {
-                        *v = src[(s0 + i) * d + f0 + f];
-                    }
-                }
+            let fl = FB.min(d - f0);
+            for (i, line) in dst.chunks_exact_mut(FB).enumerate() {
+                line[..fl].copy_from_slice(&src[i * d + f0..][..fl]);
+                line[fl..].fill(0.0);
             }
         };
-        if par {
-            self.xt
+        if rayon::current_num_threads() > 1 && n * d >= 1 << 16 {
+            self.xb
                 .data
-                .par_chunks_mut(FB * n)
+                .par_chunks_mut(n * FB)
                 .enumerate()
                 .for_each(task);
         } else {
-            self.xt.data.chunks_mut(FB * n).enumerate().for_each(task);
+            self.xb.data.chunks_mut(n * FB).enumerate().for_each(task);
         }
-        self.xt.tick = Some(clock.now());
+        self.xb.tick = Some(clock.now());
+    }
+
+    /// Adds the pending dense-weight changes to the logits (see [`Store::pending`]).
+    pub(super) fn flush_pending(&mut self) {
+        if !self.has_pending {
+            return;
+        }
+        let n = self.z.data.len() / self.z_gen.len().max(1);
+        let (k, block) = (self.pending_row, self.pending_block);
+        let row = &mut self.z.data[k * n..(k + 1) * n];
+        let xb = &self.xb.data[block * n * FB..(block + 1) * n * FB];
+        let pending = &self.pending;
+        const C: usize = 8192;
+        let task = |(c, row): (usize, &mut [f64])| {
+            add_pending(pending, &xb[c * C * FB..][..row.len() * FB], row)
+        };
+        if rayon::current_num_threads() > 1 && n >= 2 * C {
+            row.par_chunks_mut(C).enumerate().for_each(task);
+        } else {
+            row.chunks_mut(C).enumerate().for_each(task);
+        }
+        self.pending = [0.0; FB];
+        self.has_pending = false;
     }
 
     /// Adds `dz[sample·classes + class]` (sample-major) to the class-major logits.
@@ -226,6 +257,31 @@ fn useful(net: &CpuNetwork) -> Vec<usize> {
         bytes <= KEEP_BUDGET
     });
     out
+}
+
+/// `Σ_f pending[f]·line[f]` for one sample's line of a block: four interleaved partial sums
+/// added pairwise (a fixed order).
+#[inline(always)]
+pub(super) fn pending_sum(pending: &[f64; FB], line: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    for (p, x) in pending.chunks_exact(4).zip(line.chunks_exact(4)) {
+        for l in 0..4 {
+            acc[l] += p[l] * f64::from(x[l]);
+        }
+    }
+    (acc[0] + acc[2]) + (acc[1] + acc[3])
+}
+
+super::util::avx2_dispatch! {
+    /// `z[i] += pending_sum(pending, line i of xb)` for every sample of a chunk.
+    fn add_pending(pending: &[f64; FB], xb: &[f32], z: &mut [f64]) -> () => add_pending_body
+}
+
+#[inline(always)]
+fn add_pending_body(pending: &[f64; FB], xb: &[f32], z: &mut [f64]) {
+    for (z, line) in z.iter_mut().zip(xb.chunks_exact(FB)) {
+        *z += pending_sum(pending, line);
+    }
 }
 
 /// Values per sample of activation `a` of `net`'s plan.

@@ -43,18 +43,19 @@ impl LogProd {
         }
     }
 
-    /// Adds a per-sample term that is already a number (the fallback of callers).
-    #[inline(always)]
-    pub(super) fn push_value(&mut self, v: f64) {
-        self.lin += v;
-    }
-
     #[inline(always)]
     fn renorm(&mut self) {
         // `mant` is a normal positive number here (a product of numbers in [1, 2) and [1, 1e300]).
         let bits = self.mant.to_bits();
         self.exp += ((bits >> 52) & 0x7ff) as i64 - 1023;
         self.mant = f64::from_bits((bits & FRAC_MASK) | (1023 << 52));
+    }
+
+    /// An accumulator holding `lin + ln(mant·2^exp)` (`mant` a normal positive number).
+    pub(super) fn from_parts(lin: f64, mant: f64, exp: i64) -> LogProd {
+        let mut p = LogProd { lin, mant, exp };
+        p.renorm();
+        p
     }
 
     /// Adds another accumulator (callers merge chunk results in chunk order).
@@ -72,11 +73,16 @@ impl LogProd {
 }
 
 /// Adds one sample's cross-entropy `LSE(z) − z[label]` for f64 logits `z`, as
-/// `lin = m − z[label]`, `a = Σ exp(z − m)` with `m = max z`.
+/// `lin = m − z[label]`, `a = Σ exp(z − m)` with `m = max z` (every `z − m ≤ 0`, where
+/// [`exp_kernel`] is valid; a NaN or infinite logit takes the library's exponential).
 #[inline(always)]
 pub(super) fn push_ce(acc: &mut LogProd, z: &[f64], label: usize) {
     let m = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
-    let a: f64 = z.iter().map(|&v| (v - m).exp()).sum();
+    let a: f64 = if m.is_finite() {
+        z.iter().map(|&v| exp_kernel(v - m)).sum()
+    } else {
+        z.iter().map(|&v| (v - m).exp()).sum()
+    };
     // A NaN logit makes `a` NaN (max ignores NaN, the sum does not).
     acc.push(m - z[label], a);
 }
@@ -134,6 +140,19 @@ pub(super) fn for_chunks<T: Send>(
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static SCRATCH_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH64: RefCell<Vec<f64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's f64 scratch of at least `len` values (contents unspecified). Not
+/// re-entrant.
+pub(super) fn with_scratch64<R>(len: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
+    SCRATCH64.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
 }
 
 /// Runs `f` on this thread's f32 scratch of at least `len` values (contents unspecified). Not
@@ -165,6 +184,33 @@ pub(super) fn grown<T: Clone>(buf: &mut Vec<T>, len: usize, fill: T) -> &mut [T]
         buf.resize(len, fill);
     }
     &mut buf[..len]
+}
+
+/// `out += d · shift(src)` for one `h × w` plane, `shift` as in [`add_shifted`].
+pub(super) fn acc_shifted(
+    h: usize,
+    w: usize,
+    src: &[f32],
+    ky: usize,
+    kx: usize,
+    d: f32,
+    out: &mut [f32],
+) {
+    for y in 0..h {
+        if y + ky == 0 || y + ky > h {
+            continue;
+        }
+        let srow = &src[(y + ky - 1) * w..][..w];
+        let orow = &mut out[y * w..][..w];
+        let (o, s) = match kx {
+            0 => (&mut orow[1..], &srow[..w - 1]),
+            1 => (&mut orow[..], srow),
+            _ => (&mut orow[..w - 1], &srow[1..]),
+        };
+        for (o, &s) in o.iter_mut().zip(s) {
+            *o += d * s;
+        }
+    }
 }
 
 /// `out = plane + d · shift(src)` for one `h × w` plane, where `shift` is the input plane as a
@@ -200,6 +246,68 @@ pub(super) fn add_shifted(
     }
 }
 
+/// Defines `fn $name(args) -> R` that runs `$body(args)` compiled for AVX2 when the CPU has it,
+/// else for the baseline. The body must not use fused multiply-adds (`mul_add`), so both copies
+/// round identically: the choice changes speed only.
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty => $body:ident) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU supports the feature `wide` is compiled for.
+                return unsafe { wide($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(super) use avx2_dispatch;
+
+/// `exp(x)` for `x ≤ 709` in plain arithmetic (no library call, no branch, so loops over it
+/// vectorise): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (Cody–Waite), `exp(r)` by its Taylor
+/// polynomial of degree 13 (truncation below 1e-17), times `2ⁿ` built in the exponent bits.
+/// Relative error a few ulps; `x < −708` gives `exp(−708)` (callers add it to numbers ≥ 1,
+/// where it vanishes). NaN or `x > 709` give garbage: callers check their inputs.
+#[inline(always)]
+pub(super) fn exp_kernel(x: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5·2⁵²: adding it rounds to an integer
+                                                // ln 2 split so that n·LN2_HI is exact for |n| < 2²¹ (fdlibm's constants).
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+    let x = if x < -708.0 { -708.0 } else { x };
+    let t = x * std::f64::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 6_227_020_800.0; // 1/13!
+    for c in [
+        1.0 / 479_001_600.0,
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = p * r + c;
+    }
+    // n's integer value sits in the low bits of t.
+    let ni = (t.to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64);
+    p * f64::from_bits(((ni + 1023) as u64) << 52)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +333,24 @@ mod tests {
         let mut inf = acc;
         inf.push(0.0, f64::INFINITY);
         assert_eq!(inf.value(), f64::INFINITY);
+    }
+
+    #[test]
+    fn the_exponential_kernel_is_within_a_few_ulps() {
+        let mut worst = 0.0f64;
+        let mut x = -707.9;
+        while x < 709.0 {
+            let (got, want) = (exp_kernel(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        for x in [0.0, 1e-300, -1e-300, 0.5, -0.5, 1.0, 700.5, -700.5] {
+            let (got, want) = (exp_kernel(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 1e-15, "worst relative error {worst}");
+        assert_eq!(exp_kernel(0.0), 1.0);
+        assert!(exp_kernel(-1000.0) < 1e-300);
     }
 
     #[test]
