@@ -3,8 +3,11 @@
 
 use rand::{Rng, SeedableRng};
 use rso_data::{Dataset, Split};
-use rso_models::{init_params, ModelKind, Preset};
+use rso_models::network::reference_candidate_losses;
+use rso_models::{init_params, ModelKind, Network, Preset};
+use rso_optim::{choose, Choice, Rso, RsoEval};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// MNIST (normalised for `preset`, cut to `train` and `test` samples) when the fetched files
 /// are there; otherwise random images of MNIST's shape, so the benches run anywhere (timings
@@ -26,7 +29,10 @@ pub fn mnist_or_synthetic(preset: Preset, train: usize, test: usize) -> Split {
         width: 28,
         classes: 10,
     };
-    Split { train: set(train), test: set(test) }
+    Split {
+        train: set(train),
+        test: set(test),
+    }
 }
 
 /// A pure-Rust network of `model` initialised by `preset` from seed 0.
@@ -34,4 +40,49 @@ pub fn cpu_network(model: ModelKind, preset: Preset, split: Split) -> rso_cpu::C
     let spec = model.mnist();
     let params = init_params(&spec, preset.init(), &mut rso_optim::setup_rng(0, 0));
     rso_cpu::CpuNetwork::new(&spec, &params, split).expect("bench network")
+}
+
+/// The time of one RSO round of `rso` on `net`, extrapolated from visiting the first
+/// `⌈fraction·len⌉` scalars of every array in RSO's order (`begin_sweep`, then in order; random
+/// batches of a shuffled partition of the training set; Δ ~ N(0, σ); the argmin accepted), each
+/// array's time scaled by `len / visited`. For rounds too long to time whole (minutes).
+pub fn extrapolated_round(net: &mut dyn Network, rso: &Rso, fraction: f64, seed: u64) -> Duration {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = net.train_len();
+    let batch = rso.config().batch_size.min(n);
+    let reduction = rso.config().reduction;
+    let order = rso_optim::shuffled(n, &mut rng);
+    let batches = n.div_ceil(batch);
+    let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
+    let mut total = 0.0;
+    for step in rso.schedule() {
+        let len = lens[step.param];
+        let visits = ((fraction * len as f64).ceil() as usize).clamp(1, len);
+        let t = Instant::now();
+        net.begin_sweep(step.param);
+        for index in 0..visits {
+            let k = rng.random_range(0..batches);
+            let b = &order[k * batch..((k + 1) * batch).min(n)];
+            // Δ ~ N(0, σ) by Box–Muller (timings do not depend on the exact draws).
+            let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
+            let delta =
+                (step.sigma * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32;
+            let w = net.weight(step.param, index);
+            let losses = match rso.config().eval {
+                RsoEval::Reference => {
+                    reference_candidate_losses(net, b, step.param, index, delta, reduction)
+                }
+                RsoEval::Incremental => {
+                    net.candidate_losses(b, step.param, index, delta, reduction)
+                }
+            };
+            match choose(losses) {
+                Choice::Keep => {}
+                Choice::Plus => net.set_weight(step.param, index, w + delta),
+                Choice::Minus => net.set_weight(step.param, index, w - delta),
+            }
+        }
+        total += t.elapsed().as_secs_f64() * len as f64 / visits as f64;
+    }
+    Duration::from_secs_f64(total)
 }

@@ -1,43 +1,113 @@
-//! Criterion benches: the forward pass of each model, and one RSO round.
+//! Criterion benches: the forward pass of each model, and one RSO round per (model, batch size,
+//! engine, candidate path).
 //!
-//! `cargo bench` runs them; `scripts/bench-to-csv.sh` exports the estimates.
+//! Groups `rso_round/{model}/cpu`, ids `{eval}/{batch}` (`incremental/1024`, `reference/32`),
+//! throughput in weights per second (one round visits every weight once). Preset `seed` (the
+//! CLI's default: random batches, mean loss) on MNIST's 60 000 training images (random images
+//! when `data/mnist` is absent). Cases whose round takes minutes are timed on a fraction of
+//! every array's scalars and extrapolated to the round (see
+//! [`rso_bench::extrapolated_round`]); their ids say so (`reference-est/1024`), and the case
+//! table below gives the fraction. `RSO_BENCH_FULL=1` adds the long cases (two-conv at B=1000
+//! as whole rounds). `scripts/bench-to-csv.sh` exports
+//! the estimates to `results/bench_rso_round.csv`.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use rso_bench::{cpu_network, mnist_or_synthetic};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use rso_bench::{cpu_network, extrapolated_round, mnist_or_synthetic};
 use rso_models::{ModelKind, Network, Preset, Reduction};
 use rso_optim::{Optimizer, Rso, RsoConfig, RsoEval};
+use std::time::{Duration, Instant};
 
 fn forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
     for model in ModelKind::ALL {
         let batch: Vec<u32> = (0..256).collect();
-        let mut net = cpu_network(model, Preset::Seed, mnist_or_synthetic(Preset::Seed, 256, 10));
+        let mut net = cpu_network(
+            model,
+            Preset::Seed,
+            mnist_or_synthetic(Preset::Seed, 256, 10),
+        );
         group.throughput(Throughput::Elements(batch.len() as u64));
-        group.bench_function(BenchmarkId::new(format!("{}/cpu", model.name()), 256), |b| {
-            b.iter(|| net.batch_loss(&batch, Reduction::Mean))
-        });
+        group.bench_function(
+            BenchmarkId::new(format!("{}/cpu", model.name()), 256),
+            |b| b.iter(|| net.batch_loss(&batch, Reduction::Mean)),
+        );
     }
     group.finish();
 }
 
+/// How a case is timed.
+#[derive(Clone, Copy)]
+enum Timing {
+    /// Whole rounds through `Rso::run_round`.
+    Round,
+    /// Extrapolated from this fraction of every array's scalars.
+    Fraction(f64),
+}
+
 /// One RSO round per (model, batch, eval path) on the pure-Rust engine.
 fn rso_round(c: &mut Criterion) {
-    let cases: &[(ModelKind, usize, RsoEval)] = &[
-        (ModelKind::OneConv, 32, RsoEval::Reference),
+    use ModelKind::*;
+    use RsoEval::*;
+    use Timing::*;
+    let full = std::env::var_os("RSO_BENCH_FULL").is_some_and(|v| v != "0");
+    let mut cases: Vec<(ModelKind, usize, RsoEval, Timing)> = vec![
+        // The baseline: three forward passes per weight (about 5–10 s a round).
+        (OneConv, 32, Reference, Round),
+        (OneConv, 32, Incremental, Round),
+        (OneConv, 1024, Reference, Fraction(0.01)),
+        (OneConv, 1024, Incremental, Round),
+        (TwoConv, 32, Incremental, Round),
+        (TwoConv, 1000, Reference, Fraction(0.002)),
+        (TwoConv, 1000, Incremental, Fraction(0.1)),
+        (Paper, 256, Reference, Fraction(0.002)),
+        (Paper, 256, Incremental, Fraction(0.006)),
     ];
-    for &(model, batch, eval) in cases {
+    if full {
+        cases.push((TwoConv, 1000, Incremental, Round));
+    }
+    let split = mnist_or_synthetic(Preset::Seed, 60_000, 10);
+    for model in ModelKind::ALL {
         let mut group = c.benchmark_group(format!("rso_round/{}/cpu", model.name()));
         group.sample_size(10);
-        let split = mnist_or_synthetic(Preset::Seed, 60_000, 10);
-        let mut net = cpu_network(model, Preset::Seed, split);
-        let mut cfg = RsoConfig::preset(Preset::Seed, 1, batch, 0);
-        cfg.eval = eval;
-        let mut rso = Rso::new(net.spec(), cfg).expect("config");
-        group.throughput(Throughput::Elements(net.spec().param_count() as u64));
-        let id = format!("{}-{batch}", if eval == RsoEval::Reference { "reference" } else { "incremental" });
-        group.bench_function(BenchmarkId::from_parameter(id), |b| {
-            b.iter(|| rso.run_round(&mut net, 0, &mut |_| {}).expect("round"))
-        });
+        group.sampling_mode(SamplingMode::Flat);
+        group.warm_up_time(Duration::from_millis(1));
+        group.measurement_time(Duration::from_secs(1));
+        for &(_, batch, eval, timing) in cases.iter().filter(|c| c.0 == model) {
+            let mut net = cpu_network(model, Preset::Seed, split.clone());
+            let mut cfg = RsoConfig::preset(Preset::Seed, 1, batch, 0);
+            cfg.eval = eval;
+            let mut rso = Rso::new(net.spec(), cfg).expect("config");
+            group.throughput(Throughput::Elements(net.spec().param_count() as u64));
+            let name = match eval {
+                Reference => "reference",
+                Incremental => "incremental",
+            };
+            // Extrapolated cases say so in their id: `incremental-est/1000`.
+            let id = match timing {
+                Round => BenchmarkId::new(name, batch),
+                Fraction(_) => BenchmarkId::new(format!("{name}-est"), batch),
+            };
+            let mut seed = 0;
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        seed += 1;
+                        total += match timing {
+                            Round => {
+                                let t = Instant::now();
+                                rso.run_round(&mut net, 0, &mut |_| {}).expect("round");
+                                t.elapsed()
+                            }
+                            Fraction(f) => extrapolated_round(&mut net, &rso, f, seed),
+                        };
+                    }
+                    total
+                })
+            });
+        }
         group.finish();
     }
 }
