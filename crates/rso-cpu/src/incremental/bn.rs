@@ -15,9 +15,14 @@
 //! The base goes through the same arithmetic as the candidates (the loss of the forward pass
 //! for a next convolution, the same logit update with `Δo_k = 0` for a next dense layer), so a
 //! candidate that changes nothing ties with W exactly, as on the reference path.
+//!
+//! The layers before the visited one do not change during its sweep, so when a batch comes
+//! back (preset `seed` draws every visit's batch from the ⌈N/B⌉ batches of the round) its
+//! input to the visited layer is taken from a [`BatchMemo`] and the forward pass starts there;
+//! this skips most of the pass for the later layers (conv6's input is 96% of the way through).
 
 use super::util::{add_shifted, changes, grown, parallel, push_ce, LogProd};
-use super::Visit;
+use super::{Clock, Visit};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
@@ -25,13 +30,67 @@ use crate::kernels::relu::relu_forward;
 use crate::network::{CpuNetwork, Mode, Op};
 use rayon::prelude::*;
 use rso_models::Reduction;
+use std::collections::HashMap;
 
 /// Samples per task of the one-channel convolution (fixed: results do not depend on threads).
 const CHUNK: usize = 16;
 
+/// Bytes of per-batch activations a [`BatchMemo`] may hold.
+const MEMO_BUDGET: usize = 1 << 30;
+
+/// Per-batch copies of one activation (the input of the layer being swept), for batches that
+/// recur: preset `seed` cuts each round's shuffled training set into ⌈N/B⌉ batches and draws
+/// one per visit, so during a sweep every batch comes back many times, and the layers before
+/// the swept one (whose parameters do not change during the sweep) need to run once per batch
+/// instead of once per visit. A hit copies the stored activation into place and the forward
+/// pass starts there: the same arithmetic on the same values, so the losses are bit for bit
+/// those of a full forward pass. Batches that do not recur (preset `paper`'s sliding windows)
+/// stop the memo from storing after a while.
+#[derive(Debug, Default)]
+pub(super) struct BatchMemo {
+    /// The memoised activation index, its values per sample, and the clock tick the entries
+    /// were made at (valid while no layer before `act` changed since).
+    act: usize,
+    len: usize,
+    tick: u64,
+    active: bool,
+    /// Entry by hash of the batch's indices: `(batch, offset into data)`.
+    index: HashMap<u64, usize>,
+    entries: Vec<(Vec<u32>, usize)>,
+    data: Vec<f32>,
+    used: usize,
+    hits: usize,
+}
+
+impl BatchMemo {
+    /// Forgets every entry (keeping the buffers).
+    fn reset(&mut self, act: usize, len: usize, tick: u64) {
+        self.act = act;
+        self.len = len;
+        self.tick = tick;
+        self.active = true;
+        self.index.clear();
+        self.entries.clear();
+        self.used = 0;
+        self.hits = 0;
+    }
+}
+
+/// FNV-1a of a batch's indices.
+fn batch_hash(batch: &[u32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &i in batch {
+        for b in i.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
 /// Reused buffers of the path.
 #[derive(Debug, Default)]
 pub(super) struct BnScratch {
+    memo: BatchMemo,
     /// Channel-`k` planes of the three variants, `[3][B][hw]`, and a second buffer.
     a: Vec<f32>,
     b: Vec<f32>,
@@ -168,6 +227,7 @@ fn plane_out(net: &CpuNetwork, i: usize) -> usize {
 /// The three losses for a scalar of the convolution at plan index `layer`.
 pub(super) fn conv(
     s: &mut BnScratch,
+    clock: &Clock,
     net: &mut CpuNetwork,
     layer: usize,
     visit: Visit,
@@ -184,7 +244,7 @@ pub(super) fn conv(
     };
     let next = next_after(net, layer + 1)?;
     let n = batch.len();
-    let base = forward(net, batch, reduction);
+    let base = forward(s, clock, net, batch, reduction, layer);
     let taps = conv.taps();
     let (k, tap) = if param == weight {
         (index / taps, Some(index % taps))
@@ -237,6 +297,7 @@ pub(super) fn conv(
 /// The three losses for `γ_k` or `β_k` of the BatchNorm at plan index `layer`.
 pub(super) fn norm(
     s: &mut BnScratch,
+    clock: &Clock,
     net: &mut CpuNetwork,
     layer: usize,
     visit: Visit,
@@ -256,7 +317,8 @@ pub(super) fn norm(
     };
     let next = next_after(net, layer + 1)?;
     let n = batch.len();
-    let base = forward(net, batch, reduction);
+    // No memo: γ and β sweeps are 16 visits each, too few for batches to recur.
+    let base = forward(s, clock, net, batch, reduction, 0);
     let k = index;
     let w = net.params.values[param][index];
     let x = &net.ws.acts[layer];
@@ -284,17 +346,64 @@ pub(super) fn norm(
 }
 
 /// Loads `batch` and runs the forward pass keeping every activation; returns the loss at W.
-fn forward(net: &mut CpuNetwork, batch: &[u32], reduction: Reduction) -> f64 {
+/// Activation `act` (the input of the layer being visited) comes from the [`BatchMemo`] when
+/// the batch was seen since the layers before it last changed, and when those layers are a
+/// sizeable part of the forward pass.
+pub(super) fn forward(
+    s: &mut BnScratch,
+    clock: &Clock,
+    net: &mut CpuNetwork,
+    batch: &[u32],
+    reduction: Reduction,
+    act: usize,
+) -> f64 {
     let n = batch.len();
     net.load_batch(batch);
-    net.forward_from(0, n, Mode::Train, true);
+    let prefix: usize = net.plan[..act].iter().map(|s| s.work).sum();
+    let total: usize = net.plan.iter().map(|s| s.work).sum();
+    if act == 0 || 4 * prefix < total {
+        net.forward_from(0, n, Mode::Train, true);
+        return reduction.finish(net.loss_sum(n), n);
+    }
+    let len = net.plan[act - 1].out_len;
+    let memo = &mut s.memo;
+    if !(memo.active && memo.act == act && clock.unchanged_since(memo.tick, 0..act)) {
+        memo.reset(act, len, clock.now());
+    }
+    let h = batch_hash(batch);
+    let hit = memo
+        .index
+        .get(&h)
+        .map(|&e| &memo.entries[e])
+        .filter(|(b, _)| b[..] == batch[..])
+        .map(|&(_, off)| off);
+    match hit {
+        Some(off) => {
+            memo.hits += 1;
+            net.ws.acts[act][..n * len].copy_from_slice(&memo.data[off..off + n * len]);
+            net.forward_from(act, n, Mode::Train, true);
+        }
+        None => {
+            net.forward_from(0, n, Mode::Train, true);
+            // Store while within budget, unless batches evidently do not recur.
+            let room = (memo.used + n * len) * 4 <= MEMO_BUDGET;
+            let recurs = memo.hits > 0 || memo.entries.len() < 2 * net.train.len().div_ceil(n);
+            if room && recurs && !memo.index.contains_key(&h) {
+                let off = memo.used;
+                grown(&mut memo.data, off + n * len, 0.0)[off..]
+                    .copy_from_slice(&net.ws.acts[act][..n * len]);
+                memo.used += n * len;
+                memo.index.insert(h, memo.entries.len());
+                memo.entries.push((batch.to_vec(), off));
+            }
+        }
+    }
     reduction.finish(net.loss_sum(n), n)
 }
 
 /// Runs the chain from plan index `first` on the three variants' channel-`k` planes in `s.a`
-/// (`[3][n][hw]`, one batch of `3n` planes: the chain up to the first BatchNorm is per plane,
-/// and a chain that starts after the visited layer has no BatchNorm statistics to share... so
-/// each variant runs separately), then the next layer; returns the three losses.
+/// (`[3][n][hw]`; each variant's planes run separately, as a BatchNorm in the chain takes its
+/// statistics over one variant's batch), then the next layer; returns the three losses.
 #[allow(clippy::too_many_arguments)]
 fn finish(
     s: &mut BnScratch,

@@ -22,6 +22,11 @@
 //! otherwise redo that work on its batch), and the end of the layer's sweep folds everything, so
 //! the arrays are current for the next layer's sweep without a forward pass of the training set.
 //!
+//! When the store also keeps the layer's own output (the pre-activation; `two-conv`'s second
+//! convolution), folds keep it current, and channel `k`'s pre-activation for a visit is the
+//! stored plane plus one shifted input plane per weight changed since the snapshot, while that
+//! is fewer operations than the convolution.
+//!
 //! The base loss goes through exactly the same arithmetic as the candidates (with channel `k`'s
 //! pre-activation unchanged), so a candidate that changes nothing for the batch (a zero input
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.

@@ -25,7 +25,7 @@ use super::util::{
     LogProd,
 };
 use super::{Incremental, Visit, MAX_CLASSES};
-use crate::network::{CpuNetwork, Mode, Op};
+use crate::network::{CpuNetwork, Op};
 use rayon::prelude::*;
 
 /// Samples per chunk of a candidate evaluation (fixed: results do not depend on threads).
@@ -486,8 +486,9 @@ pub(super) fn per_batch(
     } = v;
     let b = batch.len();
     let classes = net.spec.classes;
-    net.load_batch(batch);
-    net.forward_from(0, b, Mode::Train, true);
+    // The forward pass (its loss is not used: the base goes through the same arithmetic as the
+    // candidates); the layer's input comes from the per-batch memo when the batch recurs.
+    super::bn::forward(&mut inc.bn, &inc.clock, net, batch, reduction, layer);
     let (k, j) = target(net, layer, param, index);
     let [dp, dm] = changes(net.params.values[param][index], delta);
     let d_in = act_len(net, layer);

@@ -1,14 +1,15 @@
 //! Incremental RSO candidate evaluation: the three losses of [`Network::candidate_losses`] (at
 //! W, at `w + δ`, at `w − δ`) computed from what one scalar change touches instead of three
 //! forward passes, equal to the reference path ([`reference_candidate_losses`]) up to
-//! floating-point rounding (the tests hold them to 1e-5 relative).
+//! floating-point rounding (tests/incremental.rs holds them to 1e-5 relative and checks that a
+//! seeded RSO round takes the same decisions on both paths).
 //!
-//! What each layer kind does:
+//! What each layer kind does (N training samples, B per batch):
 //!
-//! | visited array | model without BatchNorm | model with BatchNorm (batch statistics) |
+//! | visited array | model without BatchNorm (`one-conv`, `two-conv`) | model with BatchNorm on batch statistics (`paper`) |
 //! |---|---|---|
-//! | final dense weight/bias | [`dense::cached`]: all-samples logits (f64) and input kept current; O(B) per visit, O(N) per change | [`dense::per_batch`]: one forward pass of the batch, then O(B) |
-//! | convolution weight/bias | [`conv`]: all-samples snapshot of the next layer's input and of the logits or next convolution's output; channel `k` and the dirty channels recomputed for the batch | [`bn::conv`]: one forward pass of the batch, then channel `k` through the chain, one input channel of the next convolution, and a forward pass of the rest per candidate |
+//! | final dense weight/bias | [`dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store](store); O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights | [`dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`bn::BatchMemo`]), then O(B) |
+//! | convolution weight/bias | [`conv`]: a snapshot of all N samples' next-layer input and logits (or next convolution's output); per visit channel `k` (and any *dirty* channel) for the batch only — from the stored layer output plus one shifted plane per change when that is cheaper than the convolution — then one block of logits (or one input channel of the next convolution); dirty channels folded into the snapshot when RSO moves on | [`bn::conv`]: one forward pass of the batch (from the layer's input when the batch recurs), then channel `k` alone through pooling, BatchNorm (channel `k`'s batch statistics) and ReLU, one input channel of the next convolution, and a forward pass of the rest per candidate |
 //! | BatchNorm γ/β | — | [`bn::norm`]: as a convolution, from the BatchNorm on |
 //!
 //! Anything else (a layer order these paths do not recognise, more than 64 classes, an empty
@@ -18,11 +19,22 @@
 //! never builds them) and checked against a change clock: every parameter change ticks it and
 //! records the tick per layer ([`Clock`]); a cached array remembers the tick it is consistent
 //! with and is valid while no layer it depends on changed since. Changes of the final dense
-//! layer update the all-samples logits in place (O(N)); a convolution's changes are folded into
-//! its snapshot ([`conv`]); `set_params` and SGD steps mark every layer changed.
+//! layer are added to the all-samples logits ([`dense::update`]); a convolution's changes are
+//! folded into its snapshot ([`conv`]); `set_params` and SGD steps mark every layer changed.
+//! The sweep that starts every RSO round (the final dense layer's weights) drops all caches,
+//! so a round's arithmetic depends only on the weights it starts from: a run resumed from a
+//! checkpoint computes bit for bit what the uninterrupted run computes.
 //!
 //! Work is split over rayon threads in fixed chunks of samples and every reduction combines the
 //! chunks in order, so the losses do not depend on the number of threads.
+//!
+//! Cost per round, in the terms of DESIGN §5: a model without BatchNorm runs one forward pass
+//! of the training set per round (at the dense sweep) and no forward pass of a batch at all;
+//! its dense sweep is O(B) per weight; a convolution weight costs O(B·c_in·9·h·w) for channel
+//! `k` (or O(B·h·w) per change since the channel's snapshot) plus the next layer's share. The
+//! `paper` model's BatchNorm mixes the samples of a batch, so each visit runs one forward pass
+//! of its batch (the layers before the visited one skipped when the batch recurs) and each
+//! candidate the layers after the next convolution.
 
 mod bn;
 mod conv;
@@ -179,9 +191,9 @@ impl Incremental {
                     dense::cached(self, net, layer, v)
                 })
             }
-            Op::Conv { .. } if has_bn => bn::conv(&mut self.bn, net, layer, v),
+            Op::Conv { .. } if has_bn => bn::conv(&mut self.bn, &self.clock, net, layer, v),
             Op::Conv { .. } => conv::visit(self, net, layer, v),
-            Op::BatchNorm { .. } => bn::norm(&mut self.bn, net, layer, v),
+            Op::BatchNorm { .. } => bn::norm(&mut self.bn, &self.clock, net, layer, v),
             _ => None,
         }
     }
