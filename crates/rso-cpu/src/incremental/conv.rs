@@ -466,8 +466,18 @@ fn visit_cached(
         let sizes = [nc * hw, nc * hw, nc * hw, nc * nd * hwo, 3 * nc * hwo];
         let x_of = |t: usize| &x_all[idx[t] as usize * in_len..][..in_len];
         let conv_rows = |c: usize, out: &mut [f32]| {
-            for (t, y) in out.chunks_exact_mut(hw).enumerate() {
-                conv_channel(net, cache_ref, c, 1, x_of(t), y);
+            if in_len <= 1024 {
+                // Small inputs (the images): gathered, so one kernel call covers the chunk.
+                super::util::with_scratch_b(nc * in_len, |xg| {
+                    for (t, dst) in xg.chunks_exact_mut(in_len).enumerate() {
+                        dst.copy_from_slice(x_of(t));
+                    }
+                    conv_channel(net, cache_ref, c, nc, xg, out);
+                });
+            } else {
+                for (t, y) in out.chunks_exact_mut(hw).enumerate() {
+                    conv_channel(net, cache_ref, c, 1, x_of(t), y);
+                }
             }
         };
         with_scratch(sizes.iter().sum(), |s| {

@@ -21,8 +21,8 @@
 
 use super::store::{act_len, pending_sum, FB};
 use super::util::{
-    avx2_dispatch, changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch64,
-    LogProd,
+    avx2_dispatch, changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch,
+    with_scratch64, LogProd,
 };
 use super::{Incremental, Visit, MAX_CLASSES};
 use crate::network::{CpuNetwork, Op};
@@ -172,46 +172,40 @@ pub(super) fn cached(
         *acc = Default::default();
         let idx = &batch[r];
         let len = idx.len();
-        let fast = with_scratch64(6 * len + len * FB / 2, |buf| {
+        let fast = with_scratch64(6 * len, |buf| {
             let (zk, buf) = buf.split_at_mut(len);
             let (x, buf) = buf.split_at_mut(len);
             let (m, buf) = buf.split_at_mut(len);
             let (s, buf) = buf.split_at_mut(len);
-            let (zl, buf) = buf.split_at_mut(len);
-            let (isk, lines) = buf.split_at_mut(len);
-            // Gather first (loads only, so that many cache misses are in flight at once), then
-            // compute.
-            match rows {
-                Some(rows) => {
-                    for (t, &i) in idx.iter().enumerate() {
-                        [m[t], s[t], zl[t], isk[t]] = rows.c[i as usize];
-                    }
-                }
-                None => {
-                    for (t, &i) in idx.iter().enumerate() {
-                        let i = i as usize;
-                        [m[t], s[t], zl[t], isk[t]] =
-                            constants(z, n, classes, k, i, usize::from(labels[i]));
-                    }
-                }
-            }
+            let (zl, isk) = buf.split_at_mut(len);
+            // Gather first (loads only, a few samples ahead prefetched, so that many cache
+            // misses are in flight at once), then compute.
+            const AHEAD: usize = 16;
             for (t, &i) in idx.iter().enumerate() {
-                zk[t] = z[k * n + i as usize];
+                if let Some(&a) = idx.get(t + AHEAD) {
+                    let a = a as usize;
+                    if let Some(rows) = rows {
+                        prefetch(&rows.c[a]);
+                    }
+                    prefetch(&z[k * n + a]);
+                    if let Some(xb) = xb {
+                        prefetch(&xb[a * FB]);
+                    }
+                }
+                let i = i as usize;
+                [m[t], s[t], zl[t], isk[t]] = match rows {
+                    Some(rows) => rows.c[i],
+                    None => constants(z, n, classes, k, i, usize::from(labels[i])),
+                };
+                zk[t] = z[k * n + i];
             }
             match xb {
-                Some(xb) => {
-                    // Lines of 16 f32 in f64 slots: 8 slots per line.
-                    for (t, &i) in idx.iter().enumerate() {
-                        let src = &xb[i as usize * FB..][..FB];
-                        let dst = &mut lines[t * FB / 2..][..FB / 2];
-                        for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                            *d = f64::from_bits(
-                                u64::from(pair[0].to_bits()) | (u64::from(pair[1].to_bits()) << 32),
-                            );
-                        }
+                Some(xb) => with_scratch(len * FB, |lines| {
+                    for (dst, &i) in lines.chunks_exact_mut(FB).zip(idx) {
+                        dst.copy_from_slice(&xb[i as usize * FB..][..FB]);
                     }
                     add_lines(pending, f, lines, zk, x);
-                }
+                }),
                 None => x.fill(1.0),
             }
             let mut ok = true;
@@ -244,27 +238,29 @@ pub(super) fn cached(
 }
 
 avx2_dispatch! {
-    /// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for gathered lines (16 f32 packed
-    /// in 8 f64 slots each).
-    fn add_lines(pending: &[f64; FB], f: usize, lines: &[f64], zk: &mut [f64], x: &mut [f64]) -> () => add_lines_body
+    /// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for gathered lines of 16 f32.
+    fn add_lines(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &mut [f64]) -> () => add_lines_body
 }
 
 #[inline(always)]
-fn add_lines_body(pending: &[f64; FB], f: usize, lines: &[f64], zk: &mut [f64], x: &mut [f64]) {
-    for ((zk, x), packed) in zk
-        .iter_mut()
-        .zip(x.iter_mut())
-        .zip(lines.chunks_exact(FB / 2))
-    {
-        let mut line = [0.0f32; FB];
-        for (pair, &p) in line.chunks_exact_mut(2).zip(packed) {
-            let b = p.to_bits();
-            pair[0] = f32::from_bits(b as u32);
-            pair[1] = f32::from_bits((b >> 32) as u32);
-        }
-        *zk += pending_sum(pending, &line);
+fn add_lines_body(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &mut [f64]) {
+    for ((zk, x), line) in zk.iter_mut().zip(x.iter_mut()).zip(lines.chunks_exact(FB)) {
+        *zk += pending_sum(pending, line);
         *x = f64::from(line[f]);
     }
+}
+
+/// Asks the CPU to bring the cache line of `r` closer (a hint; no effect on results).
+#[inline(always)]
+fn prefetch<T>(r: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint that never faults, and `r` is a valid reference anyway.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((r as *const T).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
 }
 
 avx2_dispatch! {
