@@ -294,7 +294,7 @@ impl CpuNetwork {
     }
 
     /// Batch mean and biased variance of the input of BatchNorm layer `i` into `batch_stats`.
-    fn batch_statistics(&mut self, i: usize, n: usize) {
+    pub(crate) fn batch_statistics(&mut self, i: usize, n: usize) {
         let Op::BatchNorm { c, hw, slot, .. } = self.plan[i].op else {
             unreachable!("layer {i} is not a batch norm");
         };

@@ -317,6 +317,45 @@ fn mnist_shapes_match_the_reference() {
     }
 }
 
+/// Batches that recur, as preset `seed` draws them (the paper model's per-batch memo of the
+/// visited layer's input and output): sweeps of every array with batches drawn from a fixed
+/// partition, accepted changes between the visits, against the reference path.
+#[test]
+fn recurring_batches_match_the_reference() {
+    for (spec, n) in [
+        (slim_paper(8, 10, 4), 48),
+        (ModelKind::Paper.spec(1, 8, 10), 24),
+    ] {
+        let (mut net, _) = network_of(&spec, n, Preset::Seed, 41);
+        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        let order: Vec<u32> = {
+            let mut o: Vec<u32> = (0..n as u32).collect();
+            for i in (1..o.len()).rev() {
+                o.swap(i, rng.random_range(0..=i));
+            }
+            o
+        };
+        let batches: Vec<&[u32]> = order.chunks(8).collect();
+        let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
+        for param in (0..lens.len()).rev() {
+            net.begin_sweep(param);
+            for index in 0..lens[param].min(24) {
+                let batch = batches[rng.random_range(0..batches.len())];
+                let delta = rng.random_range(-0.4f32..0.4);
+                let what = format!("{} recurring", spec.name);
+                let losses =
+                    check_visit(&mut net, batch, param, index, delta, Reduction::Sum, &what);
+                let w = net.weight(param, index);
+                match choose(losses) {
+                    rso_optim::Choice::Keep => {}
+                    rso_optim::Choice::Plus => net.set_weight(param, index, w + delta),
+                    rso_optim::Choice::Minus => net.set_weight(param, index, w - delta),
+                }
+            }
+        }
+    }
+}
+
 /// A candidate that changes nothing for the batch ties with W exactly on both paths (RSO then
 /// keeps W): here a dense weight whose input feature is zero for every sample, and a zero Δ.
 #[test]

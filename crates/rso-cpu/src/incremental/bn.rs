@@ -35,44 +35,83 @@ use std::collections::HashMap;
 /// Samples per task of the one-channel convolution (fixed: results do not depend on threads).
 const CHUNK: usize = 16;
 
-/// Bytes of per-batch activations a [`BatchMemo`] may hold.
+/// Bytes each array of a [`BatchMemo`] may hold.
 const MEMO_BUDGET: usize = 1 << 30;
 
-/// Per-batch copies of one activation (the input of the layer being swept), for batches that
-/// recur: preset `seed` cuts each round's shuffled training set into ⌈N/B⌉ batches and draws
-/// one per visit, so during a sweep every batch comes back many times, and the layers before
-/// the swept one (whose parameters do not change during the sweep) need to run once per batch
-/// instead of once per visit. A hit copies the stored activation into place and the forward
-/// pass starts there: the same arithmetic on the same values, so the losses are bit for bit
-/// those of a full forward pass. Batches that do not recur (preset `paper`'s sliding windows)
-/// stop the memo from storing after a while.
+/// Per-batch copies of activations around the visited layer, for batches that recur: preset
+/// `seed` cuts each round's shuffled training set into ⌈N/B⌉ batches and draws one per visit,
+/// so during a sweep every batch comes back many times.
+/// - The visited layer's *input*: the layers before it do not change during its sweep, so
+///   they run once per batch instead of once per visit. A hit copies the input into place and
+///   the forward pass starts there (the same arithmetic on the same values).
+/// - A convolution's *output* (after the pooling that follows it, if any), with the weights it
+///   was computed with: on a hit only the channels whose weights changed since (channel `k`,
+///   the one being swept) are recomputed, and the pass starts after the convolution.
+///
+/// Batches that do not recur (preset `paper`'s sliding windows) stop the memo from storing
+/// after a while.
 #[derive(Debug, Default)]
 pub(super) struct BatchMemo {
-    /// The memoised activation index, its values per sample, and the clock tick the entries
-    /// were made at (valid while no layer before `act` changed since).
+    /// The visited layer, and the clock tick the entries were made at (valid while no layer
+    /// before it changed since; its own changes are tracked per entry).
     act: usize,
-    len: usize,
     tick: u64,
     active: bool,
-    /// Entry by hash of the batch's indices: `(batch, offset into data)`.
+    /// Values per sample of the kept input (0: not kept), of the kept output and the index of
+    /// that activation (0: not kept), and of the convolution's weights and biases.
+    in_len: usize,
+    out_act: usize,
+    out_len: usize,
+    w_len: usize,
+    /// Entry by hash of the batch's indices; the entries' indices, one after the other.
     index: HashMap<u64, usize>,
-    entries: Vec<(Vec<u32>, usize)>,
-    data: Vec<f32>,
-    used: usize,
+    entries: Vec<Entry>,
+    batches: Vec<u32>,
+    /// Channels to recompute on a hit (reused buffer).
+    chans: Vec<usize>,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    weights: Vec<f32>,
+    in_used: usize,
+    out_used: usize,
     hits: usize,
 }
 
-impl BatchMemo {
-    /// Forgets every entry (keeping the buffers).
-    fn reset(&mut self, act: usize, len: usize, tick: u64) {
-        self.act = act;
-        self.len = len;
-        self.tick = tick;
-        self.active = true;
-        self.index.clear();
-        self.entries.clear();
-        self.used = 0;
-        self.hits = 0;
+/// One memoised batch: where its indices are in `BatchMemo::batches`, and the offsets of its
+/// rows (in values).
+#[derive(Debug)]
+struct Entry {
+    batch: std::ops::Range<usize>,
+    input: Option<usize>,
+    /// Offsets of its output rows and of its copy of the weights.
+    output: Option<(usize, usize)>,
+}
+
+/// The visited convolution, for [`forward`]'s output memo.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Visited {
+    conv: Conv3x3,
+    weight: usize,
+    bias: Option<usize>,
+    /// The channel being swept (its full-resolution output is always recomputed: the
+    /// candidates start from it).
+    k: usize,
+}
+
+/// Runs layers `..end` on the `n` loaded samples, leaving every activation up to `acts[end]`
+/// (BatchNorm with the batch's statistics).
+fn forward_prefix(net: &mut CpuNetwork, n: usize, end: usize) {
+    let is_bn = |op: &Op| matches!(op, Op::BatchNorm { .. });
+    let mut a = 0;
+    while a < end {
+        if is_bn(&net.plan[a].op) {
+            net.batch_statistics(a, n);
+        }
+        let b = (a + 1..end)
+            .find(|&i| is_bn(&net.plan[i].op))
+            .unwrap_or(end);
+        net.forward_segment(a..b, n, Mode::Train, true);
+        a = b;
     }
 }
 
@@ -239,18 +278,24 @@ pub(super) fn conv(
         delta,
         reduction,
     } = visit;
-    let Op::Conv { conv, weight, .. } = net.plan[layer].op else {
+    let Op::Conv { conv, weight, bias } = net.plan[layer].op else {
         return None;
     };
     let next = next_after(net, layer + 1)?;
     let n = batch.len();
-    let base = forward(s, clock, net, batch, reduction, layer);
     let taps = conv.taps();
     let (k, tap) = if param == weight {
         (index / taps, Some(index % taps))
     } else {
         (index, None)
     };
+    let visited = Visited {
+        conv,
+        weight,
+        bias,
+        k,
+    };
+    let base = forward(s, clock, net, batch, reduction, layer, Some(visited));
     let [dp, dm] = changes(net.params.values[param][index], delta);
     let hw = conv.h * conv.w;
     // Channel k of the convolution's output at W, W + Δ, W − Δ: `[v][t][hw]`.
@@ -317,8 +362,13 @@ pub(super) fn norm(
     };
     let next = next_after(net, layer + 1)?;
     let n = batch.len();
-    // No memo: γ and β sweeps are 16 visits each, too few for batches to recur.
-    let base = forward(s, clock, net, batch, reduction, 0);
+    // RSO visits γ and β right after the convolution before them (preset `paper`), whose
+    // input the memo then still holds for the batches it has seen.
+    let conv = (0..layer)
+        .rev()
+        .find(|&i| matches!(net.plan[i].op, Op::Conv { .. }))
+        .unwrap_or(0);
+    let base = forward(s, clock, net, batch, reduction, conv, None);
     let k = index;
     let w = net.params.values[param][index];
     let x = &net.ws.acts[layer];
@@ -346,9 +396,10 @@ pub(super) fn norm(
 }
 
 /// Loads `batch` and runs the forward pass keeping every activation; returns the loss at W.
-/// Activation `act` (the input of the layer being visited) comes from the [`BatchMemo`] when
-/// the batch was seen since the layers before it last changed, and when those layers are a
-/// sizeable part of the forward pass.
+/// `act` is the visited layer (for a convolution, `visited` describes it): the [`BatchMemo`]
+/// supplies its input and, for a convolution, its output when the batch was seen since the
+/// layers before it last changed. Worth it only where those layers are a sizeable part of the
+/// pass (the input) or the output fits the budget.
 pub(super) fn forward(
     s: &mut BnScratch,
     clock: &Clock,
@@ -356,49 +407,240 @@ pub(super) fn forward(
     batch: &[u32],
     reduction: Reduction,
     act: usize,
+    visited: Option<Visited>,
 ) -> f64 {
     let n = batch.len();
+    let n_train = net.train.len();
     net.load_batch(batch);
     let prefix: usize = net.plan[..act].iter().map(|s| s.work).sum();
     let total: usize = net.plan.iter().map(|s| s.work).sum();
-    if act == 0 || 4 * prefix < total {
+    let fits = |len: usize| n_train * len * 4 <= MEMO_BUDGET;
+    let in_len = if act > 0 && 4 * prefix >= total && fits(net.plan[act - 1].out_len) {
+        net.plan[act - 1].out_len
+    } else {
+        0
+    };
+    // The output kept: after the convolution and the pooling right after it.
+    let (out_act, out_len, w_len) = match visited {
+        Some(v) => {
+            let mut o = act + 1;
+            while matches!(net.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
+                o += 1;
+            }
+            let len = net.plan[o - 1].out_len;
+            let w_len = net.params.values[v.weight].len()
+                + v.bias.map_or(0, |b| net.params.values[b].len());
+            if fits(len) {
+                (o, len, w_len)
+            } else {
+                (0, 0, 0)
+            }
+        }
+        None => (0, 0, 0),
+    };
+    if in_len == 0 && out_act == 0 {
         net.forward_from(0, n, Mode::Train, true);
         return reduction.finish(net.loss_sum(n), n);
     }
-    let len = net.plan[act - 1].out_len;
     let memo = &mut s.memo;
-    if !(memo.active && memo.act == act && clock.unchanged_since(memo.tick, 0..act)) {
-        memo.reset(act, len, clock.now());
+    let same = memo.active
+        && memo.act == act
+        && (memo.in_len, memo.out_act, memo.out_len, memo.w_len)
+            == (in_len, out_act, out_len, w_len)
+        && clock.unchanged_since(memo.tick, 0..act);
+    if !same {
+        // Start afresh, keeping the buffers, with room for every batch of a partition twice
+        // (so that visits allocate nothing once the memo is set up).
+        let slots = 2 * n_train.div_ceil(n);
+        memo.act = act;
+        memo.tick = clock.now();
+        memo.active = true;
+        (memo.in_len, memo.out_act, memo.out_len, memo.w_len) = (in_len, out_act, out_len, w_len);
+        memo.index.clear();
+        memo.index.reserve(slots);
+        memo.entries.clear();
+        memo.entries.reserve(slots);
+        memo.batches.clear();
+        memo.batches.reserve(2 * n_train + n);
+        memo.input.clear();
+        memo.input.reserve(n_train * in_len + n * in_len);
+        memo.output.clear();
+        memo.output.reserve(n_train * out_len + n * out_len);
+        memo.weights.clear();
+        memo.weights.reserve(slots * w_len);
+        memo.chans.reserve(64);
+        (memo.in_used, memo.out_used, memo.hits) = (0, 0, 0);
     }
     let h = batch_hash(batch);
     let hit = memo
         .index
         .get(&h)
-        .map(|&e| &memo.entries[e])
-        .filter(|(b, _)| b[..] == batch[..])
-        .map(|&(_, off)| off);
+        .copied()
+        .filter(|&e| memo.batches[memo.entries[e].batch.clone()] == batch[..]);
     match hit {
-        Some(off) => {
+        Some(e) => {
             memo.hits += 1;
-            net.ws.acts[act][..n * len].copy_from_slice(&memo.data[off..off + n * len]);
-            net.forward_from(act, n, Mode::Train, true);
+            let (input, output) = (memo.entries[e].input, memo.entries[e].output);
+            // Channels whose weights changed since the entry was made, and channel k.
+            let mut chans = std::mem::take(&mut memo.chans);
+            chans.clear();
+            if let (Some((_, w_off)), Some(v)) = (output, visited) {
+                let p = &net.params.values;
+                let taps = v.conv.taps();
+                let w = &memo.weights[w_off..w_off + w_len];
+                let wl = p[v.weight].len();
+                let differs =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(a, b)| a.to_bits() != b.to_bits());
+                chans.extend((0..v.conv.c_out).filter(|&c| {
+                    c == v.k
+                        || differs(&p[v.weight][c * taps..(c + 1) * taps], &w[c * taps..])
+                        || v.bias
+                            .is_some_and(|b| differs(&p[b][c..c + 1], &w[wl + c..]))
+                }));
+            }
+            match input {
+                Some(off) => net.ws.acts[act][..n * in_len]
+                    .copy_from_slice(&memo.input[off..off + n * in_len]),
+                None => forward_prefix(net, n, act),
+            }
+            match (output, visited) {
+                (Some((off, w_off)), Some(v)) => {
+                    net.ws.acts[out_act][..n * out_len]
+                        .copy_from_slice(&memo.output[off..off + n * out_len]);
+                    recompute_channels(&mut s.b, net, act, out_act, v, &chans, n);
+                    net.forward_from(out_act, n, Mode::Train, true);
+                    // Keep the entry current, so that the next hit recomputes only what
+                    // changes until then.
+                    let memo = &mut s.memo;
+                    memo.output[off..off + n * out_len]
+                        .copy_from_slice(&net.ws.acts[out_act][..n * out_len]);
+                    copy_weights(net, v, &mut memo.weights[w_off..w_off + w_len]);
+                }
+                _ => net.forward_from(act, n, Mode::Train, true),
+            }
+            s.memo.chans = chans;
         }
         None => {
             net.forward_from(0, n, Mode::Train, true);
             // Store while within budget, unless batches evidently do not recur.
-            let room = (memo.used + n * len) * 4 <= MEMO_BUDGET;
-            let recurs = memo.hits > 0 || memo.entries.len() < 2 * net.train.len().div_ceil(n);
-            if room && recurs && !memo.index.contains_key(&h) {
-                let off = memo.used;
-                grown(&mut memo.data, off + n * len, 0.0)[off..]
-                    .copy_from_slice(&net.ws.acts[act][..n * len]);
-                memo.used += n * len;
-                memo.index.insert(h, memo.entries.len());
-                memo.entries.push((batch.to_vec(), off));
+            let recurs = memo.hits > 0 || memo.entries.len() < 2 * n_train.div_ceil(n);
+            let room = memo.batches.len() + n <= memo.batches.capacity()
+                && memo.entries.len() < memo.entries.capacity();
+            if recurs && room && !memo.index.contains_key(&h) {
+                // Within the room reserved when the memo was set up: no reallocation.
+                let input = (in_len > 0 && memo.in_used + n * in_len <= memo.input.capacity())
+                    .then(|| {
+                        let off = memo.in_used;
+                        grown(&mut memo.input, off + n * in_len, 0.0)[off..]
+                            .copy_from_slice(&net.ws.acts[act][..n * in_len]);
+                        memo.in_used += n * in_len;
+                        off
+                    });
+                let output = match visited {
+                    Some(v)
+                        if out_act > 0 && memo.out_used + n * out_len <= memo.output.capacity() =>
+                    {
+                        let off = memo.out_used;
+                        grown(&mut memo.output, off + n * out_len, 0.0)[off..]
+                            .copy_from_slice(&net.ws.acts[out_act][..n * out_len]);
+                        memo.out_used += n * out_len;
+                        let w_off = memo.entries.len() * w_len;
+                        let w = grown(&mut memo.weights, w_off + w_len, 0.0);
+                        copy_weights(net, v, &mut w[w_off..]);
+                        Some((off, w_off))
+                    }
+                    _ => None,
+                };
+                if input.is_some() || output.is_some() {
+                    memo.index.insert(h, memo.entries.len());
+                    let start = memo.batches.len();
+                    memo.batches.extend_from_slice(batch);
+                    memo.entries.push(Entry {
+                        batch: start..start + n,
+                        input,
+                        output,
+                    });
+                }
             }
         }
     }
     reduction.finish(net.loss_sum(n), n)
+}
+
+/// The visited convolution's weights then biases into `out`.
+fn copy_weights(net: &CpuNetwork, v: Visited, out: &mut [f32]) {
+    let w = &net.params.values[v.weight];
+    out[..w.len()].copy_from_slice(w);
+    if let Some(b) = v.bias {
+        out[w.len()..].copy_from_slice(&net.params.values[b]);
+    }
+}
+
+/// Recomputes channels `chans` of the convolution at plan index `act` from its input in
+/// `acts[act]`: the full-resolution output into `acts[act + 1]`, and through the pooling layers
+/// up to `acts[out_act]`.
+fn recompute_channels(
+    tmp: &mut Vec<f32>,
+    net: &mut CpuNetwork,
+    act: usize,
+    out_act: usize,
+    v: Visited,
+    chans: &[usize],
+    n: usize,
+) {
+    let conv = v.conv;
+    let (hw, taps, c_out) = (conv.h * conv.w, conv.taps(), conv.c_out);
+    let one = Conv3x3 { c_out: 1, ..conv };
+    let buf = grown(tmp, 2 * n * hw, 0.0);
+    let (y, z) = buf.split_at_mut(n * hw);
+    for &c in chans {
+        let p = &net.params.values;
+        let w = &p[v.weight][c * taps..(c + 1) * taps];
+        let b = v.bias.map(|b| &p[b][c..c + 1]);
+        let x = &net.ws.acts[act][..n * conv.in_len()];
+        let task = |(t, y): (usize, &mut [f32])| {
+            let m = y.len() / hw;
+            conv3x3_forward(
+                &one,
+                m,
+                &x[t * CHUNK * conv.in_len()..][..m * conv.in_len()],
+                w,
+                b,
+                y,
+            );
+        };
+        if parallel(n * conv.macs() / c_out) {
+            y.par_chunks_mut(CHUNK * hw).enumerate().for_each(task);
+        } else {
+            y.chunks_mut(CHUNK * hw).enumerate().for_each(task);
+        }
+        // Write the channel's planes into the full-resolution output, then pool them layer by
+        // layer up to the kept activation.
+        let mut plane = hw;
+        for t in 0..n {
+            net.ws.acts[act + 1][(t * c_out + c) * hw..][..hw].copy_from_slice(&y[t * hw..][..hw]);
+        }
+        for i in act + 1..out_act {
+            let out = match net.plan[i].op {
+                Op::AvgPool { h, w, .. } => {
+                    avgpool2_forward(n, h, w, y, z);
+                    (h / 2) * (w / 2)
+                }
+                Op::MaxPool { h, w, .. } => {
+                    maxpool2_forward(n, h, w, y, z);
+                    (h / 2) * (w / 2)
+                }
+                _ => unreachable!("only pooling between a convolution and its kept output"),
+            };
+            plane = out;
+            for t in 0..n {
+                net.ws.acts[i + 1][(t * c_out + c) * plane..][..plane]
+                    .copy_from_slice(&z[t * plane..][..plane]);
+            }
+            y[..n * plane].copy_from_slice(&z[..n * plane]);
+        }
+        let _ = plane;
+    }
 }
 
 /// Runs the chain from plan index `first` on the three variants' channel-`k` planes in `s.a`

@@ -484,7 +484,7 @@ pub(super) fn per_batch(
     let classes = net.spec.classes;
     // The forward pass (its loss is not used: the base goes through the same arithmetic as the
     // candidates); the layer's input comes from the per-batch memo when the batch recurs.
-    super::bn::forward(&mut inc.bn, &inc.clock, net, batch, reduction, layer);
+    super::bn::forward(&mut inc.bn, &inc.clock, net, batch, reduction, layer, None);
     let (k, j) = target(net, layer, param, index);
     let [dp, dm] = changes(net.params.values[param][index], delta);
     let d_in = act_len(net, layer);
