@@ -35,6 +35,15 @@ pub fn mnist_or_synthetic(preset: Preset, train: usize, test: usize) -> Split {
     }
 }
 
+/// The first `⌈fraction·N⌉` training samples of `split` (at least `min`), for
+/// [`extrapolated_round`].
+pub fn scaled_split(split: &Split, fraction: f64, min: usize) -> Split {
+    let mut s = split.clone();
+    let n = ((fraction * s.train.len() as f64).ceil() as usize).max(min);
+    s.train.truncate(n);
+    s
+}
+
 /// A pure-Rust network of `model` initialised by `preset` from seed 0.
 pub fn cpu_network(model: ModelKind, preset: Preset, split: Split) -> rso_cpu::CpuNetwork {
     let spec = model.mnist();
@@ -42,10 +51,15 @@ pub fn cpu_network(model: ModelKind, preset: Preset, split: Split) -> rso_cpu::C
     rso_cpu::CpuNetwork::new(&spec, &params, split).expect("bench network")
 }
 
-/// The time of one RSO round of `rso` on `net`, extrapolated from visiting the first
-/// `⌈fraction·len⌉` scalars of every array in RSO's order (`begin_sweep`, then in order; random
-/// batches of a shuffled partition of the training set; Δ ~ N(0, σ); the argmin accepted), each
-/// array's time scaled by `len / visited`. For rounds too long to time whole (minutes).
+/// The time of one RSO round of `rso`, estimated from a round scaled down by `fraction`: `net`
+/// should hold `fraction` of the training set (see [`scaled_split`]), and the first
+/// `⌈fraction·len⌉` scalars of every array are visited in RSO's order (`begin_sweep`, then in
+/// order; random batches of a shuffled partition of that training set; Δ ~ N(0, σ); the argmin
+/// accepted), each array's time scaled by `len / visited`. Scaling the training set with the
+/// visits keeps what the incremental path's costs depend on in proportion: work per training
+/// sample (forward passes of the training set, folds) and how often a batch recurs within a
+/// sweep (the paper model's per-batch memo); the reference path's cost does not depend on the
+/// training set. For rounds too long to time whole (minutes).
 pub fn extrapolated_round(net: &mut dyn Network, rso: &Rso, fraction: f64, seed: u64) -> Duration {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = net.train_len();

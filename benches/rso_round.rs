@@ -4,17 +4,17 @@
 //! Groups `rso_round/{model}/cpu`, ids `{eval}/{batch}` (`incremental/1024`, `reference/32`),
 //! throughput in weights per second (one round visits every weight once). Preset `seed` (the
 //! CLI's default: random batches, mean loss) on MNIST's 60 000 training images (random images
-//! when `data/mnist` is absent). Cases whose round takes minutes are timed on a fraction of
-//! every array's scalars and extrapolated to the round (see
-//! [`rso_bench::extrapolated_round`]); their ids say so (`reference-est/1024`), and the case
-//! table below gives the fraction. `RSO_BENCH_FULL=1` adds the long cases (two-conv at B=1000
-//! as whole rounds). `scripts/bench-to-csv.sh` exports
+//! when `data/mnist` is absent). Cases whose round takes minutes are timed on a round scaled
+//! down by a fraction (that fraction of the training set and of every array's scalars) and
+//! scaled back up (see [`rso_bench::extrapolated_round`]); their ids say so
+//! (`reference-est/1024`), and the case table below gives the fraction. `RSO_BENCH_FULL=1` adds the long cases as whole rounds
+//! (two-conv at B=1000, paper at B=256: tens of minutes for ten samples). `scripts/bench-to-csv.sh` exports
 //! the estimates to `results/bench_rso_round.csv`.
 
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use rso_bench::{cpu_network, extrapolated_round, mnist_or_synthetic};
+use rso_bench::{cpu_network, extrapolated_round, mnist_or_synthetic, scaled_split};
 use rso_models::{ModelKind, Network, Preset, Reduction};
 use rso_optim::{Optimizer, Rso, RsoConfig, RsoEval};
 use std::time::{Duration, Instant};
@@ -62,10 +62,11 @@ fn rso_round(c: &mut Criterion) {
         (TwoConv, 1000, Reference, Fraction(0.002)),
         (TwoConv, 1000, Incremental, Fraction(0.1)),
         (Paper, 256, Reference, Fraction(0.002)),
-        (Paper, 256, Incremental, Fraction(0.006)),
+        (Paper, 256, Incremental, Fraction(0.05)),
     ];
     if full {
         cases.push((TwoConv, 1000, Incremental, Round));
+        cases.push((Paper, 256, Incremental, Round));
     }
     let split = mnist_or_synthetic(Preset::Seed, 60_000, 10);
     for model in ModelKind::ALL {
@@ -75,7 +76,11 @@ fn rso_round(c: &mut Criterion) {
         group.warm_up_time(Duration::from_millis(1));
         group.measurement_time(Duration::from_secs(1));
         for &(_, batch, eval, timing) in cases.iter().filter(|c| c.0 == model) {
-            let mut net = cpu_network(model, Preset::Seed, split.clone());
+            let data = match timing {
+                Round => split.clone(),
+                Fraction(f) => scaled_split(&split, f, batch),
+            };
+            let mut net = cpu_network(model, Preset::Seed, data);
             let mut cfg = RsoConfig::preset(Preset::Seed, 1, batch, 0);
             cfg.eval = eval;
             let mut rso = Rso::new(net.spec(), cfg).expect("config");
