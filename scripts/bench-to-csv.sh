@@ -8,8 +8,8 @@
 # rso_round/). Reads every <group>/<bench>/new/{benchmark,estimates}.json and writes
 #   group,id,mean_s,median_s,stddev_s,weights_per_s
 # (weights_per_s = the bench's element throughput / mean), after a provenance header of `#`
-# lines: the bench command, the revision (git describe), the machine (CPU model, cores) and the
-# date. Run it after `cargo bench --bench rso_round` (it does not run the benches).
+# lines: the bench command, the revision (git describe), the machine (CPU model, cores, load
+# average at export time) and the date. Run it after `cargo bench --bench rso_round` (it does not run the benches).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,12 +24,13 @@ fi
 revision="$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"
 cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
 cores="$(nproc 2>/dev/null || echo '?')"
+load="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)"
 mkdir -p "$(dirname "$out")"
 
-python3 - "$crit" "$out" "$prefix" "$revision" "${cpu:-unknown}" "$cores" <<'EOF'
+python3 - "$crit" "$out" "$prefix" "$revision" "${cpu:-unknown}" "$cores" "$load" <<'EOF'
 import csv, datetime, json, os, sys
 
-crit, out, prefix, revision, cpu, cores = sys.argv[1:7]
+crit, out, prefix, revision, cpu, cores, load = sys.argv[1:8]
 rows = []
 for dirpath, _, files in os.walk(crit):
     if os.path.basename(dirpath) != "new" or "estimates.json" not in files:
@@ -60,9 +61,9 @@ date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ
 with open(out, "w", newline="") as f:
     f.write("# command: cargo bench --bench rso_round (criterion; exported by scripts/bench-to-csv.sh)\n")
     f.write(f"# revision: {revision}\n")
-    f.write(f"# machine: {cpu}, {cores} cores\n")
+    f.write(f"# machine: {cpu}, {cores} cores (load average when exported: {load})\n")
     f.write(f"# date: {date}\n")
-    f.write("# ids ending in -est are extrapolated from a fraction of every array (benches/rso_round.rs)\n")
+    f.write("# ids ending in -est: a round scaled down by a fraction (training set and every array's scalars), scaled back up (benches/rso_round.rs)\n")
     w = csv.writer(f, lineterminator="\n")
     w.writerow(["group", "id", "mean_s", "median_s", "stddev_s", "weights_per_s"])
     w.writerows(rows)
