@@ -23,6 +23,7 @@
 //! rpath so binaries run without `LD_LIBRARY_PATH`.
 
 mod cuda;
+mod incremental;
 
 use rso_models::network::reference_candidate_losses;
 use rso_models::{
@@ -148,6 +149,8 @@ pub struct TchNetwork {
     test_y: Tensor,
     train_len: usize,
     test_len: usize,
+    /// Caches of the incremental RSO path (see the `incremental` module).
+    inc: incremental::Incremental,
 }
 
 impl std::fmt::Debug for TchNetwork {
@@ -282,6 +285,7 @@ impl TchNetwork {
             test_y,
             train_len: data.train.len(),
             test_len: data.test.len(),
+            inc: incremental::Incremental::default(),
         };
         net.upload_params(params);
         Ok(net)
@@ -370,23 +374,53 @@ impl TchNetwork {
         x: &Tensor,
         params: &[Tensor],
         bn: BnMode,
+        stats: Option<&mut Vec<(usize, Tensor, Tensor)>>,
+    ) -> Tensor {
+        self.forward_layers(x, 0..self.spec.layers.len(), params, bn, 1, stats)
+    }
+
+    /// Runs `layers` of the model on `x`.
+    ///
+    /// With `groups = G > 1` the activations hold G independent versions of the batch stacked
+    /// along the channels (`[B, G·C, H, W]`, version-major; the incremental RSO path's
+    /// candidates): convolutions run grouped with their parameters repeated G times, BatchNorm
+    /// normalises each stacked channel by its own batch statistics (so each version by its own),
+    /// and the final dense layer maps `[B, G·F]` to `[B, G·classes]`. With `stats` (only for
+    /// `G = 1`), records each BatchNorm layer's batch (mean, biased variance) by layer index.
+    fn forward_layers(
+        &self,
+        x: &Tensor,
+        layers: std::ops::Range<usize>,
+        params: &[Tensor],
+        bn: BnMode,
+        groups: i64,
         mut stats: Option<&mut Vec<(usize, Tensor, Tensor)>>,
     ) -> Tensor {
+        let repeat = |t: &Tensor| -> Tensor {
+            if groups == 1 {
+                t.shallow_clone()
+            } else {
+                let mut dims = vec![1i64; t.dim()];
+                dims[0] = groups;
+                t.repeat(dims.as_slice())
+            }
+        };
         let mut x = x.shallow_clone();
-        for (i, layer) in self.spec.layers.iter().enumerate() {
+        for i in layers {
+            let layer = &self.spec.layers[i];
             let lp = self.layer_params[i];
-            let first = lp.first.map(|j| &params[j]);
-            let second = lp.second.map(|j| &params[j]);
+            let first = lp.first.map(|j| repeat(&params[j]));
+            let second = lp.second.map(|j| repeat(&params[j]));
             x = match layer {
                 Layer::Conv { .. } => {
-                    let w = first.expect("a conv layer has a weight");
-                    x.conv2d(w, second, [1, 1], [1, 1], [1, 1], 1)
+                    let w = first.as_ref().expect("a conv layer has a weight");
+                    x.conv2d(w, second.as_ref(), [1, 1], [1, 1], [1, 1], groups)
                 }
                 Layer::Relu => x.relu(),
                 Layer::MaxPool2 => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
                 Layer::AvgPool2 => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
                 Layer::BatchNorm { .. } => {
-                    let (gamma, beta) = (first, second);
+                    let (gamma, beta) = (first.as_ref(), second.as_ref());
                     if let Some(out) = stats.as_deref_mut() {
                         let mean = x.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
                         let centred = &x - mean.view([1, -1, 1, 1]);
@@ -417,8 +451,13 @@ impl TchNetwork {
                 }
                 Layer::GlobalAvgPool => x.mean_dim([2i64, 3].as_slice(), false, Kind::Float),
                 Layer::Dense { .. } => {
-                    let w = first.expect("a dense layer has a weight");
-                    x.flatten(1, -1).linear(w, second)
+                    // The unrepeated parameters: each stacked version of the input is one row.
+                    let w = &params[lp.first.expect("a dense layer has a weight")];
+                    let b = lp.second.map(|j| &params[j]);
+                    let rows = x.size()[0];
+                    x.reshape([rows * groups, -1])
+                        .linear(w, b)
+                        .reshape([rows, -1])
                 }
             };
         }
@@ -487,6 +526,7 @@ impl Network for TchNetwork {
 
     fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
         params.check_layout(&self.spec, "tch engine")?;
+        self.inc.clear();
         self.upload_params(params);
         Ok(())
     }
@@ -502,6 +542,8 @@ impl Network for TchNetwork {
             "index {index} out of range for {} ({len} scalars)",
             self.specs[param].name
         );
+        let old = self.weight(param, index);
+        self.inc_weight_changed(param, index, old, value);
         tch::no_grad(|| {
             let _ = self.params[param]
                 .view(-1)
@@ -533,9 +575,10 @@ impl Network for TchNetwork {
         })
     }
 
-    /// The reference path (three full forward passes: at W, W+Δ, W−Δ; the weight is left at W),
-    /// under `no_grad`, with the batch gathered once and the three losses read back in one
-    /// transfer. Same losses as [`reference_candidate_losses`].
+    /// The incremental path (see the `incremental` module): the layers before the visited
+    /// one skipped, the three versions of the layer run as one stacked batch (or O(B) from
+    /// cached logits for the final dense layer of a model without BatchNorm), one transfer of
+    /// the three losses. Equal to [`reference_candidate_losses`] up to rounding.
     fn candidate_losses(
         &mut self,
         batch: &[u32],
@@ -544,22 +587,16 @@ impl Network for TchNetwork {
         delta: f32,
         reduction: Reduction,
     ) -> [f64; 3] {
-        if batch.is_empty() {
-            return reference_candidate_losses(self, batch, param, index, delta, reduction);
+        if !batch.is_empty() {
+            if let Some(losses) = self.inc_candidate_losses(batch, param, index, delta, reduction) {
+                return losses;
+            }
         }
-        tch::no_grad(|| {
-            let (x, y) = self.gather(batch);
-            let w = self.weight(param, index);
-            let base = self.loss_tensor(&x, &y, reduction);
-            self.set_weight(param, index, w + delta);
-            let plus = self.loss_tensor(&x, &y, reduction);
-            self.set_weight(param, index, w - delta);
-            let minus = self.loss_tensor(&x, &y, reduction);
-            self.set_weight(param, index, w);
-            let all = Tensor::stack(&[base, plus, minus], 0).to_device(Device::Cpu);
-            let v = Vec::<f64>::try_from(&all).expect("three f64 losses");
-            [v[0], v[1], v[2]]
-        })
+        reference_candidate_losses(self, batch, param, index, delta, reduction)
+    }
+
+    fn begin_sweep(&mut self, param: usize) {
+        self.inc_begin_sweep(param);
     }
 
     fn loss_and_grad(&mut self, batch: &[u32], reduction: Reduction) -> (f64, Vec<Vec<f32>>) {
@@ -583,6 +620,7 @@ impl Network for TchNetwork {
             }
         });
         *self.host.borrow_mut() = None;
+        self.inc.clear();
         loss
     }
 

@@ -1,0 +1,364 @@
+//! Incremental RSO candidates on libtorch: the three losses of [`Network::candidate_losses`]
+//! (at W, at `w + δ`, at `w − δ`) from what one scalar change touches, equal to the reference
+//! path ([`reference_candidate_losses`](rso_models::network::reference_candidate_losses)) up to
+//! floating-point rounding (`tests/incremental.rs` holds them to 1e-5 relative and checks that a
+//! seeded RSO round decides the same on both paths).
+//!
+//! For a scalar of layer `L`:
+//!
+//! | what | how |
+//! |---|---|
+//! | layers before `L` | skipped: the input of `L` does not change during `L`'s sweep. Without BatchNorm before `L` it is computed once per sweep for the whole training set and gathered per batch; with BatchNorm (statistics of the batch mix its samples) it is kept per batch, for batches that recur ([`Prefix`]) |
+//! | `L` and after, generic | the three versions of the layer (W, W+Δ, W−Δ) stacked along the channels and run as one batch (`[B, 3·C, H, W]`: grouped convolutions, per-channel BatchNorm statistics = per-version statistics) to `[B, 3, classes]`, cross-entropy in f64, the three losses read back in **one** transfer |
+//! | final dense layer of a model without BatchNorm | the logits of the whole training set (f64) and the layer's input kept for the sweep; a weight `(k, j)` moves logit `k` of a sample by `Δ·x_j`, so a visit is O(B) (gather, three candidate rows, log-softmax); an accepted change updates logit column `k` of all N samples in place |
+//!
+//! Caches live for one layer's sweep: [`Network::begin_sweep`] of another layer (or a repeated
+//! sweep of the same array: the next round) drops them, so a round's arithmetic depends only on
+//! the weights it starts from. A change of an earlier layer (`set_weight`, `set_params`, an SGD
+//! step) drops them too. Everything stays on the device; on CUDA the host waits once per visit.
+
+use crate::TchNetwork;
+use rso_models::{Layer, Network, Reduction};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// Largest total size of the per-batch layer inputs kept on the CPU (bytes).
+const MEMO_BYTES_CPU: i64 = 4 << 30;
+/// Largest total size of the per-batch layer inputs kept on a GPU (bytes).
+const MEMO_BYTES_CUDA: i64 = 24 << 30;
+/// Training samples per forward pass when a layer's input is computed for the whole set.
+const CHUNK: i64 = 5000;
+
+/// The input of the swept layer, by batch.
+#[derive(Debug, Default)]
+enum Prefix {
+    /// Not computed yet for this sweep.
+    #[default]
+    Empty,
+    /// For every training sample (no BatchNorm before the layer): `[N, …]`.
+    All(Tensor),
+    /// For recurring batches (BatchNorm before the layer), with the bytes held.
+    PerBatch(HashMap<Vec<u32>, Tensor>, i64),
+}
+
+/// The incremental path's caches for the running sweep.
+#[derive(Debug, Default)]
+pub(crate) struct Incremental {
+    /// The array whose sweep runs (from `begin_sweep` or the first visit).
+    param: Option<usize>,
+    /// Its layer.
+    layer: usize,
+    prefix: Prefix,
+    /// Logits of every training sample, f64 `[N, classes]` (final dense layer, no BatchNorm).
+    logits: Option<Tensor>,
+}
+
+impl Incremental {
+    /// Drops every cache (parameters before the swept layer changed, or a new sweep starts).
+    pub(crate) fn clear(&mut self) {
+        self.prefix = Prefix::Empty;
+        self.logits = None;
+    }
+}
+
+impl TchNetwork {
+    /// Starts (or continues) the sweep of array `param`: caches of another layer, or of a
+    /// previous sweep of the same array, are dropped.
+    pub(crate) fn inc_begin_sweep(&mut self, param: usize) {
+        let layer = self.specs[param].layer;
+        if self.inc.param == Some(param) || self.inc.param.is_none() || self.inc.layer != layer {
+            self.inc.clear();
+        }
+        self.inc.param = Some(param);
+        self.inc.layer = layer;
+    }
+
+    /// Keeps the caches consistent with a change of scalar `(param, index)` from `old` to
+    /// `new` (called before the parameter tensor changes).
+    pub(crate) fn inc_weight_changed(&mut self, param: usize, index: usize, old: f32, new: f32) {
+        let layer = self.specs[param].layer;
+        if self.inc.param.is_none() || layer > self.inc.layer {
+            return;
+        }
+        if layer < self.inc.layer {
+            self.inc.clear();
+            return;
+        }
+        // The swept layer itself: its input is unchanged; the all-samples logits move.
+        if let (Some(z), Prefix::All(x)) = (&self.inc.logits, &self.inc.prefix) {
+            let d_in = x.size()[1];
+            let (k, feature) = self.dense_target(param, index, d_in);
+            let change = f64::from(new) - f64::from(old);
+            tch::no_grad(|| {
+                let mut column = z.select(1, k);
+                match feature {
+                    Some(j) => {
+                        let _ = column.g_add_(&(x.select(1, j).to_kind(Kind::Double) * change));
+                    }
+                    None => {
+                        let _ = column.g_add_scalar_(change);
+                    }
+                }
+            });
+        }
+    }
+
+    /// Which logit `k` and which input feature (`None` for the bias) scalar `index` of a dense
+    /// layer's array moves.
+    fn dense_target(&self, param: usize, index: usize, d_in: i64) -> (i64, Option<i64>) {
+        let spec = &self.specs[param];
+        if spec.shape.len() == 2 {
+            let index = index as i64;
+            (index / d_in, Some(index % d_in))
+        } else {
+            (index as i64, None)
+        }
+    }
+
+    /// The three losses by the incremental path, or `None` where it does not apply (the caller
+    /// takes the reference path).
+    pub(crate) fn inc_candidate_losses(
+        &mut self,
+        batch: &[u32],
+        param: usize,
+        index: usize,
+        delta: f32,
+        reduction: Reduction,
+    ) -> Option<[f64; 3]> {
+        let layer = self.specs[param].layer;
+        let last = self.spec.layers.len() - 1;
+        if matches!(self.spec.layers[layer], Layer::Dense { .. }) && layer != last {
+            return None;
+        }
+        if self.inc.param.is_none() || self.inc.layer != layer {
+            self.inc_begin_sweep(param);
+        }
+        let w = self.weight(param, index);
+        let values = [w, w + delta, w - delta];
+        let bn_before = self.spec.layers[..layer]
+            .iter()
+            .any(|l| matches!(l, Layer::BatchNorm { .. }));
+        let losses = tch::no_grad(|| {
+            let idx = self.index_tensor(batch);
+            let labels = self.train_y.index_select(0, &idx);
+            let logits = if layer == last && !bn_before {
+                self.cached_dense_candidates(&idx, param, index, values)
+            } else {
+                let x = self.layer_input(layer, batch, &idx, bn_before);
+                self.stacked_candidates(&x, layer, param, index, values)
+            };
+            candidate_losses_of(&logits, &labels, reduction)
+        });
+        Some(losses)
+    }
+
+    /// The input of `layer` for `batch` (`idx` its device indices).
+    fn layer_input(
+        &mut self,
+        layer: usize,
+        batch: &[u32],
+        idx: &Tensor,
+        bn_before: bool,
+    ) -> Tensor {
+        if layer == 0 {
+            return self.train_x.index_select(0, idx);
+        }
+        if !bn_before {
+            if !matches!(self.inc.prefix, Prefix::All(_)) {
+                let all = self.all_inputs(layer);
+                self.inc.prefix = Prefix::All(all);
+            }
+            let Prefix::All(all) = &self.inc.prefix else {
+                unreachable!("set just above")
+            };
+            return all.index_select(0, idx);
+        }
+        if let Prefix::PerBatch(memo, _) = &self.inc.prefix {
+            if let Some(x) = memo.get(batch) {
+                return x.shallow_clone();
+            }
+        }
+        let images = self.train_x.index_select(0, idx);
+        let x = self.forward_layers(
+            &images,
+            0..layer,
+            &self.params,
+            crate::BnMode::Batch,
+            1,
+            None,
+        );
+        let cap = if self.device == Device::Cpu {
+            MEMO_BYTES_CPU
+        } else {
+            MEMO_BYTES_CUDA
+        };
+        if !matches!(self.inc.prefix, Prefix::PerBatch(..)) {
+            self.inc.prefix = Prefix::PerBatch(HashMap::new(), 0);
+        }
+        if let Prefix::PerBatch(memo, bytes) = &mut self.inc.prefix {
+            let size = x.numel() as i64 * 4;
+            if *bytes + size <= cap {
+                *bytes += size;
+                memo.insert(batch.to_vec(), x.shallow_clone());
+            }
+        }
+        x
+    }
+
+    /// The input of `layer` for every training sample, computed in chunks (no BatchNorm before
+    /// `layer`, so a sample's activations do not depend on the others).
+    fn all_inputs(&self, layer: usize) -> Tensor {
+        let n = self.train_len as i64;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = CHUNK.min(n - start);
+            let images = self.train_x.narrow(0, start, len);
+            parts.push(self.forward_layers(
+                &images,
+                0..layer,
+                &self.params,
+                crate::BnMode::Batch,
+                1,
+                None,
+            ));
+            start += len;
+        }
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The parameter arrays of `layer` with the three versions of scalar `(param, index)`
+    /// stacked along the first dimension (`[3·d0, …]`); the layer's other array repeated.
+    fn stacked_params(
+        &self,
+        layer: usize,
+        param: usize,
+        index: usize,
+        values: [f32; 3],
+    ) -> (Option<Tensor>, Option<Tensor>) {
+        let stack = |j: usize| -> Tensor {
+            let p = &self.params[j];
+            let mut dims = vec![1i64; p.dim()];
+            dims[0] = 3;
+            let stacked = p.repeat(dims.as_slice());
+            if j == param {
+                let flat = stacked.view(-1);
+                let len = p.numel() as i64;
+                for (g, &v) in values.iter().enumerate().skip(1) {
+                    let _ = flat.get(g as i64 * len + index as i64).fill_(f64::from(v));
+                }
+            }
+            stacked
+        };
+        let lp = self.layer_params[layer];
+        (lp.first.map(stack), lp.second.map(stack))
+    }
+
+    /// Logits `[B, 3, classes]` of the three versions from the input `x` of `layer`: the layer
+    /// with stacked parameters, then the rest of the model on the stacked activations.
+    fn stacked_candidates(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        param: usize,
+        index: usize,
+        values: [f32; 3],
+    ) -> Tensor {
+        let (first, second) = self.stacked_params(layer, param, index, values);
+        let out = match &self.spec.layers[layer] {
+            Layer::Conv { .. } => x.conv2d(
+                first.as_ref().expect("a conv layer has a weight"),
+                second.as_ref(),
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+            ),
+            Layer::BatchNorm { .. } => x.repeat([1, 3, 1, 1]).batch_norm(
+                first.as_ref(),
+                second.as_ref(),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.0,
+                crate::BN_EPS,
+                true,
+            ),
+            Layer::Dense { .. } => x.flatten(1, -1).linear(
+                first.as_ref().expect("a dense layer has a weight"),
+                second.as_ref(),
+            ),
+            other => unreachable!("layer {layer} ({other:?}) has no parameters"),
+        };
+        let layers = self.spec.layers.len();
+        let logits = self.forward_layers(
+            &out,
+            layer + 1..layers,
+            &self.params,
+            crate::BnMode::Batch,
+            3,
+            None,
+        );
+        logits.view([x.size()[0], 3, -1])
+    }
+
+    /// Logits `[B, 3, classes]` f64 for a scalar of the final dense layer of a model without
+    /// BatchNorm, from the all-samples logits and the layer's input.
+    fn cached_dense_candidates(
+        &mut self,
+        idx: &Tensor,
+        param: usize,
+        index: usize,
+        values: [f32; 3],
+    ) -> Tensor {
+        let layer = self.specs[param].layer;
+        if !matches!(self.inc.prefix, Prefix::All(_)) {
+            let all = self.all_inputs(layer).flatten(1, -1);
+            self.inc.prefix = Prefix::All(all);
+            self.inc.logits = None;
+        }
+        let Prefix::All(x) = &self.inc.prefix else {
+            unreachable!("set just above")
+        };
+        if self.inc.logits.is_none() {
+            let lp = self.layer_params[layer];
+            let w = &self.params[lp.first.expect("a dense layer has a weight")];
+            let b = lp.second.map(|j| &self.params[j]);
+            self.inc.logits = Some(x.linear(w, b).to_kind(Kind::Double));
+        }
+        let z = self.inc.logits.as_ref().expect("set just above");
+        let (k, feature) = self.dense_target(param, index, x.size()[1]);
+        // The exact changes of the f32 candidates (w + δ and w − δ round in f32).
+        let w = f64::from(values[0]);
+        let changes = [0.0, f64::from(values[1]) - w, f64::from(values[2]) - w];
+        let z = z.index_select(0, idx);
+        let rows = z.size()[0];
+        let xj = match feature {
+            Some(j) => x.select(1, j).index_select(0, idx).to_kind(Kind::Double),
+            None => Tensor::ones([rows], (Kind::Double, self.device)),
+        };
+        let moves = Tensor::from_slice(&changes).to_device(self.device);
+        let stacked = z.unsqueeze(1).repeat([1, 3, 1]);
+        let _ = stacked
+            .select(2, k)
+            .g_add_(&(xj.unsqueeze(1) * moves.unsqueeze(0)));
+        stacked
+    }
+}
+
+/// The three reduced losses of logits `[B, 3, classes]` (any float kind) against labels `[B]`,
+/// per-sample cross-entropy in f64, read back in one transfer.
+fn candidate_losses_of(logits: &Tensor, labels: &Tensor, reduction: Reduction) -> [f64; 3] {
+    let rows = logits.size()[0];
+    let log_p = logits.to_kind(Kind::Double).log_softmax(2, Kind::Double);
+    let target = labels.view([rows, 1, 1]).expand([rows, 3, 1], false);
+    let per_sample = -log_p.gather(2, &target, false).squeeze_dim(2);
+    let sums = per_sample.sum_dim_intlist([0i64].as_slice(), false, Kind::Double);
+    let sums = sums.to_device(Device::Cpu);
+    let v = Vec::<f64>::try_from(&sums).expect("three f64 losses");
+    [
+        reduction.finish(v[0], rows as usize),
+        reduction.finish(v[1], rows as usize),
+        reduction.finish(v[2], rows as usize),
+    ]
+}
