@@ -51,6 +51,21 @@ pub fn cpu_network(model: ModelKind, preset: Preset, split: Split) -> rso_cpu::C
     rso_cpu::CpuNetwork::new(&spec, &params, split).expect("bench network")
 }
 
+/// A libtorch network of `model` on `device` initialised by `preset` from seed 0 (the same
+/// weights as [`cpu_network`]).
+#[cfg(feature = "tch")]
+pub fn tch_network(
+    model: ModelKind,
+    preset: Preset,
+    split: &Split,
+    device: &str,
+) -> rso_tch::TchNetwork {
+    let spec = model.mnist();
+    let params = init_params(&spec, preset.init(), &mut rso_optim::setup_rng(0, 0));
+    rso_tch::TchNetwork::new(&spec, &params, split, device)
+        .unwrap_or_else(|e| panic!("bench network on {device}: {e}"))
+}
+
 /// The time of one RSO round of `rso`, estimated from a round scaled down by `fraction`: `net`
 /// should hold `fraction` of the training set (see [`scaled_split`]), and the first
 /// `⌈fraction·len⌉` scalars of every array are visited in RSO's order (`begin_sweep`, then in
@@ -60,7 +75,14 @@ pub fn cpu_network(model: ModelKind, preset: Preset, split: Split) -> rso_cpu::C
 /// sample (forward passes of the training set, folds) and how often a batch recurs within a
 /// sweep (the paper model's per-batch memo); the reference path's cost does not depend on the
 /// training set. For rounds too long to time whole (minutes).
-pub fn extrapolated_round(net: &mut dyn Network, rso: &Rso, fraction: f64, seed: u64) -> Duration {
+/// `sync` waits for the device (libtorch on CUDA) and is called inside each timed region.
+pub fn extrapolated_round<N: Network + ?Sized>(
+    net: &mut N,
+    rso: &Rso,
+    fraction: f64,
+    seed: u64,
+    sync: impl Fn(&N),
+) -> Duration {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let n = net.train_len();
     let batch = rso.config().batch_size.min(n);
@@ -96,6 +118,7 @@ pub fn extrapolated_round(net: &mut dyn Network, rso: &Rso, fraction: f64, seed:
                 Choice::Minus => net.set_weight(step.param, index, w - delta),
             }
         }
+        sync(net);
         total += t.elapsed().as_secs_f64() * len as f64 / visits as f64;
     }
     Duration::from_secs_f64(total)

@@ -1,7 +1,9 @@
 //! Criterion benches: the forward pass of each model, and one RSO round per (model, batch size,
 //! engine, candidate path).
 //!
-//! Groups `rso_round/{model}/cpu`, ids `{eval}/{batch}` (`incremental/1024`, `reference/32`),
+//! Groups `rso_round/{model}/{engine}` (`cpu`; with `--features tch|cuda` also `tch-cpu` or,
+//! with `RSO_BENCH_DEVICE=cuda`, `tch-cuda`; `RSO_BENCH_ENGINE=cpu|tch` runs one engine only),
+//! ids `{eval}/{batch}` (`incremental/1024`, `reference/32`),
 //! throughput in weights per second (one round visits every weight once). Preset `seed` (the
 //! CLI's default: random batches, mean loss) on MNIST's 60 000 training images (random images
 //! when `data/mnist` is absent). Cases whose round takes minutes are timed on a round scaled
@@ -46,13 +48,17 @@ enum Timing {
     Fraction(f64),
 }
 
-/// One RSO round per (model, batch, eval path) on the pure-Rust engine.
+/// One benchmark case: model, batch size, candidate path, timing.
+type Case = (ModelKind, usize, RsoEval, Timing);
+
+/// One RSO round per (model, batch, eval path) on the pure-Rust engine and, with the `tch`
+/// feature, on libtorch (device from `RSO_BENCH_DEVICE`: `cpu`, the default, or `cuda`).
 fn rso_round(c: &mut Criterion) {
     use ModelKind::*;
     use RsoEval::*;
     use Timing::*;
     let full = std::env::var_os("RSO_BENCH_FULL").is_some_and(|v| v != "0");
-    let mut cases: Vec<(ModelKind, usize, RsoEval, Timing)> = vec![
+    let mut cases: Vec<Case> = vec![
         // The baseline: three forward passes per weight (about 5–10 s a round).
         (OneConv, 32, Reference, Round),
         (OneConv, 32, Incremental, Round),
@@ -69,8 +75,70 @@ fn rso_round(c: &mut Criterion) {
         cases.push((Paper, 256, Incremental, Round));
     }
     let split = mnist_or_synthetic(Preset::Seed, 60_000, 10);
+    let only = std::env::var("RSO_BENCH_ENGINE").ok();
+    if only.as_deref().is_none_or(|e| e == "cpu") {
+        run_cases(
+            c,
+            "cpu",
+            &cases,
+            &split,
+            |model, data| cpu_network(model, Preset::Seed, data),
+            |_| {},
+        );
+    }
+    #[cfg(feature = "tch")]
+    if only.as_deref().is_none_or(|e| e == "tch") {
+        let device = std::env::var("RSO_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+        // One intra-op thread: libtorch's OpenMP workers spin at barriers and, on a shared
+        // 2-core machine, turn a round's time into noise.
+        rso_tch::set_threads(1);
+        // The GPU targets (paper at B=1000 and 5000, one-conv at 1024), both paths;
+        // on the CPU the same cases at the sizes the pure-Rust engine is timed at.
+        let cases: Vec<Case> = if device.starts_with("cuda") {
+            vec![
+                (OneConv, 1024, Reference, Fraction(0.01)),
+                (OneConv, 1024, Incremental, Round),
+                (TwoConv, 1000, Reference, Fraction(0.01)),
+                (TwoConv, 1000, Incremental, Fraction(0.1)),
+                (Paper, 1000, Reference, Fraction(0.005)),
+                (Paper, 1000, Incremental, Fraction(0.02)),
+                (Paper, 5000, Reference, Fraction(0.002)),
+                (Paper, 5000, Incremental, Fraction(0.01)),
+            ]
+        } else {
+            vec![
+                (OneConv, 32, Reference, Fraction(0.05)),
+                (OneConv, 32, Incremental, Fraction(0.2)),
+                (OneConv, 1024, Reference, Fraction(0.002)),
+                (OneConv, 1024, Incremental, Fraction(0.1)),
+                (Paper, 256, Reference, Fraction(0.002)),
+                (Paper, 256, Incremental, Fraction(0.01)),
+            ]
+        };
+        run_cases(
+            c,
+            &format!("tch-{device}"),
+            &cases,
+            &split,
+            |model, data| rso_bench::tch_network(model, Preset::Seed, &data, &device),
+            |net| net.sync(),
+        );
+    }
+}
+
+/// Runs `cases` as groups `rso_round/{model}/{engine}` on networks made by `make`; `sync`
+/// waits for the device inside each timed region.
+fn run_cases<N: Network>(
+    c: &mut Criterion,
+    engine: &str,
+    cases: &[Case],
+    split: &rso_data::Split,
+    make: impl Fn(ModelKind, rso_data::Split) -> N,
+    sync: impl Fn(&N) + Copy,
+) {
+    use Timing::*;
     for model in ModelKind::ALL {
-        let mut group = c.benchmark_group(format!("rso_round/{}/cpu", model.name()));
+        let mut group = c.benchmark_group(format!("rso_round/{}/{engine}", model.name()));
         group.sample_size(10);
         group.sampling_mode(SamplingMode::Flat);
         group.warm_up_time(Duration::from_millis(1));
@@ -78,16 +146,16 @@ fn rso_round(c: &mut Criterion) {
         for &(_, batch, eval, timing) in cases.iter().filter(|c| c.0 == model) {
             let data = match timing {
                 Round => split.clone(),
-                Fraction(f) => scaled_split(&split, f, batch),
+                Fraction(f) => scaled_split(split, f, batch),
             };
-            let mut net = cpu_network(model, Preset::Seed, data);
+            let mut net = make(model, data);
             let mut cfg = RsoConfig::preset(Preset::Seed, 1, batch, 0);
             cfg.eval = eval;
             let mut rso = Rso::new(net.spec(), cfg).expect("config");
             group.throughput(Throughput::Elements(net.spec().param_count() as u64));
             let name = match eval {
-                Reference => "reference",
-                Incremental => "incremental",
+                RsoEval::Reference => "reference",
+                RsoEval::Incremental => "incremental",
             };
             // Extrapolated cases say so in their id: `incremental-est/1000`.
             let id = match timing {
@@ -104,9 +172,10 @@ fn rso_round(c: &mut Criterion) {
                             Round => {
                                 let t = Instant::now();
                                 rso.run_round(&mut net, 0, &mut |_| {}).expect("round");
+                                sync(&net);
                                 t.elapsed()
                             }
-                            Fraction(f) => extrapolated_round(&mut net, &rso, f, seed),
+                            Fraction(f) => extrapolated_round(&mut net, &rso, f, seed, sync),
                         };
                     }
                     total

@@ -98,6 +98,14 @@ pub struct PaperArgs {
     /// Minibatch size (the paper: 5000).
     #[arg(long, default_value_t = 5000)]
     pub batch_size: usize,
+    /// Checkpoint after every round into DIR (as `rso train --checkpoint-dir`), so a run cut
+    /// short (a time limit on a GPU machine) can go on with `--resume DIR`.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR (its settings come from the checkpoint; only
+    /// --data-dir and --out-dir apply), rewriting paper_mnist.csv with all rounds so far.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["rounds", "batch_size", "checkpoint_dir"])]
+    pub resume: Option<PathBuf>,
     /// Engine, device, data, seed, output directory.
     #[command(flatten)]
     pub engine: EngineArgs,

@@ -377,6 +377,23 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
 fn paper(a: &PaperArgs) -> anyhow::Result<()> {
     ensure_dir(&a.engine.out_dir)?;
     let path = a.engine.out_dir.join("paper_mnist.csv");
+    if let Some(dir) = &a.resume {
+        let mut args = vec![
+            "--resume".to_string(),
+            dir.display().to_string(),
+            "--out".into(),
+            path.display().to_string(),
+            "--force".into(),
+        ];
+        if let Some(d) = &a.engine.data_dir {
+            args.push("--data-dir".into());
+            args.push(d.display().to_string());
+        }
+        let outcome = train_with(&args)?;
+        println!("{}", outcome.result_line());
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     let mut args = vec![
         "--model".to_string(),
         "paper".into(),
@@ -393,6 +410,10 @@ fn paper(a: &PaperArgs) -> anyhow::Result<()> {
         "--force".into(),
     ];
     args.extend(common(&a.engine));
+    if let Some(dir) = &a.checkpoint_dir {
+        args.push("--checkpoint-dir".into());
+        args.push(dir.display().to_string());
+    }
     let outcome = train_with(&args)?;
     println!("{}", outcome.result_line());
     println!("wrote {}", path.display());
