@@ -24,16 +24,17 @@
 //!
 //! When the store also keeps the layer's own output (the pre-activation; `two-conv`'s second
 //! convolution), folds keep it current, and channel `k`'s pre-activation for a visit is the
-//! stored plane plus one shifted input plane per weight changed since the snapshot, while that
-//! is fewer operations than the convolution.
+//! stored plane plus one convolution of input channels `..ng` with the weight changes since the
+//! snapshot (zero where unchanged; `ng` one past the last input channel with a change) and the
+//! bias change: RSO visits a channel's taps input channel by input channel, so on average this
+//! is half the convolution, and never more (it is used while `ng < c_in`).
 //!
 //! The base loss goes through exactly the same arithmetic as the candidates (with channel `k`'s
 //! pre-activation unchanged), so a candidate that changes nothing for the batch (a zero input
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
 
 use super::util::{
-    acc_shifted, add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch,
-    LogProd,
+    add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch, LogProd,
 };
 use super::{Clock, Incremental, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
@@ -138,6 +139,12 @@ pub(super) struct ConvCache {
     own_out: bool,
     /// Channel k's changes since the snapshot (reused buffer).
     k_changes: Vec<(usize, f32)>,
+    /// Next layer dense: its weights of the dirty channels then of channel `k`, per channel
+    /// `[hwo][cp]` in f64 (`cp`: the classes rounded up to a multiple of 4, zero-padded), so
+    /// that a sample's logit changes are one vectorised pass over its output plane.
+    wt: Vec<f64>,
+    /// Channel k's weight changes since the snapshot, `[ng][9]` (reused buffer).
+    dw: Vec<f32>,
 }
 
 /// Hands out the rows of disjoint sample ranges of a sample-major array to parallel tasks.
@@ -247,6 +254,8 @@ impl ConvCache {
             dz: Vec::new(),
             own_out: false,
             k_changes: Vec::new(),
+            wt: Vec::new(),
+            dw: Vec::new(),
         })
     }
 
@@ -320,8 +329,9 @@ pub(super) fn visit(
 ) -> Option<[f64; 3]> {
     let layers = net.plan.len();
     let n_train = net.train.len();
-    // The snapshot logits are read directly: no dense-weight change may be pending.
-    inc.store.flush_pending();
+    // The snapshot logits are read directly: no dense-weight change may be pending, and they
+    // must be in sample order.
+    inc.store.settle();
     let fresh = inc
         .conv
         .as_ref()
@@ -396,7 +406,28 @@ fn visit_cached(
             }
         }
     }
-    let from_snapshot = cache.own_out && 2 * k_changes.len() < taps;
+    // Channel k from the snapshot: its stored pre-activation plus one convolution of the input
+    // channels `..ng` with the weight changes (zero where unchanged) and the bias change: at
+    // most the work of the convolution itself, usually much less (RSO visits the taps input
+    // channel by input channel, so the changes since the snapshot cover the first few).
+    let ng = k_changes
+        .iter()
+        .filter(|&&(tp, _)| tp < taps)
+        .map(|&(tp, _)| tp / 9 + 1)
+        .max()
+        .unwrap_or(0);
+    let from_snapshot = cache.own_out && ng < conv.c_in;
+    let mut dw = std::mem::take(&mut cache.dw);
+    dw.clear();
+    dw.resize(ng * 9, 0.0);
+    let mut db = None;
+    for &(tp, d) in &k_changes {
+        if tp < taps {
+            dw[tp] = d;
+        } else {
+            db = Some(d);
+        }
+    }
     let mut dirty = std::mem::take(&mut cache.dirty);
     dirty.clear();
     dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(net, c)));
@@ -442,7 +473,22 @@ fn visit_cached(
     } else {
         &[]
     };
-    let k_changes_ref = &k_changes;
+    let cp = classes.div_ceil(4) * 4;
+    if let Next::Dense { d_in, weight, .. } = cache.next {
+        let wf = &params[weight];
+        cache.wt.clear();
+        cache.wt.resize((nd + 1) * hwo * cp, 0.0);
+        for (q, &c) in dirty.iter().chain([k].iter()).enumerate() {
+            let dst = &mut cache.wt[q * hwo * cp..(q + 1) * hwo * cp];
+            for cls in 0..classes {
+                let row = &wf[cls * d_in + c * hwo..][..hwo];
+                for (p, &v) in row.iter().enumerate() {
+                    dst[p * cp + cls] = f64::from(v);
+                }
+            }
+        }
+    }
+    let dw_ref = &dw[..];
     let cache_ref = &*cache;
     let dirty_ref = &dirty;
     // Per-sample work, for the threading choice.
@@ -476,6 +522,9 @@ fn visit_cached(
                 });
             } else {
                 for (t, y) in out.chunks_exact_mut(hw).enumerate() {
+                    if t + 2 < nc {
+                        prefetch_range(x_of(t + 2));
+                    }
                     conv_channel(net, cache_ref, c, 1, x_of(t), y);
                 }
             }
@@ -501,21 +550,47 @@ fn visit_cached(
             // Channel k at W, W + Δ, W − Δ: `[v][t][hwo]`.
             if from_snapshot {
                 let own_len = conv.out_len();
-                for (t, out) in pre.chunks_exact_mut(hw).enumerate() {
-                    let i = idx[t] as usize;
-                    out.copy_from_slice(&own_all[i * own_len + k * hw..][..hw]);
-                    let x = x_of(t);
-                    for &(tp, d) in k_changes_ref {
-                        if tp == taps {
-                            out.iter_mut().for_each(|o| *o += d);
+                let s = Conv3x3 {
+                    c_in: ng,
+                    c_out: 1,
+                    ..conv
+                };
+                super::util::with_scratch_b(hw, |y| {
+                    for (t, out) in pre.chunks_exact_mut(hw).enumerate() {
+                        // The rows of a sample two ahead (random rows of arrays far larger
+                        // than the caches), so that their misses overlap this sample's work.
+                        if let Some(&a) = idx.get(t + 2) {
+                            let a = a as usize;
+                            prefetch_range(&own_all[a * own_len + k * hw..][..hw]);
+                            prefetch_range(&x_all[a * in_len..][..ng * hw]);
+                        }
+                        let i = idx[t] as usize;
+                        let own = &own_all[i * own_len + k * hw..][..hw];
+                        if ng > 0 {
+                            conv3x3_forward(&s, 1, &x_of(t)[..ng * hw], dw_ref, None, y);
+                            for ((o, &a), &b) in out.iter_mut().zip(own).zip(y.iter()) {
+                                *o = a + b;
+                            }
                         } else {
-                            let (ci, ky, kx) = (tp / 9, (tp % 9) / 3, tp % 3);
-                            acc_shifted(h, w, &x[ci * hw..], ky, kx, d, out);
+                            out.copy_from_slice(own);
+                        }
+                        if let Some(d) = db {
+                            out.iter_mut().for_each(|o| *o += d);
                         }
                     }
-                }
+                });
             } else {
                 conv_rows(k, pre);
+            }
+            // The snapshot planes and logits the rest reads (random rows; see above).
+            for &i in idx {
+                let i = i as usize;
+                prefetch_range(&o_all[i * o_len + k * hwo..][..hwo]);
+                if let Next::Dense { .. } = cache_ref.next {
+                    for cls in 0..classes {
+                        prefetch_f64(&store.z.data[cls * n_train + i]);
+                    }
+                }
             }
             for v in 0..3 {
                 let d = [0.0, dp as f32, dm as f32][v];
@@ -552,31 +627,32 @@ fn visit_cached(
                 }
             }
             match cache_ref.next {
-                Next::Dense { d_in, weight, .. } => {
-                    let wf = &params[weight];
+                Next::Dense { .. } => {
                     let z = &store.z.data;
+                    let wt = &cache_ref.wt;
+                    let blk = hwo * cp;
                     let mut zb = [0.0f64; 64];
                     let mut zv = [0.0f64; 64];
                     for (t, &i) in idx.iter().enumerate() {
                         let i = i as usize;
                         for (cls, zb) in zb[..classes].iter_mut().enumerate() {
-                            let row = &wf[cls * d_in..(cls + 1) * d_in];
-                            let mut s = z[cls * n_train + i];
-                            for (q, &c) in dirty_ref.iter().enumerate() {
-                                s += dot(
-                                    &row[c * hwo..(c + 1) * hwo],
-                                    &d_o[(t * nd + q) * hwo..][..hwo],
-                                );
-                            }
-                            *zb = s;
+                            *zb = z[cls * n_train + i];
+                        }
+                        for q in 0..nd {
+                            logit_changes(
+                                &wt[q * blk..(q + 1) * blk],
+                                &d_o[(t * nd + q) * hwo..][..hwo],
+                                &mut zb[..cp],
+                            );
                         }
                         let label = usize::from(labels[i]);
                         for (v, a) in acc.iter_mut().enumerate() {
-                            let dkv = &dk[(v * nc + t) * hwo..][..hwo];
-                            for (cls, zv) in zv[..classes].iter_mut().enumerate() {
-                                let row = &wf[cls * d_in + k * hwo..][..hwo];
-                                *zv = zb[cls] + dot(row, dkv);
-                            }
+                            zv[..cp].copy_from_slice(&zb[..cp]);
+                            logit_changes(
+                                &wt[nd * blk..(nd + 1) * blk],
+                                &dk[(v * nc + t) * hwo..][..hwo],
+                                &mut zv[..cp],
+                            );
                             push_ce(a, &zv[..classes], label);
                         }
                     }
@@ -600,7 +676,117 @@ fn visit_cached(
     cache.parts = parts;
     cache.dirty = dirty;
     cache.k_changes = k_changes;
+    cache.dw = dw;
     sums.map(|s| reduction.finish(s, batch.len()))
+}
+
+/// `z[c] += Σ_p w[p·cp + c]·d[p]` for every class slot `c < cp = z.len()` (a multiple of 4),
+/// in f64: two partial sums (even and odd `p`) added at the end (a fixed order; the AVX2 and
+/// the plain version round identically).
+fn logit_changes(w: &[f64], d: &[f32], z: &mut [f64]) {
+    let cp = z.len();
+    assert!(
+        cp.is_multiple_of(4) && w.len() >= d.len() * cp,
+        "logit_changes: shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2; the shapes are checked above.
+        unsafe {
+            match cp {
+                4 => return logit_changes_avx2::<1>(w, d, z),
+                8 => return logit_changes_avx2::<2>(w, d, z),
+                12 => return logit_changes_avx2::<3>(w, d, z),
+                16 => return logit_changes_avx2::<4>(w, d, z),
+                _ => {}
+            }
+        }
+    }
+    for c0 in (0..cp).step_by(4) {
+        let mut s = [[0.0f64; 4]; 2];
+        for (p, &dv) in d.iter().enumerate() {
+            let dv = f64::from(dv);
+            for l in 0..4 {
+                s[p % 2][l] += w[p * cp + c0 + l] * dv;
+            }
+        }
+        for l in 0..4 {
+            z[c0 + l] += s[0][l] + s[1][l];
+        }
+    }
+}
+
+/// [`logit_changes`] for `cp = 4·G` with the sums in AVX2 registers.
+///
+/// # Safety
+/// The CPU must have AVX2, `z.len() == 4·G` and `w.len() ≥ d.len()·4·G`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn logit_changes_avx2<const G: usize>(w: &[f64], d: &[f32], z: &mut [f64]) {
+    use std::arch::x86_64::*;
+    let cp = 4 * G;
+    let wp = w.as_ptr();
+    let mut s0 = [_mm256_setzero_pd(); G];
+    let mut s1 = [_mm256_setzero_pd(); G];
+    let pairs = d.len() / 2;
+    for p2 in 0..pairs {
+        let p = 2 * p2;
+        let a = _mm256_set1_pd(f64::from(d[p]));
+        let b = _mm256_set1_pd(f64::from(d[p + 1]));
+        for (g, (s0, s1)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
+            // SAFETY: in bounds (checked by the caller).
+            let wa = unsafe { _mm256_loadu_pd(wp.add(p * cp + 4 * g)) };
+            // SAFETY: as above.
+            let wb = unsafe { _mm256_loadu_pd(wp.add((p + 1) * cp + 4 * g)) };
+            *s0 = _mm256_add_pd(*s0, _mm256_mul_pd(wa, a));
+            *s1 = _mm256_add_pd(*s1, _mm256_mul_pd(wb, b));
+        }
+    }
+    if d.len() % 2 == 1 {
+        let p = d.len() - 1;
+        let a = _mm256_set1_pd(f64::from(d[p]));
+        for (g, s0) in s0.iter_mut().enumerate() {
+            // SAFETY: in bounds (checked by the caller).
+            let wa = unsafe { _mm256_loadu_pd(wp.add(p * cp + 4 * g)) };
+            *s0 = _mm256_add_pd(*s0, _mm256_mul_pd(wa, a));
+        }
+    }
+    for (g, (s0, s1)) in s0.iter().zip(&s1).enumerate() {
+        let zp = z[4 * g..].as_mut_ptr();
+        // SAFETY: `z` holds `4·G` values.
+        unsafe {
+            let zv = _mm256_loadu_pd(zp);
+            _mm256_storeu_pd(zp, _mm256_add_pd(zv, _mm256_add_pd(*s0, *s1)));
+        }
+    }
+}
+
+/// Asks the CPU to bring every cache line of `v` closer (a hint; no effect on results).
+#[inline(always)]
+fn prefetch_range(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in v.chunks(16) {
+        // SAFETY: prefetching is a hint that never faults; the address is inside `v`.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>());
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// [`prefetch_range`] for one f64.
+#[inline(always)]
+fn prefetch_f64(v: &f64) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint that never faults.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((v as *const f64).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
 }
 
 /// `Σ a·b` in f64: four interleaved partial sums, added pairwise (a fixed order).
@@ -671,6 +857,11 @@ fn next_conv_losses(
                 dpk,
             );
             for (t, &i) in idx.iter().enumerate() {
+                if v == 0 {
+                    if let Some(&a) = idx.get(t + 2) {
+                        prefetch_range(&p_all[a as usize * p_len..][..p_len]);
+                    }
+                }
                 let snap = &p_all[i as usize * p_len..][..p_len];
                 let dst = &mut a[(v * nc + t) * p_len..][..p_len];
                 if nd > 0 {
@@ -882,7 +1073,7 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are
 /// current again (and stamps them so), or drops it if another layer changed meanwhile.
 pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, net: &CpuNetwork) {
-    inc.store.flush_pending();
+    inc.store.settle();
     if !cache.valid(&inc.clock, net.plan.len()) {
         return;
     }

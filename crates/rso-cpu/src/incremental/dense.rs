@@ -16,10 +16,22 @@
 //! exponential per sample and candidate (a vectorised polynomial, [`exp_kernel`]) and one
 //! logarithm per lane of a chunk of samples ([`LogProd`]).
 //!
+//! The batches of preset `seed` are the round's ⌈N/B⌉ shuffled batches, each drawn about 130
+//! times per dense sweep. The weight visits record the distinct batches they see ([`Slots`],
+//! keyed by content); once those are disjoint and cover the training set, the store switches
+//! to their order ([`Layout`]): the logits, the blocked input and the row constants are then
+//! indexed by position in the concatenated batches, and a visit of one of them reads three
+//! contiguous ranges (a visit of any other batch gathers its positions). Until then the lines
+//! are read from the stored input itself ([`Store::lines`](super::store::Store::lines)), so the
+//! blocked copy is built once, in the final order. Every sample goes through the same
+//! arithmetic in either order, so the losses do not depend on the layout;
+//! [`Store::settle`](super::store::Store::settle) returns to sample order for every other
+//! reader of the logits.
+//!
 //! With BatchNorm ([`per_batch`]) the logits depend on the batch, so one forward pass of the
 //! batch gives them and the layer's input, and the candidates are O(B) from there.
 
-use super::store::{act_len, pending_sum, FB};
+use super::store::{act_len, pending_sum, Layout, FB};
 use super::util::{
     avx2_dispatch, changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch,
     with_scratch64, LogProd,
@@ -27,6 +39,7 @@ use super::util::{
 use super::{Incremental, Visit, MAX_CLASSES};
 use crate::network::{CpuNetwork, Op};
 use rayon::prelude::*;
+use std::collections::HashMap;
 
 /// Samples per chunk of a candidate evaluation (fixed: results do not depend on threads).
 const CHUNK: usize = 256;
@@ -47,16 +60,85 @@ struct Rows {
     c: Vec<[f64; 4]>,
 }
 
+/// The distinct batches seen by the weight visits since the caches were dropped, while they
+/// are disjoint (see [`Slots::register`]).
+#[derive(Debug, Default)]
+struct Slots {
+    /// The batches' samples, concatenated in the order first seen.
+    flat: Vec<u32>,
+    /// Start of each batch in `flat`.
+    starts: Vec<usize>,
+    /// Batches by [`Slots::key`].
+    by_key: HashMap<[u32; 4], Vec<usize>>,
+    /// Per sample: whether it is in a batch already.
+    owned: Vec<bool>,
+    /// Two batches overlapped (or one repeated a sample): no layout until the caches drop.
+    broken: bool,
+}
+
+impl Slots {
+    /// A cheap key of a batch (a lookup compares the whole batch).
+    fn key(batch: &[u32]) -> [u32; 4] {
+        let n = batch.len();
+        [n as u32, batch[0], batch[n / 2], batch[n - 1]]
+    }
+
+    /// Start in `flat` (the position range, once the layout is built) of a known batch.
+    fn find(&self, batch: &[u32]) -> Option<usize> {
+        let slots = self.by_key.get(&Slots::key(batch))?;
+        slots.iter().find_map(|&s| {
+            let start = self.starts[s];
+            (self.flat.get(start..start + batch.len()) == Some(batch)).then_some(start)
+        })
+    }
+
+    /// Records a batch not seen before; returns true when the batches seen so far are disjoint
+    /// and cover all `n` samples (they then form a partition: the layout can be built).
+    fn register(&mut self, batch: &[u32], n: usize) -> bool {
+        if self.broken || self.find(batch).is_some() {
+            return false;
+        }
+        if self.owned.len() != n {
+            self.owned = vec![false; n];
+        }
+        for &i in batch {
+            let owned = &mut self.owned[i as usize];
+            if *owned {
+                self.broken = true;
+                return false;
+            }
+            *owned = true;
+        }
+        let s = self.starts.len();
+        self.starts.push(self.flat.len());
+        self.flat.extend_from_slice(batch);
+        self.by_key.entry(Slots::key(batch)).or_default().push(s);
+        self.flat.len() == n
+    }
+}
+
 /// State of the dense path.
 #[derive(Debug, Default)]
 pub(super) struct DenseState {
     rows: Option<Rows>,
     parts: Vec<[LogProd; 3]>,
+    slots: Slots,
 }
 
 impl DenseState {
     pub(super) fn forget_rows(&mut self) {
         self.rows = None;
+    }
+
+    /// Forgets the batches seen (when the caches drop, at the start of every round).
+    pub(super) fn forget_slots(&mut self) {
+        self.slots = Slots::default();
+    }
+
+    /// Keeps sample order until the caches drop (tests compare both orders).
+    #[cfg(test)]
+    pub(super) fn disable_layout(&mut self) {
+        self.slots.broken = true;
     }
 }
 
@@ -101,9 +183,26 @@ pub(super) fn cached(
     } = v;
     let classes = net.spec.classes;
     let n = net.train.len();
-    inc.store.ensure(net, &inc.clock, &[layer], true);
-    inc.store.ensure_xb(net, &inc.clock, layer);
     let (k, j) = target(net, layer, param, index);
+    inc.store.ensure(net, &inc.clock, &[layer], true);
+    if j.is_none() {
+        // Bias visits (one per row, after the weights) compute their row constants on the
+        // spot, in sample order.
+        inc.store.settle();
+    } else if inc.store.layout.is_none() && inc.dense.slots.register(batch, n) {
+        // The weight visits' batches so far partition the training set (preset `seed`: the
+        // round's shuffled batches): from now on the logits, the blocked input and the row
+        // constants are kept in the order of these batches, so that a visit of one of them
+        // reads contiguous ranges instead of gathering its samples.
+        let perm = inc.dense.slots.flat.clone();
+        let mut inv = vec![0u32; n];
+        for (p, &i) in perm.iter().enumerate() {
+            inv[i as usize] = p as u32;
+        }
+        let labels = perm.iter().map(|&i| net.train.labels[i as usize]).collect();
+        inc.store.set_layout(Layout { perm, inv, labels });
+    }
+    inc.store.ensure_xb(net, &inc.clock, layer);
     let [dp, dm] = changes(net.params.values[param][index], delta);
     // Pending changes of another row or block are added to the logits first.
     let store = &mut inc.store;
@@ -124,9 +223,14 @@ pub(super) fn cached(
                     .all(|(c, (a, b))| c == k || a == b)
         });
         if !fresh {
+            let labels = inc
+                .store
+                .layout
+                .as_ref()
+                .map_or(&net.train.labels[..], |l| &l.labels[..]);
             let rows = row_constants(
                 &inc.store.z.data,
-                &net.train.labels,
+                labels,
                 classes,
                 k,
                 &inc.store.z_gen,
@@ -142,26 +246,39 @@ pub(super) fn cached(
     };
     let z = &inc.store.z.data;
     // The block of x_j, and where x_j sits in a sample's line of it.
-    let (xb, f) = match j {
-        Some(j) => (
-            Some(&inc.store.xb.data[j / FB * n * FB..(j / FB + 1) * n * FB]),
-            j % FB,
-        ),
-        None => (None, 0),
+    let (xb, stride, f) = match j {
+        Some(j) => {
+            let (lines, stride) = inc.store.lines(j / FB, n);
+            (Some(lines), stride, j % FB)
+        }
+        None => (None, FB, 0),
     };
     let pending = &inc.store.pending;
     let labels = &net.train.labels;
-    // Logit k and x_j of sample i.
-    let logit_and_x = |i: usize| -> (f64, f64) {
+    // Where the logits, lines and row constants of the batch's `t`-th sample `i` are: one
+    // contiguous run of positions from `run` when the batch is one of the layout's, else
+    // position `inv[i]` (sample `i` without a layout). Same values either way.
+    let layout = inc.store.layout.as_ref();
+    let run = layout.and_then(|_| inc.dense.slots.find(batch));
+    let inv = layout.map(|l| &l.inv[..]);
+    let pos = |t: usize, i: u32| -> usize {
+        match (run, inv) {
+            (Some(p0), _) => p0 + t,
+            (None, Some(inv)) => inv[i as usize] as usize,
+            (None, None) => i as usize,
+        }
+    };
+    // Logit k and x_j at position p.
+    let logit_and_x = |p: usize| -> (f64, f64) {
         match xb {
             Some(xb) => {
-                let line = &xb[i * FB..][..FB];
+                let line = &xb[p * stride..][..FB];
                 (
-                    z[k * n + i] + pending_sum(pending, line),
+                    z[k * n + p] + pending_sum(pending, line),
                     f64::from(line[f]),
                 )
             }
-            None => (z[k * n + i], 1.0),
+            None => (z[k * n + p], 1.0),
         }
     };
     let chunks = batch.len().div_ceil(CHUNK);
@@ -170,6 +287,7 @@ pub(super) fn cached(
     let par = batch.len() >= PAR_BATCH && parallel(1 << 20);
     for_chunks(batch.len(), CHUNK, par, parts, |r, acc| {
         *acc = Default::default();
+        let t0 = r.start;
         let idx = &batch[r];
         let len = idx.len();
         let fast = with_scratch64(6 * len, |buf| {
@@ -178,35 +296,50 @@ pub(super) fn cached(
             let (m, buf) = buf.split_at_mut(len);
             let (s, buf) = buf.split_at_mut(len);
             let (zl, isk) = buf.split_at_mut(len);
-            // Gather first (loads only, a few samples ahead prefetched, so that many cache
-            // misses are in flight at once), then compute.
-            const AHEAD: usize = 16;
-            for (t, &i) in idx.iter().enumerate() {
-                if let Some(&a) = idx.get(t + AHEAD) {
-                    let a = a as usize;
-                    if let Some(rows) = rows {
-                        prefetch(&rows.c[a]);
+            match (run, rows) {
+                (Some(p0), Some(rows)) => {
+                    // Contiguous: plain copies.
+                    let p0 = p0 + t0;
+                    for (t, c) in rows.c[p0..p0 + len].iter().enumerate() {
+                        [m[t], s[t], zl[t], isk[t]] = *c;
                     }
-                    prefetch(&z[k * n + a]);
-                    if let Some(xb) = xb {
-                        prefetch(&xb[a * FB]);
+                    zk.copy_from_slice(&z[k * n + p0..][..len]);
+                }
+                _ => {
+                    // Gather first (loads only, a few samples ahead prefetched, so that many
+                    // cache misses are in flight at once), then compute.
+                    const AHEAD: usize = 16;
+                    for (t, &i) in idx.iter().enumerate() {
+                        if let Some(&a) = idx.get(t + AHEAD) {
+                            let a = pos(t0 + t + AHEAD, a);
+                            if let Some(rows) = rows {
+                                prefetch(&rows.c[a]);
+                            }
+                            prefetch(&z[k * n + a]);
+                            if let Some(xb) = xb {
+                                prefetch(&xb[a * stride]);
+                            }
+                        }
+                        let p = pos(t0 + t, i);
+                        [m[t], s[t], zl[t], isk[t]] = match rows {
+                            Some(rows) => rows.c[p],
+                            None => constants(z, n, classes, k, p, usize::from(labels[i as usize])),
+                        };
+                        zk[t] = z[k * n + p];
                     }
                 }
-                let i = i as usize;
-                [m[t], s[t], zl[t], isk[t]] = match rows {
-                    Some(rows) => rows.c[i],
-                    None => constants(z, n, classes, k, i, usize::from(labels[i])),
-                };
-                zk[t] = z[k * n + i];
             }
-            match xb {
-                Some(xb) => with_scratch(len * FB, |lines| {
-                    for (dst, &i) in lines.chunks_exact_mut(FB).zip(idx) {
-                        dst.copy_from_slice(&xb[i as usize * FB..][..FB]);
+            match (xb, run) {
+                (Some(xb), Some(p0)) if stride == FB => {
+                    add_lines(pending, f, &xb[(p0 + t0) * FB..][..len * FB], zk, x);
+                }
+                (Some(xb), _) => with_scratch(len * FB, |lines| {
+                    for (t, (dst, &i)) in lines.chunks_exact_mut(FB).zip(idx).enumerate() {
+                        dst.copy_from_slice(&xb[pos(t0 + t, i) * stride..][..FB]);
                     }
                     add_lines(pending, f, lines, zk, x);
                 }),
-                None => x.fill(1.0),
+                (None, _) => x.fill(1.0),
             }
             let mut ok = true;
             for (a, &d) in acc.iter_mut().zip(&ds) {
@@ -219,13 +352,13 @@ pub(super) fn cached(
             // log-sum-exp over all logits, for the whole chunk.
             *acc = Default::default();
             let mut zrow = [0.0f64; MAX_CLASSES];
-            for &i in idx {
-                let i = i as usize;
-                let label = usize::from(labels[i]);
-                let (zk, x) = logit_and_x(i);
+            for (t, &i) in idx.iter().enumerate() {
+                let p = pos(t0 + t, i);
+                let label = usize::from(labels[i as usize]);
+                let (zk, x) = logit_and_x(p);
                 for (a, &d) in acc.iter_mut().zip(&ds) {
                     for (c, zc) in zrow[..classes].iter_mut().enumerate() {
-                        *zc = z[c * n + i];
+                        *zc = z[c * n + p];
                     }
                     zrow[k] = zk + d * x;
                     push_ce(a, &zrow[..classes], label);

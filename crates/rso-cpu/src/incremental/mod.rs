@@ -8,12 +8,15 @@
 //!
 //! | visited array | model without BatchNorm (`one-conv`, `two-conv`) | model with BatchNorm on batch statistics (`paper`) |
 //! |---|---|---|
-//! | final dense weight/bias | [`dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store](store); O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights | [`dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`bn::BatchMemo`]), then O(B) |
-//! | convolution weight/bias | [`conv`]: a snapshot of all N samples' next-layer input and logits (or next convolution's output); per visit channel `k` (and any *dirty* channel) for the batch only — from the stored layer output plus one shifted plane per change when that is cheaper than the convolution — then one block of logits (or one input channel of the next convolution); dirty channels folded into the snapshot when RSO moves on | [`bn::conv`]: one forward pass of the batch (from the layer's input when the batch recurs), then channel `k` alone through pooling, BatchNorm (channel `k`'s batch statistics) and ReLU, one input channel of the next convolution, and a forward pass of the rest per candidate |
+//! | final dense weight/bias | [`dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store](store); O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights; once the visits' batches are seen to partition the training set (preset `seed`: the round's shuffled batches, recognised by content), logits, input and per-row constants are kept in the order of those batches, so that a visit reads contiguous ranges instead of gathering its samples | [`dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`bn::BatchMemo`]), then O(B) |
+//! | convolution weight/bias | [`conv`]: a snapshot of all N samples' next-layer input and logits (or next convolution's output); per visit channel `k` (and any *dirty* channel) for the batch only — from the stored layer output plus a convolution of the input channels whose weights changed since the snapshot when the store keeps that output — then one block of logits (or one input channel of the next convolution); dirty channels folded into the snapshot when RSO moves on | [`bn::conv`]: one forward pass of the batch (from the layer's input when the batch recurs), then channel `k` alone through pooling, BatchNorm (channel `k`'s batch statistics) and ReLU, one input channel of the next convolution, and a forward pass of the rest per candidate |
 //! | BatchNorm γ/β | — | [`bn::norm`]: as a convolution, from the BatchNorm on |
 //!
 //! Anything else (a layer order these paths do not recognise, more than 64 classes, an empty
 //! batch) takes the reference path.
+//!
+//! The all-samples arrays are hundreds of MB read at random rows, so the paths prefetch the rows
+//! of samples a little ahead of the one being computed.
 //!
 //! Caches are built lazily by the first incremental visit of a sweep (so `--rso-eval reference`
 //! never builds them) and checked against a change clock: every parameter change ticks it and
@@ -159,8 +162,10 @@ impl Incremental {
             self.clock.touch_all();
             self.conv = None;
             self.dense.forget_rows();
+            self.dense.forget_slots();
             self.store.pending = [0.0; store::FB];
             self.store.has_pending = false;
+            self.store.layout = None;
         }
     }
 
@@ -273,4 +278,94 @@ pub(crate) fn weight_changed(net: &mut CpuNetwork, param: usize, index: usize, o
         }
     }
     net.inc = inc;
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testutil as tu;
+    use crate::CpuNetwork;
+    use rand::Rng;
+    use rso_data::{Dataset, Split};
+    use rso_models::network::reference_candidate_losses;
+    use rso_models::{init_params, Init, ModelKind, Network, Reduction};
+
+    fn network(kind: ModelKind, n: usize, seed: u64) -> CpuNetwork {
+        let spec = kind.spec(1, 12, 10);
+        let mut rng = tu::rng(seed);
+        let mut set = |n: usize| Dataset {
+            // Mostly zero pixels, as in MNIST.
+            images: (0..n * 144)
+                .map(|_| {
+                    let v: f32 = rng.random();
+                    if v < 0.6 {
+                        0.0
+                    } else {
+                        v
+                    }
+                })
+                .collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            channels: 1,
+            height: 12,
+            width: 12,
+            classes: 10,
+        };
+        let split = Split {
+            train: set(n),
+            test: set(4),
+        };
+        let params = init_params(&spec, Init::GlorotUniform, &mut tu::rng(seed + 1));
+        CpuNetwork::new(&spec, &params, split).expect("network")
+    }
+
+    /// Sweeps of every array with batches drawn from a fixed partition (preset `seed`'s
+    /// batches): the dense path switches to the batches' order of the samples, and computes
+    /// the same losses, bit for bit, as in sample order; both match the reference.
+    #[test]
+    fn the_batch_order_layout_changes_no_loss() {
+        for kind in [ModelKind::OneConv, ModelKind::TwoConv] {
+            let n = 48;
+            let mut nets = [network(kind, n, 3), network(kind, n, 3)];
+            let mut rng = tu::rng(4);
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            for i in (1..n).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            let batches: Vec<&[u32]> = order.chunks(10).collect();
+            let lens: Vec<usize> = nets[0].spec().params().iter().map(|p| p.len()).collect();
+            let mut laid_out = false;
+            for param in (0..lens.len()).rev() {
+                for net in nets.iter_mut() {
+                    net.begin_sweep(param);
+                }
+                nets[1].inc.dense.disable_layout();
+                for index in 0..lens[param].min(200) {
+                    let batch = batches[rng.random_range(0..batches.len())];
+                    let delta = rng.random_range(-0.3f32..0.3);
+                    let [a, b] = &mut nets;
+                    let la = a.candidate_losses(batch, param, index, delta, Reduction::Mean);
+                    let lb = b.candidate_losses(batch, param, index, delta, Reduction::Mean);
+                    laid_out |= a.inc.store.layout.is_some();
+                    assert!(b.inc.store.layout.is_none());
+                    assert_eq!(
+                        la.map(f64::to_bits),
+                        lb.map(f64::to_bits),
+                        "{kind:?} {param}"
+                    );
+                    let r =
+                        reference_candidate_losses(a, batch, param, index, delta, Reduction::Mean);
+                    for (x, y) in la.iter().zip(&r) {
+                        assert!((x - y).abs() <= 1e-5 * y.abs().max(1e-3), "{la:?} {r:?}");
+                    }
+                    let w = a.weight(param, index);
+                    let best = (0..3).min_by(|&i, &j| la[i].total_cmp(&la[j])).expect("3");
+                    let v = [w, w + delta, w - delta][best];
+                    for net in nets.iter_mut() {
+                        net.set_weight(param, index, v);
+                    }
+                }
+            }
+            assert!(laid_out, "{kind:?}: the batches' order was never used");
+        }
+    }
 }

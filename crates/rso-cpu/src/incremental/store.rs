@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use rso_models::SplitKind;
 
 /// Samples per forward pass when filling the store.
-const CHUNK: usize = 512;
+const CHUNK: usize = 128;
 
 /// An all-samples array and the tick it is consistent with.
 #[derive(Debug, Default)]
@@ -33,14 +33,15 @@ pub(super) struct Store {
     /// `acts[a]`: activation `a` (output of layer `a − 1`) of every training sample,
     /// sample-major. `acts[0]` is never stored (the images are resident).
     pub(super) acts: Vec<Stamped<f32>>,
-    /// Logits of every sample, class-major (`z[class·N + sample]`), f64. Kept up to date by
-    /// dense-layer changes ([`super::dense`]).
+    /// Logits of every sample, class-major (`z[class·N + sample]`, by position while a
+    /// [`Layout`] is set), f64. Kept up to date by dense-layer changes ([`super::dense`]).
     pub(super) z: Stamped<f64>,
     /// Generation of each logit row (class): bumped whenever the row changes.
     pub(super) z_gen: Vec<u64>,
     /// The input of the final dense layer in blocks of [`FB`] features:
     /// `xb[(block·N + sample)·FB + feature % FB]`, so that one cache line holds a sample's
-    /// features of a block (zero-padded past the last feature).
+    /// features of a block (zero-padded past the last feature). By position while a
+    /// [`Layout`] is set; not built while [`Store::xb_direct`] is.
     pub(super) xb: Stamped<f32>,
     /// Accepted changes of the dense weights of row `pending_row`, block `pending_block`, not
     /// yet added to `z` (see [`super::dense`]): `pending[f]` is the summed change of feature
@@ -49,6 +50,26 @@ pub(super) struct Store {
     pub(super) has_pending: bool,
     pub(super) pending_row: usize,
     pub(super) pending_block: usize,
+    /// While set, `z`, `xb` (and the dense path's row constants) are indexed by *position* in
+    /// this order of the samples instead of by sample (see [`super::dense`]); [`Store::settle`]
+    /// goes back to sample order.
+    pub(super) layout: Option<Layout>,
+    /// When set, `xb` is not built: the lines of block `b` are read from the stored input of
+    /// the dense layer (activation `xb_direct`, whose row length is a multiple of [`FB`]) at
+    /// `acts[sample·d + b·FB..]`. Only in sample order (a layout always builds `xb`).
+    pub(super) xb_direct: Option<usize>,
+}
+
+/// An order of the training samples: the concatenation of the recurring batches of a dense
+/// sweep, so that each of them is one contiguous range of positions.
+#[derive(Debug)]
+pub(super) struct Layout {
+    /// Sample at each position.
+    pub(super) perm: Vec<u32>,
+    /// Position of each sample.
+    pub(super) inv: Vec<u32>,
+    /// Label of the sample at each position.
+    pub(super) labels: Vec<u8>,
 }
 
 /// Features per block of [`Store::xb`] (a 64-byte cache line of f32).
@@ -113,6 +134,10 @@ impl Store {
         if logits && self.z.data.len() != n * classes {
             self.z.data = vec![0.0; n * classes];
         }
+        let mut cuts: Vec<usize> = invalid.iter().copied().filter(|&a| a < end).collect();
+        cuts.push(end);
+        cuts.sort_unstable();
+        cuts.dedup();
         let src_len = act_len(net, start);
         for c0 in (0..n).step_by(CHUNK) {
             let m = CHUNK.min(n - c0);
@@ -124,7 +149,13 @@ impl Store {
                 net.ws.acts[start][..m * src_len]
                     .copy_from_slice(&self.acts[start].data[c0 * src_len..(c0 + m) * src_len]);
             }
-            net.forward_segment(start..end, m, Mode::Train, true);
+            // Segment by segment, ending at each array to keep: the layers inside a segment
+            // run in cache-sized pieces instead of writing every activation of the chunk.
+            let mut from = start;
+            for &to in &cuts {
+                net.forward_segment(from..to, m, Mode::Train, false);
+                from = to;
+            }
             for &a in &invalid {
                 let len = act_len(net, a);
                 self.acts[a].data[c0 * len..(c0 + m) * len]
@@ -143,7 +174,10 @@ impl Store {
             self.acts[a].tick = Some(clock.now());
         }
         if logits {
-            // Computed from the current weights: nothing is pending any more.
+            // Computed from the current weights, in sample order: nothing is pending any more.
+            if self.layout.take().is_some() {
+                self.xb.tick = None;
+            }
             self.z.tick = Some(clock.now());
             self.bump_all_rows(classes);
             self.pending = [0.0; FB];
@@ -170,29 +204,90 @@ impl Store {
         self.ensure(net, clock, &[dense], false);
         let n = net.train.len();
         let d = act_len(net, dense);
+        self.xb_direct = None;
+        if self.layout.is_none() && d.is_multiple_of(FB) {
+            // Sample order: the stored input already holds every line in one cache line's
+            // worth of values; building `xb` would only pay off in a layout's order.
+            self.xb_direct = Some(dense);
+            self.xb.tick = Some(clock.now());
+            return;
+        }
         let blocks = d.div_ceil(FB);
         if self.xb.data.len() != blocks * n * FB {
             self.xb.data = vec![0.0; blocks * n * FB];
         }
         let src = &self.acts[dense].data;
-        let task = |(b, dst): (usize, &mut [f32])| {
-            let f0 = b * FB;
-            let fl = FB.min(d - f0);
-            for (i, line) in dst.chunks_exact_mut(FB).enumerate() {
-                line[..fl].copy_from_slice(&src[i * d + f0..][..fl]);
-                line[fl..].fill(0.0);
+        let perm = self.layout.as_ref().map(|l| &l.perm[..]);
+        // By chunks of positions, each sample's row read once (in the layout's order that is a
+        // random order of rows: whole rows keep the reads streaming) and cut into its lines.
+        const PC: usize = 512;
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(PC))
+            .map(|_| Vec::with_capacity(blocks))
+            .collect();
+        for block in self.xb.data.chunks_mut(n * FB) {
+            for (part, piece) in parts.iter_mut().zip(block.chunks_mut(PC * FB)) {
+                part.push(piece);
+            }
+        }
+        let task = |(c, mut lines): (usize, Vec<&mut [f32]>)| {
+            for t in 0..lines[0].len() / FB {
+                let p = c * PC + t;
+                let i = perm.map_or(p, |perm| perm[p] as usize);
+                let row = &src[i * d..][..d];
+                for (b, block) in lines.iter_mut().enumerate() {
+                    let f0 = b * FB;
+                    let fl = FB.min(d - f0);
+                    let line = &mut block[t * FB..][..FB];
+                    line[..fl].copy_from_slice(&row[f0..][..fl]);
+                    line[fl..].fill(0.0);
+                }
             }
         };
         if rayon::current_num_threads() > 1 && n * d >= 1 << 16 {
-            self.xb
-                .data
-                .par_chunks_mut(n * FB)
-                .enumerate()
-                .for_each(task);
+            parts.into_par_iter().enumerate().for_each(task);
         } else {
-            self.xb.data.chunks_mut(n * FB).enumerate().for_each(task);
+            parts.into_iter().enumerate().for_each(task);
         }
         self.xb.tick = Some(clock.now());
+    }
+
+    /// Puts the logits in `layout`'s order of the samples (from sample order); the blocked
+    /// input must be rebuilt in that order ([`Store::ensure_xb`]) before anything reads the
+    /// lines. Pending changes stay pending (they are per feature, not per sample), so that the
+    /// logits get the same additions as without a layout.
+    pub(super) fn set_layout(&mut self, layout: Layout) {
+        let n = layout.perm.len();
+        let z = &self.z.data;
+        let mut zp = vec![0.0; z.len()];
+        for (dst, src) in zp.chunks_exact_mut(n).zip(z.chunks_exact(n)) {
+            for (d, &i) in dst.iter_mut().zip(&layout.perm) {
+                *d = src[i as usize];
+            }
+        }
+        self.z.data = zp;
+        self.layout = Some(layout);
+        self.xb.tick = None;
+        self.xb_direct = None;
+        self.bump_all_rows(self.z_gen.len());
+    }
+
+    /// Adds the pending dense-weight changes to the logits and puts them back in sample order:
+    /// what every reader of the logits other than the dense path expects.
+    pub(super) fn settle(&mut self) {
+        self.flush_pending();
+        if let Some(layout) = self.layout.take() {
+            let n = layout.perm.len();
+            let z = &self.z.data;
+            let mut zs = vec![0.0; z.len()];
+            for (dst, src) in zs.chunks_exact_mut(n).zip(z.chunks_exact(n)) {
+                for (&v, &i) in src.iter().zip(&layout.perm) {
+                    dst[i as usize] = v;
+                }
+            }
+            self.z.data = zs;
+            self.xb.tick = None;
+            self.bump_all_rows(self.z_gen.len());
+        }
     }
 
     /// Adds the pending dense-weight changes to the logits (see [`Store::pending`]).
@@ -202,12 +297,12 @@ impl Store {
         }
         let n = self.z.data.len() / self.z_gen.len().max(1);
         let (k, block) = (self.pending_row, self.pending_block);
+        let (lines, stride) = lines(self.xb_direct, &self.acts, &self.xb.data, block, n);
         let row = &mut self.z.data[k * n..(k + 1) * n];
-        let xb = &self.xb.data[block * n * FB..(block + 1) * n * FB];
         let pending = &self.pending;
         const C: usize = 8192;
         let task = |(c, row): (usize, &mut [f64])| {
-            add_pending(pending, &xb[c * C * FB..][..row.len() * FB], row)
+            add_pending(pending, &lines[c * C * stride..], stride, row)
         };
         if rayon::current_num_threads() > 1 && n >= 2 * C {
             row.par_chunks_mut(C).enumerate().for_each(task);
@@ -216,6 +311,12 @@ impl Store {
         }
         self.pending = [0.0; FB];
         self.has_pending = false;
+    }
+
+    /// The lines of block `block` of the dense layer's input (`n` samples): line `p` is
+    /// `lines[p·stride..][..FB]` (see [`Store::xb_direct`]).
+    pub(super) fn lines(&self, block: usize, n: usize) -> (&[f32], usize) {
+        lines(self.xb_direct, &self.acts, &self.xb.data, block, n)
     }
 
     /// Adds `dz[sample·classes + class]` (sample-major) to the class-major logits.
@@ -229,6 +330,23 @@ impl Store {
         for g in &mut self.z_gen {
             *g += 1;
         }
+    }
+}
+
+/// [`Store::lines`] from the store's fields.
+fn lines<'a>(
+    direct: Option<usize>,
+    acts: &'a [Stamped<f32>],
+    xb: &'a [f32],
+    block: usize,
+    n: usize,
+) -> (&'a [f32], usize) {
+    match direct {
+        Some(a) => {
+            let x = &acts[a].data;
+            (&x[block * FB..], x.len() / n.max(1))
+        }
+        None => (&xb[block * n * FB..(block + 1) * n * FB], FB),
     }
 }
 
@@ -273,14 +391,15 @@ pub(super) fn pending_sum(pending: &[f64; FB], line: &[f32]) -> f64 {
 }
 
 super::util::avx2_dispatch! {
-    /// `z[i] += pending_sum(pending, line i of xb)` for every sample of a chunk.
-    fn add_pending(pending: &[f64; FB], xb: &[f32], z: &mut [f64]) -> () => add_pending_body
+    /// `z[i] += pending_sum(pending, line i)` for every sample of a chunk, line `i` at
+    /// `lines[i·stride..][..FB]`.
+    fn add_pending(pending: &[f64; FB], lines: &[f32], stride: usize, z: &mut [f64]) -> () => add_pending_body
 }
 
 #[inline(always)]
-fn add_pending_body(pending: &[f64; FB], xb: &[f32], z: &mut [f64]) {
-    for (z, line) in z.iter_mut().zip(xb.chunks_exact(FB)) {
-        *z += pending_sum(pending, line);
+fn add_pending_body(pending: &[f64; FB], lines: &[f32], stride: usize, z: &mut [f64]) {
+    for (t, z) in z.iter_mut().enumerate() {
+        *z += pending_sum(pending, &lines[t * stride..][..FB]);
     }
 }
 

@@ -186,33 +186,6 @@ pub(super) fn grown<T: Clone>(buf: &mut Vec<T>, len: usize, fill: T) -> &mut [T]
     &mut buf[..len]
 }
 
-/// `out += d · shift(src)` for one `h × w` plane, `shift` as in [`add_shifted`].
-pub(super) fn acc_shifted(
-    h: usize,
-    w: usize,
-    src: &[f32],
-    ky: usize,
-    kx: usize,
-    d: f32,
-    out: &mut [f32],
-) {
-    for y in 0..h {
-        if y + ky == 0 || y + ky > h {
-            continue;
-        }
-        let srow = &src[(y + ky - 1) * w..][..w];
-        let orow = &mut out[y * w..][..w];
-        let (o, s) = match kx {
-            0 => (&mut orow[1..], &srow[..w - 1]),
-            1 => (&mut orow[..], srow),
-            _ => (&mut orow[..w - 1], &srow[1..]),
-        };
-        for (o, &s) in o.iter_mut().zip(s) {
-            *o += d * s;
-        }
-    }
-}
-
 /// `out = plane + d · shift(src)` for one `h × w` plane, where `shift` is the input plane as a
 /// 3×3 tap `(ky, kx)` of a padding-1 convolution sees it: `src[y + ky − 1, x + kx − 1]`, zero
 /// outside. With `d == 0` (or a zero source) `out` equals `plane` exactly.

@@ -206,16 +206,39 @@ fn direct_body<const FMA: bool>(
                 copy_row(&mut dst[(r + 1) * g.wp + 1..][..w], row);
             }
         }
-        // Tiles outermost, so the input window of a tile is reused from L1 by every channel.
-        for j0 in (0..g.run_pad).step_by(TILE) {
-            let mut co = 0;
-            while co + CO_BLOCK <= s.c_out {
-                tile::<CO_BLOCK, FMA>(s, g, j0, co, xp, weight, bias, yp);
-                co += CO_BLOCK;
+        if s.c_out == 1 {
+            // One channel: a single tile's accumulators form one dependency chain of `taps`
+            // multiply-adds, so several tiles are computed together (the same sums in the
+            // same order as [`tile`], so the same values).
+            let mut j0 = 0;
+            while j0 + 7 * TILE <= g.run_pad {
+                tiles1::<7, FMA>(s, g, j0, xp, weight, bias, yp);
+                j0 += 7 * TILE;
             }
-            while co < s.c_out {
-                tile::<1, FMA>(s, g, j0, co, xp, weight, bias, yp);
-                co += 1;
+            while j0 + 4 * TILE <= g.run_pad {
+                tiles1::<4, FMA>(s, g, j0, xp, weight, bias, yp);
+                j0 += 4 * TILE;
+            }
+            while j0 + 2 * TILE <= g.run_pad {
+                tiles1::<2, FMA>(s, g, j0, xp, weight, bias, yp);
+                j0 += 2 * TILE;
+            }
+            while j0 < g.run_pad {
+                tiles1::<1, FMA>(s, g, j0, xp, weight, bias, yp);
+                j0 += TILE;
+            }
+        } else {
+            // Tiles outermost, so the input window of a tile is reused from L1 by every channel.
+            for j0 in (0..g.run_pad).step_by(TILE) {
+                let mut co = 0;
+                while co + CO_BLOCK <= s.c_out {
+                    tile::<CO_BLOCK, FMA>(s, g, j0, co, xp, weight, bias, yp);
+                    co += CO_BLOCK;
+                }
+                while co < s.c_out {
+                    tile::<1, FMA>(s, g, j0, co, xp, weight, bias, yp);
+                    co += 1;
+                }
             }
         }
         let yi = &mut y[i * s.out_len()..][..s.out_len()];
@@ -264,6 +287,39 @@ fn tile<const CB: usize, const FMA: bool>(
     }
     for (c, a) in acc.iter().enumerate() {
         yp[(co + c) * g.run_pad + j0..][..TILE].copy_from_slice(a);
+    }
+}
+
+/// Output values `j0..j0 + NT·TILE` of the only output channel of one sample into the
+/// padded-width run `yp`: [`tile`] for `NT` consecutive tiles at once, so that `NT`
+/// independent accumulator chains hide the multiply-add latency.
+#[inline(always)]
+fn tiles1<const NT: usize, const FMA: bool>(
+    s: &Conv3x3,
+    g: &Padded,
+    j0: usize,
+    xp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    yp: &mut [f32],
+) {
+    let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
+    let mut acc = [[bias.map_or(0.0, |b| b[0]); TILE]; NT];
+    for ci in 0..s.c_in {
+        let plane = &xp[ci * g.plane_p..][..g.plane_p];
+        let w9: &[f32; 9] = weight[ci * 9..][..9].try_into().expect("9 taps");
+        for (t, &off) in offsets.iter().enumerate() {
+            let wv = w9[t];
+            let xs = &plane[j0 + off..][..NT * TILE];
+            for (a, xs) in acc.iter_mut().zip(xs.chunks_exact(TILE)) {
+                for (a, &xv) in a.iter_mut().zip(xs) {
+                    *a = madd::<FMA>(*a, wv, xv);
+                }
+            }
+        }
+    }
+    for (q, a) in acc.iter().enumerate() {
+        yp[j0 + q * TILE..][..TILE].copy_from_slice(a);
     }
 }
 
@@ -487,6 +543,10 @@ mod speed {
             (16, 16, 28),
             (16, 16, 14),
             (16, 16, 7),
+            (16, 1, 14),
+            (1, 16, 14),
+            (1, 1, 28),
+            (16, 1, 7),
         ] {
             let n = 8;
             let s = Conv3x3 {
