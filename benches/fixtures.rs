@@ -10,10 +10,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// MNIST (normalised for `preset`, cut to `train` and `test` samples) when the fetched files
-/// are there; otherwise random images of MNIST's shape, so the benches run anywhere (timings
-/// do not depend on pixel values).
+/// are there (`RSO_DATA_DIR`, else `data/mnist` of the checkout); otherwise random images of
+/// MNIST's shape, so the benches run anywhere (timings do not depend on pixel values).
 pub fn mnist_or_synthetic(preset: Preset, train: usize, test: usize) -> Split {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
+    let dir = std::env::var_os("RSO_DATA_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist"),
+        std::path::PathBuf::from,
+    );
     if let Ok(mut split) = rso_data::load_mnist(&dir, preset.normalization()) {
         split.train.truncate(train);
         split.test.truncate(test);
