@@ -9,6 +9,7 @@
 //! | what | how |
 //! |---|---|
 //! | layers before `L` | skipped: the input of `L` does not change during `L`'s sweep. Without BatchNorm before `L` it is computed once per sweep for the whole training set and gathered per batch; with BatchNorm (statistics of the batch mix its samples) it is kept per batch, for batches that recur ([`Prefix`]) |
+//! | convolution or BatchNorm followed by channel-local layers (ReLU, pooling, BatchNorm) and a convolution `L'` (`paper`'s conv1–5 and bn1–5, `two-conv`'s conv1) | the base (W) runs from `L` once, keeping the input and output of `L'`; a scalar of output channel `k` changes channel `k` alone up to `L'`, so the two candidates compute channel `k` (one output channel of `L`, BatchNorm with channel `k`'s batch statistics), add their change through `L'`'s weights of input channel `k` (a 1-input-channel convolution) to `L'`s stored output, and run the layers after `L'` as one stacked batch of 2 |
 //! | `L` and after, generic | the three versions of the layer (W, W+Δ, W−Δ) stacked along the channels and run as one batch (`[B, 3·C, H, W]`: grouped convolutions, per-channel BatchNorm statistics = per-version statistics) to `[B, 3, classes]`, cross-entropy in f64, the three losses read back in **one** transfer |
 //! | final dense layer of a model without BatchNorm | the logits of the whole training set (f64) and the layer's input kept for the sweep; a weight `(k, j)` moves logit `k` of a sample by `Δ·x_j`, so a visit is O(B) (gather, three candidate rows, log-softmax); an accepted change updates logit column `k` of all N samples in place |
 //!
@@ -51,13 +52,23 @@ pub(crate) struct Incremental {
     prefix: Prefix,
     /// Logits of every training sample, f64 `[N, classes]` (final dense layer, no BatchNorm).
     logits: Option<Tensor>,
+    /// The parameters repeated for 2 or 3 stacked versions (`grouped_params`), by group count;
+    /// only the arrays of layers after the swept one are read, and those do not change during
+    /// its sweep.
+    grouped: Vec<(i64, Vec<Tensor>)>,
+    /// Device indices and labels of recurring batches.
+    batches: HashMap<Vec<u32>, (Tensor, Tensor)>,
 }
+
+/// Largest number of batches whose device indices and labels are kept.
+const MAX_BATCHES: usize = 4096;
 
 impl Incremental {
     /// Drops every cache (parameters before the swept layer changed, or a new sweep starts).
     pub(crate) fn clear(&mut self) {
         self.prefix = Prefix::Empty;
         self.logits = None;
+        self.grouped.clear();
     }
 }
 
@@ -77,7 +88,11 @@ impl TchNetwork {
     /// `new` (called before the parameter tensor changes).
     pub(crate) fn inc_weight_changed(&mut self, param: usize, index: usize, old: f32, new: f32) {
         let layer = self.specs[param].layer;
-        if self.inc.param.is_none() || layer > self.inc.layer {
+        if self.inc.param.is_none() {
+            return;
+        }
+        if layer > self.inc.layer {
+            self.inc.grouped.clear();
             return;
         }
         if layer < self.inc.layer {
@@ -139,13 +154,15 @@ impl TchNetwork {
             .iter()
             .any(|l| matches!(l, Layer::BatchNorm { .. }));
         let losses = tch::no_grad(|| {
-            let idx = self.index_tensor(batch);
-            let labels = self.train_y.index_select(0, &idx);
+            let (idx, labels) = self.batch_tensors(batch);
             let logits = if layer == last && !bn_before {
                 self.cached_dense_candidates(&idx, param, index, values)
             } else {
                 let x = self.layer_input(layer, batch, &idx, bn_before);
-                self.stacked_candidates(&x, layer, param, index, values)
+                match self.next_conv(layer) {
+                    Some(next) => self.channel_candidates(&x, layer, next, param, index, values),
+                    None => self.stacked_candidates(&x, layer, param, index, values),
+                }
             };
             candidate_losses_of(&logits, &labels, reduction)
         });
@@ -257,7 +274,7 @@ impl TchNetwork {
     /// Logits `[B, 3, classes]` of the three versions from the input `x` of `layer`: the layer
     /// with stacked parameters, then the rest of the model on the stacked activations.
     fn stacked_candidates(
-        &self,
+        &mut self,
         x: &Tensor,
         layer: usize,
         param: usize,
@@ -291,15 +308,166 @@ impl TchNetwork {
             other => unreachable!("layer {layer} ({other:?}) has no parameters"),
         };
         let layers = self.spec.layers.len();
+        let grouped = self.grouped(3);
         let logits = self.forward_layers(
             &out,
             layer + 1..layers,
-            &self.params,
+            &grouped,
             crate::BnMode::Batch,
             3,
             None,
         );
         logits.view([x.size()[0], 3, -1])
+    }
+
+    /// [`TchNetwork::grouped_params`] for `groups` versions, kept for the sweep.
+    fn grouped(&mut self, groups: i64) -> Vec<Tensor> {
+        if let Some((_, p)) = self.inc.grouped.iter().find(|(g, _)| *g == groups) {
+            return p.iter().map(Tensor::shallow_clone).collect();
+        }
+        let p = self.grouped_params(groups);
+        let copy = p.iter().map(Tensor::shallow_clone).collect();
+        self.inc.grouped.push((groups, p));
+        copy
+    }
+
+    /// The device indices and labels of `batch`, kept for batches that recur.
+    fn batch_tensors(&mut self, batch: &[u32]) -> (Tensor, Tensor) {
+        if let Some((idx, labels)) = self.inc.batches.get(batch) {
+            return (idx.shallow_clone(), labels.shallow_clone());
+        }
+        let idx = self.index_tensor(batch);
+        let labels = self.train_y.index_select(0, &idx);
+        if self.inc.batches.len() >= MAX_BATCHES {
+            self.inc.batches.clear();
+        }
+        self.inc.batches.insert(
+            batch.to_vec(),
+            (idx.shallow_clone(), labels.shallow_clone()),
+        );
+        (idx, labels)
+    }
+
+    /// The convolution that follows `layer` (a convolution or BatchNorm) through channel-local
+    /// layers only (ReLU, pooling, BatchNorm), if any.
+    fn next_conv(&self, layer: usize) -> Option<usize> {
+        if !matches!(
+            self.spec.layers[layer],
+            Layer::Conv { .. } | Layer::BatchNorm { .. }
+        ) {
+            return None;
+        }
+        for (i, l) in self.spec.layers.iter().enumerate().skip(layer + 1) {
+            match l {
+                Layer::Relu | Layer::MaxPool2 | Layer::AvgPool2 | Layer::BatchNorm { .. } => {}
+                Layer::Conv { .. } => return Some(i),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Logits `[B, 3, classes]` for a scalar of output channel `k` of `layer` (a convolution or
+    /// BatchNorm, input `x`) when only channel-local layers lie between it and the
+    /// convolution `next`: the base from `layer` on, then the two candidates' channel `k`
+    /// up to `next`, their change added through `next`'s weights of input channel `k` to the
+    /// base output of `next`, and the layers after `next` on both as one stacked batch.
+    fn channel_candidates(
+        &mut self,
+        x: &Tensor,
+        layer: usize,
+        next: usize,
+        param: usize,
+        index: usize,
+        values: [f32; 3],
+    ) -> Tensor {
+        let layers = self.spec.layers.len();
+        let rows = x.size()[0];
+        let bn = crate::BnMode::Batch;
+        // The base: `layer` up to `next` (its input kept), `next`, the rest.
+        let a = self.forward_layers(x, layer..next, &self.params, bn, 1, None);
+        let z = self.forward_layers(&a, next..next + 1, &self.params, bn, 1, None);
+        let base = self.forward_layers(&z, next + 1..layers, &self.params, bn, 1, None);
+        // Channel k of `layer`'s output for the two candidates: [B, 2, H, W].
+        let spec = &self.specs[param];
+        let per_channel = (spec.len() / spec.shape[0]) as i64;
+        let k = index as i64 / per_channel;
+        let lp = self.layer_params[layer];
+        let two = |j: usize| -> Tensor {
+            let p = self.params[j].narrow(0, k, 1);
+            let mut dims = vec![1i64; p.dim()];
+            dims[0] = 2;
+            let stacked = p.repeat(dims.as_slice());
+            if j == param {
+                let flat = stacked.view(-1);
+                let at = index as i64 - k * per_channel;
+                for g in 0..2 {
+                    let _ = flat
+                        .get(g * per_channel + at)
+                        .fill_(f64::from(values[1 + g as usize]));
+                }
+            }
+            stacked
+        };
+        let (first, second) = (lp.first.map(two), lp.second.map(two));
+        let mut y = match &self.spec.layers[layer] {
+            Layer::Conv { .. } => x.conv2d(
+                first.as_ref().expect("a conv layer has a weight"),
+                second.as_ref(),
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+            ),
+            _ => x.narrow(1, k, 1).repeat([1, 2, 1, 1]).batch_norm(
+                first.as_ref(),
+                second.as_ref(),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.0,
+                crate::BN_EPS,
+                true,
+            ),
+        };
+        // The channel-local layers up to `next`, on channel k (BatchNorm with channel k's
+        // parameters for both copies).
+        for i in layer + 1..next {
+            y = match &self.spec.layers[i] {
+                Layer::Relu => y.relu(),
+                Layer::MaxPool2 => y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+                Layer::AvgPool2 => y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+                Layer::BatchNorm { .. } => {
+                    let p = self.layer_params[i];
+                    let pair = |j: usize| self.params[j].narrow(0, k, 1).repeat([2]);
+                    y.batch_norm(
+                        p.first.map(pair).as_ref(),
+                        p.second.map(pair).as_ref(),
+                        None::<&Tensor>,
+                        None::<&Tensor>,
+                        true,
+                        0.0,
+                        crate::BN_EPS,
+                        true,
+                    )
+                }
+                other => unreachable!("layer {i} ({other:?}) is not channel-local"),
+            };
+        }
+        // Their change of `next`'s input channel k, through `next`'s weights of that channel.
+        let change = y - a.narrow(1, k, 1);
+        let w_next = &self.params[self.layer_params[next]
+            .first
+            .expect("a conv layer has a weight")];
+        let w_k = w_next.narrow(1, k, 1).repeat([2, 1, 1, 1]);
+        let dz = change.conv2d(&w_k, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 2);
+        let z2 = z.repeat([1, 2, 1, 1]) + dz;
+        let grouped = self.grouped(2);
+        let candidates = self.forward_layers(&z2, next + 1..layers, &grouped, bn, 2, None);
+        Tensor::cat(
+            &[base.view([rows, 1, -1]), candidates.view([rows, 2, -1])],
+            1,
+        )
     }
 
     /// Logits `[B, 3, classes]` f64 for a scalar of the final dense layer of a model without

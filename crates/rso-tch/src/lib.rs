@@ -383,10 +383,11 @@ impl TchNetwork {
     ///
     /// With `groups = G > 1` the activations hold G independent versions of the batch stacked
     /// along the channels (`[B, G·C, H, W]`, version-major; the incremental RSO path's
-    /// candidates): convolutions run grouped with their parameters repeated G times, BatchNorm
-    /// normalises each stacked channel by its own batch statistics (so each version by its own),
-    /// and the final dense layer maps `[B, G·F]` to `[B, G·classes]`. With `stats` (only for
-    /// `G = 1`), records each BatchNorm layer's batch (mean, biased variance) by layer index.
+    /// candidates) and `params` are [`TchNetwork::grouped_params`]: convolutions run grouped,
+    /// BatchNorm normalises each stacked channel by its own batch statistics (so each version by
+    /// its own), and the final dense layer maps `[B, G·F]` to `[B, G·classes]`. With `stats`
+    /// (only for `G = 1`), records each BatchNorm layer's batch (mean, biased variance) by layer
+    /// index.
     fn forward_layers(
         &self,
         x: &Tensor,
@@ -396,31 +397,22 @@ impl TchNetwork {
         groups: i64,
         mut stats: Option<&mut Vec<(usize, Tensor, Tensor)>>,
     ) -> Tensor {
-        let repeat = |t: &Tensor| -> Tensor {
-            if groups == 1 {
-                t.shallow_clone()
-            } else {
-                let mut dims = vec![1i64; t.dim()];
-                dims[0] = groups;
-                t.repeat(dims.as_slice())
-            }
-        };
         let mut x = x.shallow_clone();
         for i in layers {
             let layer = &self.spec.layers[i];
             let lp = self.layer_params[i];
-            let first = lp.first.map(|j| repeat(&params[j]));
-            let second = lp.second.map(|j| repeat(&params[j]));
+            let first = lp.first.map(|j| &params[j]);
+            let second = lp.second.map(|j| &params[j]);
             x = match layer {
                 Layer::Conv { .. } => {
-                    let w = first.as_ref().expect("a conv layer has a weight");
-                    x.conv2d(w, second.as_ref(), [1, 1], [1, 1], [1, 1], groups)
+                    let w = first.expect("a conv layer has a weight");
+                    x.conv2d(w, second, [1, 1], [1, 1], [1, 1], groups)
                 }
                 Layer::Relu => x.relu(),
                 Layer::MaxPool2 => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
                 Layer::AvgPool2 => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
                 Layer::BatchNorm { .. } => {
-                    let (gamma, beta) = (first.as_ref(), second.as_ref());
+                    let (gamma, beta) = (first, second);
                     if let Some(out) = stats.as_deref_mut() {
                         let mean = x.mean_dim([0i64, 2, 3].as_slice(), false, Kind::Float);
                         let centred = &x - mean.view([1, -1, 1, 1]);
@@ -451,17 +443,35 @@ impl TchNetwork {
                 }
                 Layer::GlobalAvgPool => x.mean_dim([2i64, 3].as_slice(), false, Kind::Float),
                 Layer::Dense { .. } => {
-                    // The unrepeated parameters: each stacked version of the input is one row.
-                    let w = &params[lp.first.expect("a dense layer has a weight")];
-                    let b = lp.second.map(|j| &params[j]);
+                    // Each stacked version of a sample's input is one row.
+                    let w = first.expect("a dense layer has a weight");
                     let rows = x.size()[0];
                     x.reshape([rows * groups, -1])
-                        .linear(w, b)
+                        .linear(w, second)
                         .reshape([rows, -1])
                 }
             };
         }
         x
+    }
+
+    /// The parameters for [`TchNetwork::forward_layers`] with `groups` stacked versions:
+    /// convolution and BatchNorm arrays repeated `groups` times along their first dimension,
+    /// dense arrays as they are.
+    fn grouped_params(&self, groups: i64) -> Vec<Tensor> {
+        self.specs
+            .iter()
+            .zip(&self.params)
+            .map(|(s, p)| {
+                if matches!(self.spec.layers[s.layer], Layer::Dense { .. }) {
+                    p.shallow_clone()
+                } else {
+                    let mut dims = vec![1i64; p.dim()];
+                    dims[0] = groups;
+                    p.repeat(dims.as_slice())
+                }
+            })
+            .collect()
     }
 
     /// The loss of `batch` (no gradient) as a scalar f64 device tensor.

@@ -341,3 +341,32 @@ test_device!(
     an_rso_round_decides_the_same_on_both_paths_cpu,
     an_rso_round_decides_the_same_on_both_paths_cuda
 );
+
+/// Changes of any layer in the middle of a sweep — before the swept layer (its cached input),
+/// the swept layer itself, after it (the arrays the candidates' forward pass reuses) — are
+/// seen by the next visit.
+fn changes_mid_sweep_are_seen(device: &str) {
+    for spec in [
+        ModelKind::Paper.spec(1, 8, 10),
+        ModelKind::TwoConv.spec(1, 8, 10),
+    ] {
+        let mut net = network(&spec, device, 7);
+        let names: Vec<String> = spec.params().iter().map(|p| p.name.clone()).collect();
+        let at = |name: &str| names.iter().position(|n| n == name).expect(name);
+        let batch = common::random_batch(TRAIN, 16, 8);
+        let swept = at("conv2.weight");
+        net.begin_sweep(swept);
+        for (i, changed) in names.iter().enumerate() {
+            let what = format!("{} on {device}, {changed} changed", spec.name);
+            check_visit(&mut net, &batch, swept, i, 0.3, Reduction::Sum, &what);
+            let w = net.weight(at(changed), 0);
+            net.set_weight(at(changed), 0, w + 0.25);
+            check_visit(&mut net, &batch, swept, i, 0.3, Reduction::Sum, &what);
+        }
+    }
+}
+test_device!(
+    changes_mid_sweep_are_seen,
+    changes_mid_sweep_are_seen_cpu,
+    changes_mid_sweep_are_seen_cuda
+);
