@@ -439,7 +439,20 @@ fn visit_cached(
         } else {
             b_len - index
         };
-        if remaining.saturating_mul(batch.len()) >= n_train {
+        // Folding costs about N samples' worth of what keeping the channels dirty costs each
+        // later visit (B samples): fold when the visits left would cost more. With a
+        // convolution next, a fold also reads and writes the next convolution's whole output
+        // once, whatever the number of channels folded (about as much again per sample as
+        // the channels themselves): fold there when the dirty channels' extra cost pays for
+        // that too.
+        let rb = remaining.saturating_mul(batch.len());
+        let fold_now = match cache.next {
+            Next::Dense { .. } => rb >= n_train,
+            Next::Conv { .. } => {
+                rb >= n_train && dirty.len().saturating_mul(rb - n_train) >= 2 * n_train
+            }
+        };
+        if fold_now {
             fold(inc, cache, net, &dirty);
             dirty.clear();
         }

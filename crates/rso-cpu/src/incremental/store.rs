@@ -236,10 +236,16 @@ impl Store {
                 let row = &src[i * d..][..d];
                 for (b, block) in lines.iter_mut().enumerate() {
                     let f0 = b * FB;
-                    let fl = FB.min(d - f0);
-                    let line = &mut block[t * FB..][..FB];
-                    line[..fl].copy_from_slice(&row[f0..][..fl]);
-                    line[fl..].fill(0.0);
+                    let line: &mut [f32; FB] =
+                        (&mut block[t * FB..][..FB]).try_into().expect("FB values");
+                    if f0 + FB <= d {
+                        // A fixed-size copy (inlined, not a `memmove` call per line).
+                        *line = row[f0..f0 + FB].try_into().expect("FB values");
+                    } else {
+                        let fl = d - f0;
+                        line[..fl].copy_from_slice(&row[f0..]);
+                        line[fl..].fill(0.0);
+                    }
                 }
             }
         };
