@@ -568,20 +568,30 @@ fn visit_cached(
                     c_out: 1,
                     ..conv
                 };
-                super::util::with_scratch_b(hw, |y| {
-                    for (t, out) in pre.chunks_exact_mut(hw).enumerate() {
-                        // The rows of a sample two ahead (random rows of arrays far larger
-                        // than the caches), so that their misses overlap this sample's work.
+                // The samples' input channels `..ng` gathered (the rows of a sample two ahead
+                // prefetched: random rows of arrays far larger than the caches), then one
+                // convolution call for the chunk.
+                let gl = ng * hw;
+                super::util::with_scratch_b(nc * gl + nc * hw, |buf| {
+                    let (xg, y) = buf.split_at_mut(nc * gl);
+                    for (t, dst) in xg.chunks_exact_mut(gl.max(1)).enumerate().take(nc) {
                         if let Some(&a) = idx.get(t + 2) {
                             let a = a as usize;
                             prefetch_range(&own_all[a * own_len + k * hw..][..hw]);
-                            prefetch_range(&x_all[a * in_len..][..ng * hw]);
+                            prefetch_range(&x_all[a * in_len..][..gl]);
                         }
+                        if gl > 0 {
+                            dst.copy_from_slice(&x_of(t)[..gl]);
+                        }
+                    }
+                    if ng > 0 {
+                        conv3x3_forward(&s, nc, xg, dw_ref, None, y);
+                    }
+                    for (t, out) in pre.chunks_exact_mut(hw).enumerate() {
                         let i = idx[t] as usize;
                         let own = &own_all[i * own_len + k * hw..][..hw];
                         if ng > 0 {
-                            conv3x3_forward(&s, 1, &x_of(t)[..ng * hw], dw_ref, None, y);
-                            for ((o, &a), &b) in out.iter_mut().zip(own).zip(y.iter()) {
+                            for ((o, &a), &b) in out.iter_mut().zip(own).zip(&y[t * hw..]) {
                                 *o = a + b;
                             }
                         } else {
