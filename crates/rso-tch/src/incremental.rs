@@ -58,7 +58,30 @@ pub(crate) struct Incremental {
     grouped: Vec<(i64, Vec<Tensor>)>,
     /// Device indices and labels of recurring batches.
     batches: HashMap<Vec<u32>, (Tensor, Tensor)>,
+    /// Per recurring batch, the input and output of the convolution after the swept layer
+    /// (channel-local path), and the bytes they hold.
+    tails: HashMap<Vec<u32>, Tail>,
+    tail_bytes: i64,
+    /// The output channel of every change of the swept layer since the sweep began; a tail
+    /// that has seen the first `n` is brought up to date by recomputing the channels of the rest.
+    changes: Vec<i64>,
 }
+
+/// The state of one batch after the swept layer `L` (channel-local path): the input `a` and the
+/// output `z` of the next convolution at the current weights.
+#[derive(Debug)]
+struct Tail {
+    a: Tensor,
+    z: Tensor,
+    /// How many of [`Incremental::changes`] are in `a` and `z`.
+    seen: usize,
+    /// Channel updates since `a` and `z` were computed whole (their rounding accumulates, so
+    /// they are recomputed after [`MAX_REFRESHES`]).
+    refreshes: usize,
+}
+
+/// Channel updates of a [`Tail`] before it is recomputed whole.
+const MAX_REFRESHES: usize = 32;
 
 /// Largest number of batches whose device indices and labels are kept.
 const MAX_BATCHES: usize = 4096;
@@ -69,6 +92,14 @@ impl Incremental {
         self.prefix = Prefix::Empty;
         self.logits = None;
         self.grouped.clear();
+        self.clear_tails();
+    }
+
+    /// Drops the per-batch tails (a layer after the swept one changed, or a new sweep).
+    fn clear_tails(&mut self) {
+        self.tails.clear();
+        self.tail_bytes = 0;
+        self.changes.clear();
     }
 }
 
@@ -93,13 +124,19 @@ impl TchNetwork {
         }
         if layer > self.inc.layer {
             self.inc.grouped.clear();
+            self.inc.clear_tails();
             return;
         }
         if layer < self.inc.layer {
             self.inc.clear();
             return;
         }
-        // The swept layer itself: its input is unchanged; the all-samples logits move.
+        // The swept layer itself: its input is unchanged; the tails are behind by a channel;
+        // the all-samples logits move.
+        let spec = &self.specs[param];
+        self.inc
+            .changes
+            .push((index / (spec.len() / spec.shape[0])) as i64);
         if let (Some(z), Prefix::All(x)) = (&self.inc.logits, &self.inc.prefix) {
             let d_in = x.size()[1];
             let (k, feature) = self.dense_target(param, index, d_in);
@@ -160,7 +197,9 @@ impl TchNetwork {
             } else {
                 let x = self.layer_input(layer, batch, &idx, bn_before);
                 match self.next_conv(layer) {
-                    Some(next) => self.channel_candidates(&x, layer, next, param, index, values),
+                    Some(next) => {
+                        self.channel_candidates(&x, batch, layer, next, param, index, values)
+                    }
                     None => self.stacked_candidates(&x, layer, param, index, values),
                 }
             };
@@ -204,11 +243,7 @@ impl TchNetwork {
             1,
             None,
         );
-        let cap = if self.device == Device::Cpu {
-            MEMO_BYTES_CPU
-        } else {
-            MEMO_BYTES_CUDA
-        };
+        let cap = self.memo_cap();
         if !matches!(self.inc.prefix, Prefix::PerBatch(..)) {
             self.inc.prefix = Prefix::PerBatch(HashMap::new(), 0);
         }
@@ -369,12 +404,15 @@ impl TchNetwork {
 
     /// Logits `[B, 3, classes]` for a scalar of output channel `k` of `layer` (a convolution or
     /// BatchNorm, input `x`) when only channel-local layers lie between it and the
-    /// convolution `next`: the base from `layer` on, then the two candidates' channel `k`
-    /// up to `next`, their change added through `next`'s weights of input channel `k` to the
-    /// base output of `next`, and the layers after `next` on both as one stacked batch.
+    /// convolution `next`: the batch's [`Tail`] (input and output of `next` at W), the two
+    /// candidates' channel `k` up to `next`, their change added through `next`'s weights of
+    /// input channel `k` to the output of `next`, and the layers after `next` on W and both
+    /// candidates as one stacked batch of 3.
+    #[allow(clippy::too_many_arguments)]
     fn channel_candidates(
         &mut self,
         x: &Tensor,
+        batch: &[u32],
         layer: usize,
         next: usize,
         param: usize,
@@ -383,11 +421,7 @@ impl TchNetwork {
     ) -> Tensor {
         let layers = self.spec.layers.len();
         let rows = x.size()[0];
-        let bn = crate::BnMode::Batch;
-        // The base: `layer` up to `next` (its input kept), `next`, the rest.
-        let a = self.forward_layers(x, layer..next, &self.params, bn, 1, None);
-        let z = self.forward_layers(&a, next..next + 1, &self.params, bn, 1, None);
-        let base = self.forward_layers(&z, next + 1..layers, &self.params, bn, 1, None);
+        let (a, z) = self.tail(batch, x, layer, next);
         // Channel k of `layer`'s output for the two candidates: [B, 2, H, W].
         let spec = &self.specs[param];
         let per_channel = (spec.len() / spec.shape[0]) as i64;
@@ -409,8 +443,36 @@ impl TchNetwork {
             }
             stacked
         };
-        let (first, second) = (lp.first.map(two), lp.second.map(two));
-        let mut y = match &self.spec.layers[layer] {
+        let y = self.channel_output(x, layer, k, lp.first.map(two), lp.second.map(two));
+        let y = self.channel_chain(y, layer + 1..next, k, 2);
+        // Their change of `next`'s input channel k, through `next`'s weights of that channel.
+        let change = y - a.narrow(1, k, 1);
+        let w_k = self.next_weight(next, k).repeat([2, 1, 1, 1]);
+        let dz = change.conv2d(&w_k, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 2);
+        let z3 = Tensor::cat(&[z.shallow_clone(), z.repeat([1, 2, 1, 1]) + dz], 1);
+        let grouped = self.grouped(3);
+        let logits = self.forward_layers(
+            &z3,
+            next + 1..layers,
+            &grouped,
+            crate::BnMode::Batch,
+            3,
+            None,
+        );
+        logits.view([rows, 3, -1])
+    }
+
+    /// Output channel `k` of `layer` (a convolution or BatchNorm, input `x`) for as many versions
+    /// as `first`/`second` (the layer's two arrays restricted to channel `k`) stack: `[B, G, H, W]`.
+    fn channel_output(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        k: i64,
+        first: Option<Tensor>,
+        second: Option<Tensor>,
+    ) -> Tensor {
+        match &self.spec.layers[layer] {
             Layer::Conv { .. } => x.conv2d(
                 first.as_ref().expect("a conv layer has a weight"),
                 second.as_ref(),
@@ -419,30 +481,42 @@ impl TchNetwork {
                 [1, 1],
                 1,
             ),
-            _ => x.narrow(1, k, 1).repeat([1, 2, 1, 1]).batch_norm(
-                first.as_ref(),
-                second.as_ref(),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.0,
-                crate::BN_EPS,
-                true,
-            ),
-        };
-        // The channel-local layers up to `next`, on channel k (BatchNorm with channel k's
-        // parameters for both copies).
-        for i in layer + 1..next {
+            _ => {
+                let copies = first.as_ref().map_or(1, |f| f.size()[0]);
+                x.narrow(1, k, 1).repeat([1, copies, 1, 1]).batch_norm(
+                    first.as_ref(),
+                    second.as_ref(),
+                    None::<&Tensor>,
+                    None::<&Tensor>,
+                    true,
+                    0.0,
+                    crate::BN_EPS,
+                    true,
+                )
+            }
+        }
+    }
+
+    /// The channel-local `layers` (ReLU, pooling, BatchNorm with channel `k`'s parameters) on
+    /// `copies` stacked versions of channel `k`.
+    fn channel_chain(
+        &self,
+        mut y: Tensor,
+        layers: std::ops::Range<usize>,
+        k: i64,
+        copies: i64,
+    ) -> Tensor {
+        for i in layers {
             y = match &self.spec.layers[i] {
                 Layer::Relu => y.relu(),
                 Layer::MaxPool2 => y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
                 Layer::AvgPool2 => y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
                 Layer::BatchNorm { .. } => {
                     let p = self.layer_params[i];
-                    let pair = |j: usize| self.params[j].narrow(0, k, 1).repeat([2]);
+                    let pick = |j: usize| self.params[j].narrow(0, k, 1).repeat([copies]);
                     y.batch_norm(
-                        p.first.map(pair).as_ref(),
-                        p.second.map(pair).as_ref(),
+                        p.first.map(pick).as_ref(),
+                        p.second.map(pick).as_ref(),
                         None::<&Tensor>,
                         None::<&Tensor>,
                         true,
@@ -454,20 +528,68 @@ impl TchNetwork {
                 other => unreachable!("layer {i} ({other:?}) is not channel-local"),
             };
         }
-        // Their change of `next`'s input channel k, through `next`'s weights of that channel.
-        let change = y - a.narrow(1, k, 1);
-        let w_next = &self.params[self.layer_params[next]
+        y
+    }
+
+    /// The weights of convolution `next` for its input channel `k`: `[C_out, 1, 3, 3]`.
+    fn next_weight(&self, next: usize, k: i64) -> Tensor {
+        let w = &self.params[self.layer_params[next]
             .first
             .expect("a conv layer has a weight")];
-        let w_k = w_next.narrow(1, k, 1).repeat([2, 1, 1, 1]);
-        let dz = change.conv2d(&w_k, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 2);
-        let z2 = z.repeat([1, 2, 1, 1]) + dz;
-        let grouped = self.grouped(2);
-        let candidates = self.forward_layers(&z2, next + 1..layers, &grouped, bn, 2, None);
-        Tensor::cat(
-            &[base.view([rows, 1, -1]), candidates.view([rows, 2, -1])],
-            1,
-        )
+        w.narrow(1, k, 1)
+    }
+
+    /// The [`Tail`] of `batch` (input `x` of `layer`): kept from an earlier visit and brought up
+    /// to date channel by channel, or computed (and kept while the memory cap allows).
+    fn tail(&mut self, batch: &[u32], x: &Tensor, layer: usize, next: usize) -> (Tensor, Tensor) {
+        let now = self.inc.changes.len();
+        if let Some(mut t) = self.inc.tails.remove(batch) {
+            let mut channels = self.inc.changes[t.seen..].to_vec();
+            channels.sort_unstable();
+            channels.dedup();
+            if t.refreshes + channels.len() <= MAX_REFRESHES {
+                let lp = self.layer_params[layer];
+                for k in channels {
+                    let pick = |j: usize| self.params[j].narrow(0, k, 1);
+                    let y =
+                        self.channel_output(x, layer, k, lp.first.map(pick), lp.second.map(pick));
+                    let a_k = self.channel_chain(y, layer + 1..next, k, 1);
+                    let mut old = t.a.narrow(1, k, 1);
+                    let change = &a_k - &old;
+                    let dz = change.conv2d(
+                        &self.next_weight(next, k),
+                        None::<&Tensor>,
+                        [1, 1],
+                        [1, 1],
+                        [1, 1],
+                        1,
+                    );
+                    let _ = t.z.g_add_(&dz);
+                    let _ = old.copy_(&a_k);
+                    t.refreshes += 1;
+                }
+                t.seen = now;
+                let out = (t.a.shallow_clone(), t.z.shallow_clone());
+                self.inc.tails.insert(batch.to_vec(), t);
+                return out;
+            }
+            self.inc.tail_bytes -= (t.a.numel() + t.z.numel()) as i64 * 4;
+        }
+        let bn = crate::BnMode::Batch;
+        let a = self.forward_layers(x, layer..next, &self.params, bn, 1, None);
+        let z = self.forward_layers(&a, next..next + 1, &self.params, bn, 1, None);
+        let size = (a.numel() + z.numel()) as i64 * 4;
+        if self.inc.tail_bytes + size <= self.memo_cap() {
+            self.inc.tail_bytes += size;
+            let t = Tail {
+                a: a.shallow_clone(),
+                z: z.shallow_clone(),
+                seen: now,
+                refreshes: 0,
+            };
+            self.inc.tails.insert(batch.to_vec(), t);
+        }
+        (a, z)
     }
 
     /// Logits `[B, 3, classes]` f64 for a scalar of the final dense layer of a model without
@@ -511,6 +633,15 @@ impl TchNetwork {
             .select(2, k)
             .g_add_(&(xj.unsqueeze(1) * moves.unsqueeze(0)));
         stacked
+    }
+
+    /// The memory cap of each per-batch cache on this device (bytes).
+    fn memo_cap(&self) -> i64 {
+        if self.device == Device::Cpu {
+            MEMO_BYTES_CPU
+        } else {
+            MEMO_BYTES_CUDA
+        }
     }
 }
 

@@ -370,3 +370,40 @@ test_device!(
     changes_mid_sweep_are_seen_cpu,
     changes_mid_sweep_are_seen_cuda
 );
+
+/// The full-size `paper` model on MNIST-shaped inputs, one channel's worth of a conv2 sweep
+/// (144 visits, with the paper preset's weight decay and accepted candidates, on batches that
+/// recur so that the per-batch state is updated channel by channel many times): every visit
+/// within the tolerance of the reference.
+fn paper_sweep_at_full_size_matches(device: &str) {
+    let spec = ModelKind::Paper.mnist();
+    let mut net = network(&spec, device, 11);
+    let swept = spec
+        .params()
+        .iter()
+        .position(|p| p.name == "conv2.weight")
+        .expect("conv2.weight");
+    let batches: Vec<Vec<u32>> = (0..4)
+        .map(|i| common::random_batch(TRAIN, 32, 100 + i))
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    net.begin_sweep(swept);
+    for index in 0..144 {
+        let w = net.weight(swept, index) * (1.0 - 1e-4);
+        net.set_weight(swept, index, w);
+        let delta = rng.random_range(-0.3f32..0.3);
+        let batch = &batches[index % batches.len()];
+        let what = format!("paper 28x28 on {device}");
+        let losses = check_visit(&mut net, batch, swept, index, delta, Reduction::Sum, &what);
+        match choose(losses) {
+            Choice::Keep => {}
+            Choice::Plus => net.set_weight(swept, index, w + delta),
+            Choice::Minus => net.set_weight(swept, index, w - delta),
+        }
+    }
+}
+test_device!(
+    paper_sweep_at_full_size_matches,
+    paper_sweep_at_full_size_matches_cpu,
+    paper_sweep_at_full_size_matches_cuda
+);
