@@ -370,17 +370,9 @@ pub(super) fn cached(
     sums.map(|s| reduction.finish(s, batch.len()))
 }
 
-avx2_dispatch! {
-    /// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for gathered lines of 16 f32.
-    fn add_lines(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &mut [f64]) -> () => add_lines_body
-}
-
-#[inline(always)]
-fn add_lines_body(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &mut [f64]) {
-    for ((zk, x), line) in zk.iter_mut().zip(x.iter_mut()).zip(lines.chunks_exact(FB)) {
-        *zk += pending_sum(pending, line);
-        *x = f64::from(line[f]);
-    }
+/// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for consecutive lines of 16 f32.
+fn add_lines(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &mut [f64]) {
+    super::store::add_pending(pending, lines, FB, zk, Some((x, f)));
 }
 
 /// Asks the CPU to bring the cache line of `r` closer (a hint; no effect on results).

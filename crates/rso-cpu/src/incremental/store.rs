@@ -308,7 +308,7 @@ impl Store {
         let pending = &self.pending;
         const C: usize = 8192;
         let task = |(c, row): (usize, &mut [f64])| {
-            add_pending(pending, &lines[c * C * stride..], stride, row)
+            add_pending(pending, &lines[c * C * stride..], stride, row, None)
         };
         if rayon::current_num_threads() > 1 && n >= 2 * C {
             row.par_chunks_mut(C).enumerate().for_each(task);
@@ -396,16 +396,98 @@ pub(super) fn pending_sum(pending: &[f64; FB], line: &[f32]) -> f64 {
     (acc[0] + acc[2]) + (acc[1] + acc[3])
 }
 
-super::util::avx2_dispatch! {
-    /// `z[i] += pending_sum(pending, line i)` for every sample of a chunk, line `i` at
-    /// `lines[i·stride..][..FB]`.
-    fn add_pending(pending: &[f64; FB], lines: &[f32], stride: usize, z: &mut [f64]) -> () => add_pending_body
+/// `z[t] += pending_sum(pending, line t)` for every sample `t` of a chunk, line `t` at
+/// `lines[t·stride..][..FB]`; with `x = Some((x, f))` also `x[t] = line t[f]`. The AVX2 version
+/// computes [`pending_sum`] in the same order (one 4-lane sum, then `(a0 + a2) + (a1 + a3)`),
+/// so both give the same values.
+pub(super) fn add_pending(
+    pending: &[f64; FB],
+    lines: &[f32],
+    stride: usize,
+    z: &mut [f64],
+    x: Option<(&mut [f64], usize)>,
+) {
+    let n = z.len();
+    assert!(
+        n == 0 || lines.len() >= (n - 1) * stride + FB,
+        "add_pending: lines too short"
+    );
+    if let Some((x, f)) = &x {
+        assert!(x.len() >= n && *f < FB, "add_pending: x");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2; the lengths are checked above.
+        unsafe { add_pending_avx2(pending, lines, stride, z, x) };
+        return;
+    }
+    match x {
+        Some((x, f)) => {
+            for (t, (z, x)) in z.iter_mut().zip(x.iter_mut()).enumerate() {
+                let line = &lines[t * stride..][..FB];
+                *z += pending_sum(pending, line);
+                *x = f64::from(line[f]);
+            }
+        }
+        None => {
+            for (t, z) in z.iter_mut().enumerate() {
+                *z += pending_sum(pending, &lines[t * stride..][..FB]);
+            }
+        }
+    }
 }
 
-#[inline(always)]
-fn add_pending_body(pending: &[f64; FB], lines: &[f32], stride: usize, z: &mut [f64]) {
-    for (t, z) in z.iter_mut().enumerate() {
-        *z += pending_sum(pending, &lines[t * stride..][..FB]);
+/// [`add_pending`] in AVX2 intrinsics.
+///
+/// # Safety
+/// The CPU must have AVX2; `lines` must hold `(z.len() − 1)·stride + FB` values and `x`
+/// (when given) `z.len()` values with `f < FB`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn add_pending_avx2(
+    pending: &[f64; FB],
+    lines: &[f32],
+    stride: usize,
+    z: &mut [f64],
+    x: Option<(&mut [f64], usize)>,
+) {
+    use std::arch::x86_64::*;
+    let pp = pending.as_ptr();
+    // SAFETY: `pending` holds 16 values.
+    let p = unsafe {
+        [
+            _mm256_loadu_pd(pp),
+            _mm256_loadu_pd(pp.add(4)),
+            _mm256_loadu_pd(pp.add(8)),
+            _mm256_loadu_pd(pp.add(12)),
+        ]
+    };
+    let lp = lines.as_ptr();
+    let sum = |t: usize| -> f64 {
+        // SAFETY: line `t` lies inside `lines` (checked by the caller).
+        unsafe {
+            let l = lp.add(t * stride);
+            let mut acc = _mm256_setzero_pd();
+            for (g, p) in p.iter().enumerate() {
+                let xv = _mm256_cvtps_pd(_mm_loadu_ps(l.add(4 * g)));
+                acc = _mm256_add_pd(acc, _mm256_mul_pd(*p, xv));
+            }
+            let s = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd::<1>(acc));
+            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
+        }
+    };
+    match x {
+        Some((x, f)) => {
+            for (t, (z, x)) in z.iter_mut().zip(x.iter_mut()).enumerate() {
+                *z += sum(t);
+                *x = f64::from(lines[t * stride + f]);
+            }
+        }
+        None => {
+            for (t, z) in z.iter_mut().enumerate() {
+                *z += sum(t);
+            }
+        }
     }
 }
 
@@ -415,5 +497,36 @@ pub(super) fn act_len(net: &CpuNetwork, a: usize) -> usize {
         net.plan[0].in_len
     } else {
         net.plan[a - 1].out_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil as tu;
+
+    /// The dispatched [`add_pending`] (AVX2 where the CPU has it) adds exactly what
+    /// [`pending_sum`] gives, so that the logits do not depend on the CPU's features.
+    #[test]
+    fn add_pending_matches_pending_sum_bit_for_bit() {
+        let mut rng = tu::rng(7);
+        let pending: [f64; FB] =
+            std::array::from_fn(|_| f64::from(tu::uniform(&mut rng, 1, 1.0)[0]) * 1e-3);
+        let stride = 3 * FB;
+        let n = 37;
+        let lines = tu::uniform(&mut rng, (n - 1) * stride + FB, 2.0);
+        let z0: Vec<f64> = tu::uniform(&mut rng, n, 5.0)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let mut z = z0.clone();
+        let mut x = vec![0.0; n];
+        add_pending(&pending, &lines, stride, &mut z, Some((&mut x, 5)));
+        for t in 0..n {
+            let line = &lines[t * stride..][..FB];
+            let want = z0[t] + pending_sum(&pending, line);
+            assert_eq!(z[t].to_bits(), want.to_bits(), "sample {t}");
+            assert_eq!(x[t], f64::from(line[5]));
+        }
     }
 }
