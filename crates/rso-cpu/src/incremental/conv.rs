@@ -19,8 +19,11 @@
 //! `9·c_in` weights of a channel one after the other, so a channel is dirty while it is being
 //! visited and stays dirty until folded; a visit folds the other dirty channels when the visits
 //! left in the layer times the batch size exceed the training-set size (each later visit would
-//! otherwise redo that work on its batch), and the end of the layer's sweep folds everything, so
-//! the arrays are current for the next layer's sweep without a forward pass of the training set.
+//! otherwise redo that work on its batch) — with a convolution next, only when the dirty
+//! channels' excess also pays for the fold's pass over that convolution's whole output (read
+//! and written once per fold, however many channels it folds) — and the end of the layer's
+//! sweep folds everything, so the arrays are current for the next layer's sweep without a
+//! forward pass of the training set.
 //!
 //! When the store also keeps the layer's own output (the pre-activation; `two-conv`'s second
 //! convolution), folds keep it current, and channel `k`'s pre-activation for a visit is the
