@@ -202,7 +202,12 @@ pub(super) fn cached(
         let labels = perm.iter().map(|&i| net.train.labels[i as usize]).collect();
         inc.store.set_layout(Layout { perm, inv, labels });
     }
-    inc.store.ensure_xb(net, &inc.clock, layer);
+    // The layout forms once every batch has been seen: after about `m·(ln m + 1)` visits for
+    // `m` batches drawn with replacement. Expected within the first eighth of the sweep?
+    let m = n.div_ceil(batch.len()) as f64;
+    let (d_in, d_out, _, _) = shape(net, layer);
+    let layout_soon = 8.0 * m * (m.ln() + 1.0) <= (d_in * d_out) as f64;
+    inc.store.ensure_xb(net, &inc.clock, layer, layout_soon);
     let [dp, dm] = changes(net.params.values[param][index], delta);
     // Pending changes of another row or block are added to the logits first.
     let store = &mut inc.store;

@@ -197,7 +197,18 @@ impl Store {
 
     /// Makes `xb` (the blocked input of the dense layer at plan index `dense`) valid, from a
     /// valid `acts[dense]`.
-    pub(super) fn ensure_xb(&mut self, net: &mut CpuNetwork, clock: &Clock, dense: usize) {
+    ///
+    /// `layout_soon`: whether a [`Layout`] is expected early in the sweep; until then the lines
+    /// are read from the stored input in place ([`Store::xb_direct`]) rather than building `xb`
+    /// twice. (Read in place, a line usually straddles two cache lines, so a whole sweep that
+    /// way would cost more than building `xb`.)
+    pub(super) fn ensure_xb(
+        &mut self,
+        net: &mut CpuNetwork,
+        clock: &Clock,
+        dense: usize,
+        layout_soon: bool,
+    ) {
         if self.xb.valid(clock, dense) {
             return;
         }
@@ -205,9 +216,7 @@ impl Store {
         let n = net.train.len();
         let d = act_len(net, dense);
         self.xb_direct = None;
-        if self.layout.is_none() && d.is_multiple_of(FB) {
-            // Sample order: the stored input already holds every line in one cache line's
-            // worth of values; building `xb` would only pay off in a layout's order.
+        if self.layout.is_none() && layout_soon && d.is_multiple_of(FB) {
             self.xb_direct = Some(dense);
             self.xb.tick = Some(clock.now());
             return;
