@@ -565,7 +565,7 @@ impl TchNetwork {
                         1,
                     );
                     let _ = t.z.g_add_(&dz);
-                    let _ = old.copy_(&a_k);
+                    old.copy_(&a_k);
                     t.refreshes += 1;
                 }
                 t.seen = now;
