@@ -18,7 +18,7 @@
 //! the weights it starts from. A change of an earlier layer (`set_weight`, `set_params`, an SGD
 //! step) drops them too. Everything stays on the device; on CUDA the host waits once per visit.
 
-use crate::TchNetwork;
+use crate::{batch_norm_of_batch, conv3x3, plain_layer, TchNetwork};
 use rso_models::{Layer, Network, Reduction};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -318,24 +318,15 @@ impl TchNetwork {
     ) -> Tensor {
         let (first, second) = self.stacked_params(layer, param, index, values);
         let out = match &self.spec.layers[layer] {
-            Layer::Conv { .. } => x.conv2d(
+            Layer::Conv { .. } => conv3x3(
+                x,
                 first.as_ref().expect("a conv layer has a weight"),
                 second.as_ref(),
-                [1, 1],
-                [1, 1],
-                [1, 1],
                 1,
             ),
-            Layer::BatchNorm { .. } => x.repeat([1, 3, 1, 1]).batch_norm(
-                first.as_ref(),
-                second.as_ref(),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.0,
-                crate::BN_EPS,
-                true,
-            ),
+            Layer::BatchNorm { .. } => {
+                batch_norm_of_batch(&x.repeat([1, 3, 1, 1]), first.as_ref(), second.as_ref())
+            }
             Layer::Dense { .. } => x.flatten(1, -1).linear(
                 first.as_ref().expect("a dense layer has a weight"),
                 second.as_ref(),
@@ -448,7 +439,7 @@ impl TchNetwork {
         // Their change of `next`'s input channel k, through `next`'s weights of that channel.
         let change = y - a.narrow(1, k, 1);
         let w_k = self.next_weight(next, k).repeat([2, 1, 1, 1]);
-        let dz = change.conv2d(&w_k, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 2);
+        let dz = conv3x3(&change, &w_k, None, 2);
         let z3 = Tensor::cat(&[z.shallow_clone(), z.repeat([1, 2, 1, 1]) + dz], 1);
         let grouped = self.grouped(3);
         let logits = self.forward_layers(
@@ -473,26 +464,16 @@ impl TchNetwork {
         second: Option<Tensor>,
     ) -> Tensor {
         match &self.spec.layers[layer] {
-            Layer::Conv { .. } => x.conv2d(
+            Layer::Conv { .. } => conv3x3(
+                x,
                 first.as_ref().expect("a conv layer has a weight"),
                 second.as_ref(),
-                [1, 1],
-                [1, 1],
-                [1, 1],
                 1,
             ),
             _ => {
                 let copies = first.as_ref().map_or(1, |f| f.size()[0]);
-                x.narrow(1, k, 1).repeat([1, copies, 1, 1]).batch_norm(
-                    first.as_ref(),
-                    second.as_ref(),
-                    None::<&Tensor>,
-                    None::<&Tensor>,
-                    true,
-                    0.0,
-                    crate::BN_EPS,
-                    true,
-                )
+                let channel = x.narrow(1, k, 1).repeat([1, copies, 1, 1]);
+                batch_norm_of_batch(&channel, first.as_ref(), second.as_ref())
             }
         }
     }
@@ -507,25 +488,19 @@ impl TchNetwork {
         copies: i64,
     ) -> Tensor {
         for i in layers {
-            y = match &self.spec.layers[i] {
-                Layer::Relu => y.relu(),
-                Layer::MaxPool2 => y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
-                Layer::AvgPool2 => y.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
-                Layer::BatchNorm { .. } => {
+            let layer = &self.spec.layers[i];
+            y = match plain_layer(layer, &y) {
+                Some(out) => out,
+                None => {
+                    assert!(
+                        matches!(layer, Layer::BatchNorm { .. }),
+                        "layer {i} ({layer:?}) is not channel-local"
+                    );
                     let p = self.layer_params[i];
                     let pick = |j: usize| self.params[j].narrow(0, k, 1).repeat([copies]);
-                    y.batch_norm(
-                        p.first.map(pick).as_ref(),
-                        p.second.map(pick).as_ref(),
-                        None::<&Tensor>,
-                        None::<&Tensor>,
-                        true,
-                        0.0,
-                        crate::BN_EPS,
-                        true,
-                    )
+                    let (gamma, beta) = (p.first.map(pick), p.second.map(pick));
+                    batch_norm_of_batch(&y, gamma.as_ref(), beta.as_ref())
                 }
-                other => unreachable!("layer {i} ({other:?}) is not channel-local"),
             };
         }
         y
@@ -556,14 +531,7 @@ impl TchNetwork {
                     let a_k = self.channel_chain(y, layer + 1..next, k, 1);
                     let mut old = t.a.narrow(1, k, 1);
                     let change = &a_k - &old;
-                    let dz = change.conv2d(
-                        &self.next_weight(next, k),
-                        None::<&Tensor>,
-                        [1, 1],
-                        [1, 1],
-                        [1, 1],
-                        1,
-                    );
+                    let dz = conv3x3(&change, &self.next_weight(next, k), None, 1);
                     let _ = t.z.g_add_(&dz);
                     old.copy_(&a_k);
                     t.refreshes += 1;

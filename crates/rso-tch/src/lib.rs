@@ -219,6 +219,35 @@ fn reduce(per_sample: &Tensor, reduction: Reduction) -> Tensor {
     }
 }
 
+/// The models' convolution: 3×3, stride 1, padding 1, `groups` groups.
+fn conv3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>, groups: i64) -> Tensor {
+    x.conv2d(w, b, [1, 1], [1, 1], [1, 1], groups)
+}
+
+/// BatchNorm with the batch's statistics (biased variance, ε = [`BN_EPS`]) per channel.
+fn batch_norm_of_batch(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>) -> Tensor {
+    x.batch_norm(
+        gamma,
+        beta,
+        None::<&Tensor>,
+        None::<&Tensor>,
+        true,
+        0.0,
+        BN_EPS,
+        true,
+    )
+}
+
+/// A parameterless layer (ReLU, 2×2 max or mean pooling) on `x`; `None` for other layers.
+fn plain_layer(layer: &Layer, x: &Tensor) -> Option<Tensor> {
+    match layer {
+        Layer::Relu => Some(x.relu()),
+        Layer::MaxPool2 => Some(x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)),
+        Layer::AvgPool2 => Some(x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None)),
+        _ => None,
+    }
+}
+
 /// Copies a device tensor to a host f32 vector (row-major).
 fn to_host(t: &Tensor) -> Vec<f32> {
     let flat = t
@@ -403,14 +432,17 @@ impl TchNetwork {
             let lp = self.layer_params[i];
             let first = lp.first.map(|j| &params[j]);
             let second = lp.second.map(|j| &params[j]);
+            if let Some(y) = plain_layer(layer, &x) {
+                x = y;
+                continue;
+            }
             x = match layer {
-                Layer::Conv { .. } => {
-                    let w = first.expect("a conv layer has a weight");
-                    x.conv2d(w, second, [1, 1], [1, 1], [1, 1], groups)
-                }
-                Layer::Relu => x.relu(),
-                Layer::MaxPool2 => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
-                Layer::AvgPool2 => x.avg_pool2d([2, 2], [2, 2], [0, 0], false, true, None),
+                Layer::Conv { .. } => conv3x3(
+                    &x,
+                    first.expect("a conv layer has a weight"),
+                    second,
+                    groups,
+                ),
                 Layer::BatchNorm { .. } => {
                     let (gamma, beta) = (first, second);
                     if let Some(out) = stats.as_deref_mut() {
@@ -423,16 +455,7 @@ impl TchNetwork {
                         out.push((i, mean, var));
                     }
                     match bn {
-                        BnMode::Batch => x.batch_norm(
-                            gamma,
-                            beta,
-                            None::<&Tensor>,
-                            None::<&Tensor>,
-                            true,
-                            0.0,
-                            BN_EPS,
-                            true,
-                        ),
+                        BnMode::Batch => batch_norm_of_batch(&x, gamma, beta),
                         BnMode::Running => {
                             let (m, v) = self.running[i]
                                 .as_ref()
@@ -442,6 +465,9 @@ impl TchNetwork {
                     }
                 }
                 Layer::GlobalAvgPool => x.mean_dim([2i64, 3].as_slice(), false, Kind::Float),
+                Layer::Relu | Layer::MaxPool2 | Layer::AvgPool2 => {
+                    unreachable!("handled by plain_layer above")
+                }
                 Layer::Dense { .. } => {
                     // Each stacked version of a sample's input is one row.
                     let w = first.expect("a dense layer has a weight");

@@ -110,8 +110,10 @@ fn weights_round_trip_through_scalar_access_and_params() {
     );
 }
 
+/// The engine's candidate losses (its incremental path; `tests/incremental.rs` tests it in
+/// depth) against the trait's reference path, and the weight left as it was.
 #[test]
-fn candidate_losses_equal_the_trait_reference_and_restore_the_weight() {
+fn candidate_losses_match_the_trait_reference_and_restore_the_weight() {
     for kind in ModelKind::ALL {
         let mut n = net(kind, "cpu", 20);
         let batch = random_batch(24, 7, 21);
@@ -125,14 +127,16 @@ fn candidate_losses_equal_the_trait_reference_and_restore_the_weight() {
                 let fast = n.candidate_losses(&batch, param, index, delta, reduction);
                 let reference =
                     reference_candidate_losses(&mut n, &batch, param, index, delta, reduction);
-                Tol {
-                    rtol: 1e-12,
+                let tol = Tol {
+                    rtol: 1e-5,
                     atol: 0.0,
-                }
-                .check(&format!("{} candidates", kind.name()), &fast, &reference)
-                .unwrap();
+                };
+                tol.check(&format!("{} candidates", kind.name()), &fast, &reference)
+                    .unwrap();
                 assert_eq!(n.weight(param, index), w);
-                assert_eq!(fast[0], n.batch_loss(&batch, reduction));
+                let at_w = n.batch_loss(&batch, reduction);
+                tol.check(&format!("{} loss at W", kind.name()), &fast[..1], &[at_w])
+                    .unwrap();
             }
         }
     }
