@@ -64,11 +64,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. Seconds per round, both paths, in the same process on the same device.
     use ModelKind::*;
+    // (model, batch, fraction of a round timed for the reference path, for the incremental
+    // path, target). The incremental path has costs per sweep and batch (caches) that a small
+    // fraction overstates once scaled up, so its fractions are larger.
     let cases: [(ModelKind, usize, f64, f64, &str); 4] = [
-        (OneConv, 1024, 0.01, 0.2, "≤ 0.3 s"),
-        (Paper, 1000, 0.005, 0.02, "≤ 2.5 s"),
-        (Paper, 5000, 0.002, 0.01, "≤ 9 s"),
-        (TwoConv, 1000, 0.01, 0.1, "—"),
+        (OneConv, 1024, 0.01, 1.0, "≤ 0.3 s"),
+        (Paper, 1000, 0.005, 0.05, "≤ 2.5 s"),
+        (Paper, 5000, 0.005, 0.05, "≤ 9 s"),
+        (TwoConv, 1000, 0.01, 0.2, "—"),
     ];
     let mut rows = Vec::new();
     for (model, batch, f_ref, f_inc, target) in cases {
