@@ -158,8 +158,18 @@ impl Store {
             }
             for &a in &invalid {
                 let len = act_len(net, a);
-                self.acts[a].data[c0 * len..(c0 + m) * len]
-                    .copy_from_slice(&net.ws.acts[a][..m * len]);
+                let dst = &mut self.acts[a].data[c0 * len..(c0 + m) * len];
+                let src = &net.ws.acts[a][..m * len];
+                // Over the threads when large: the first round's copies also fault the
+                // stored arrays' pages in.
+                const PIECE: usize = 1 << 16;
+                if rayon::current_num_threads() > 1 && dst.len() >= 2 * PIECE {
+                    dst.par_chunks_mut(PIECE)
+                        .zip(src.par_chunks(PIECE))
+                        .for_each(|(d, s)| d.copy_from_slice(s));
+                } else {
+                    dst.copy_from_slice(src);
+                }
             }
             if logits {
                 let out = &net.ws.acts[layers][..m * classes];
