@@ -12,8 +12,8 @@ use rso_cpu::CpuNetwork;
 use rso_data::{Dataset, Split};
 use rso_models::network::reference_candidate_losses;
 use rso_models::{
-    init_params, EngineError, Eval, Layer, ModelKind, ModelSpec, Network, ParamKind, Params,
-    Preset, Reduction, SplitKind,
+    init_params, Layer, ModelKind, ModelSpec, Network, ParamKind, Params, Preset, Recorder,
+    Reduction,
 };
 use rso_optim::{choose, Optimizer, Rso, RsoConfig, RsoEval};
 
@@ -442,75 +442,6 @@ fn incremental_losses_do_not_depend_on_the_thread_count() {
     }
 }
 
-/// Delegates to a [`CpuNetwork`] and records every loss RSO asks for: `batch_loss` calls (the
-/// reference path makes three per visit) and `candidate_losses` calls.
-struct Recorder {
-    net: CpuNetwork,
-    batch_losses: Vec<f64>,
-    visits: Vec<[f64; 3]>,
-}
-
-impl Network for Recorder {
-    fn spec(&self) -> &ModelSpec {
-        self.net.spec()
-    }
-    fn backend(&self) -> &'static str {
-        self.net.backend()
-    }
-    fn device(&self) -> String {
-        self.net.device()
-    }
-    fn train_len(&self) -> usize {
-        self.net.train_len()
-    }
-    fn params(&self) -> Params {
-        self.net.params()
-    }
-    fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
-        self.net.set_params(params)
-    }
-    fn weight(&self, param: usize, index: usize) -> f32 {
-        self.net.weight(param, index)
-    }
-    fn set_weight(&mut self, param: usize, index: usize, value: f32) {
-        self.net.set_weight(param, index, value)
-    }
-    fn logits(&mut self, batch: &[u32]) -> Vec<f32> {
-        self.net.logits(batch)
-    }
-    fn batch_loss(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
-        let l = self.net.batch_loss(batch, reduction);
-        self.batch_losses.push(l);
-        l
-    }
-    fn candidate_losses(
-        &mut self,
-        batch: &[u32],
-        param: usize,
-        index: usize,
-        delta: f32,
-        reduction: Reduction,
-    ) -> [f64; 3] {
-        let l = self
-            .net
-            .candidate_losses(batch, param, index, delta, reduction);
-        self.visits.push(l);
-        l
-    }
-    fn begin_sweep(&mut self, param: usize) {
-        self.net.begin_sweep(param)
-    }
-    fn loss_and_grad(&mut self, batch: &[u32], reduction: Reduction) -> (f64, Vec<Vec<f32>>) {
-        self.net.loss_and_grad(batch, reduction)
-    }
-    fn calibrate_bn(&mut self, batch: &[u32]) {
-        self.net.calibrate_bn(batch)
-    }
-    fn evaluate(&mut self, split: SplitKind, limit: Option<usize>) -> Eval {
-        self.net.evaluate(split, limit)
-    }
-}
-
 /// Whether two of a visit's losses are a near-tie: within 1e-6 relative.
 fn near_tie(a: f64, b: f64) -> bool {
     close(a, b, 1e-6, 0.0)
@@ -522,11 +453,8 @@ fn near_tie(a: f64, b: f64) -> bool {
 /// weights bit for bit.
 fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64) {
     let n = 64;
-    let mut nets = [RsoEval::Reference, RsoEval::Incremental].map(|_| Recorder {
-        net: network_of(spec, n, preset, seed).0,
-        batch_losses: Vec::new(),
-        visits: Vec::new(),
-    });
+    let mut nets = [RsoEval::Reference, RsoEval::Incremental]
+        .map(|_| Recorder::new(network_of(spec, n, preset, seed).0));
     for (net, eval) in nets
         .iter_mut()
         .zip([RsoEval::Reference, RsoEval::Incremental])
@@ -544,11 +472,7 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64) {
         );
     }
     let [reference, incremental] = nets;
-    let ref_visits: Vec<[f64; 3]> = reference
-        .batch_losses
-        .chunks_exact(3)
-        .map(|c| [c[0], c[1], c[2]])
-        .collect();
+    let ref_visits = reference.reference_visits();
     assert_eq!(ref_visits.len(), incremental.visits.len());
     assert_eq!(ref_visits.len(), reference.net.spec().param_count());
     let (mut accepted, mut parted) = (0, None);
@@ -599,11 +523,7 @@ fn history_independent(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64
     rso.run_round(&mut first, 0, &mut |_| {}).expect("round 0");
     let (mut fresh, _) = network_of(spec, 64, preset, seed);
     fresh.set_params(&first.params()).expect("same layout");
-    let mut runs = [first, fresh].map(|net| Recorder {
-        net,
-        batch_losses: Vec::new(),
-        visits: Vec::new(),
-    });
+    let mut runs = [first, fresh].map(Recorder::new);
     for r in runs.iter_mut() {
         rso.run_round(r, 1, &mut |_| {}).expect("round 1");
     }

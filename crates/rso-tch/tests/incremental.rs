@@ -11,9 +11,7 @@ use common::Tol;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rso_models::network::reference_candidate_losses;
-use rso_models::{
-    EngineError, Eval, Layer, ModelKind, ModelSpec, Network, Params, Preset, Reduction, SplitKind,
-};
+use rso_models::{Layer, ModelKind, ModelSpec, Network, Preset, Recorder, Reduction};
 use rso_optim::{choose, Choice, Optimizer, Rso, RsoConfig, RsoEval};
 use rso_tch::TchNetwork;
 
@@ -180,86 +178,13 @@ test_device!(
     incremental_losses_match_the_reference_cuda
 );
 
-/// Delegates to a [`TchNetwork`] and records every loss RSO asks for: `batch_loss` calls (the
-/// reference path makes three per visit) and `candidate_losses` calls.
-struct Recorder {
-    net: TchNetwork,
-    batch_losses: Vec<f64>,
-    visits: Vec<[f64; 3]>,
-}
-
-impl Network for Recorder {
-    fn spec(&self) -> &ModelSpec {
-        self.net.spec()
-    }
-    fn backend(&self) -> &'static str {
-        self.net.backend()
-    }
-    fn device(&self) -> String {
-        self.net.device()
-    }
-    fn train_len(&self) -> usize {
-        self.net.train_len()
-    }
-    fn params(&self) -> Params {
-        self.net.params()
-    }
-    fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
-        self.net.set_params(params)
-    }
-    fn weight(&self, param: usize, index: usize) -> f32 {
-        self.net.weight(param, index)
-    }
-    fn set_weight(&mut self, param: usize, index: usize, value: f32) {
-        self.net.set_weight(param, index, value)
-    }
-    fn logits(&mut self, batch: &[u32]) -> Vec<f32> {
-        self.net.logits(batch)
-    }
-    fn batch_loss(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
-        let l = self.net.batch_loss(batch, reduction);
-        self.batch_losses.push(l);
-        l
-    }
-    fn candidate_losses(
-        &mut self,
-        batch: &[u32],
-        param: usize,
-        index: usize,
-        delta: f32,
-        reduction: Reduction,
-    ) -> [f64; 3] {
-        let l = self
-            .net
-            .candidate_losses(batch, param, index, delta, reduction);
-        self.visits.push(l);
-        l
-    }
-    fn begin_sweep(&mut self, param: usize) {
-        self.net.begin_sweep(param)
-    }
-    fn loss_and_grad(&mut self, batch: &[u32], reduction: Reduction) -> (f64, Vec<Vec<f32>>) {
-        self.net.loss_and_grad(batch, reduction)
-    }
-    fn calibrate_bn(&mut self, batch: &[u32]) {
-        self.net.calibrate_bn(batch)
-    }
-    fn evaluate(&mut self, split: SplitKind, limit: Option<usize>) -> Eval {
-        self.net.evaluate(split, limit)
-    }
-}
-
 /// One seeded RSO round through `rso_optim::Rso` on two identical networks, one with
 /// `RsoEval::Reference` and one with `RsoEval::Incremental`: the same decisions (except at a
 /// near-tie — the two chosen candidates within 1e-6 relative — after which the runs may part)
 /// and, when no decision differed, weights within 1e-6.
 fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, device: &str, seed: u64) {
     let evals = [RsoEval::Reference, RsoEval::Incremental];
-    let mut nets = evals.map(|_| Recorder {
-        net: network(spec, device, seed),
-        batch_losses: Vec::new(),
-        visits: Vec::new(),
-    });
+    let mut nets = evals.map(|_| Recorder::new(network(spec, device, seed)));
     for (net, eval) in nets.iter_mut().zip(evals) {
         let mut cfg = RsoConfig::preset(preset, 3, batch, seed);
         cfg.eval = eval;
@@ -271,11 +196,7 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, device: &str, seed
         Preset::Seed => Reduction::Mean,
         Preset::Paper => Reduction::Sum,
     };
-    let ref_visits: Vec<[f64; 3]> = reference
-        .batch_losses
-        .chunks_exact(3)
-        .map(|c| [c[0], c[1], c[2]])
-        .collect();
+    let ref_visits = reference.reference_visits();
     assert_eq!(ref_visits.len(), spec.param_count());
     assert_eq!(incremental.visits.len(), spec.param_count());
     let what = format!("{} {preset:?} on {device}", spec.name);
