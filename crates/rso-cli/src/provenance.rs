@@ -43,6 +43,27 @@ impl Provenance {
     }
 }
 
+/// How the provenance names an engine and device: `engine cpu, device cpu`, or for a CUDA
+/// device also the card, as `nvidia-smi` names it when it is there
+/// (`engine tch, device cuda:0 (NVIDIA H100 80GB HBM3)`).
+pub fn device_label(backend: &str, device: &str) -> String {
+    let mut label = format!("engine {backend}, device {device}");
+    if let Some(ordinal) = device.strip_prefix("cuda") {
+        let ordinal = ordinal.strip_prefix(':').unwrap_or("0");
+        let name = Command::new("nvidia-smi")
+            .args(["--query-gpu=name", "--format=csv,noheader", "-i", ordinal])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|n| !n.is_empty() && !n.contains('\n'));
+        if let Some(name) = name {
+            label.push_str(&format!(" ({name})"));
+        }
+    }
+    label
+}
+
 fn git_revision() -> String {
     Command::new("git")
         .args(["describe", "--always", "--dirty", "--abbrev=12"])

@@ -6,7 +6,7 @@
 
 use crate::args::{ComparisonArgs, EngineArgs, PaperArgs, ReproduceCommand, SeedTableArgs};
 use crate::output::{self, RoundRow};
-use crate::provenance::Provenance;
+use crate::provenance::{device_label, Provenance};
 use crate::train::{self, ConsoleReporter, TrainOutcome};
 use crate::{Cli, Command};
 use anyhow::Context;
@@ -228,9 +228,8 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
         args.extend(common(&a.engine));
         let outcome = train_with(&args)?;
         let last = outcome.rows.last().expect("at least one round");
-        provenance.get_or_insert_with(|| {
-            Provenance::current(&format!("{} {}", last.backend, last.device))
-        });
+        provenance
+            .get_or_insert_with(|| Provenance::current(&device_label(&last.backend, &last.device)));
         rows.push(SeedTableRow {
             model: nb.model.into(),
             rounds: nb.rounds,
@@ -350,7 +349,7 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
             let outcome = train_with(&args)?;
             let last = outcome.rows.last().expect("at least one round");
             provenance.get_or_insert_with(|| {
-                Provenance::current(&format!("{} {}", last.backend, last.device))
+                Provenance::current(&device_label(&last.backend, &last.device))
             });
             rows.extend(outcome.rows.iter().map(CurveRow::from));
         }
@@ -442,7 +441,7 @@ mod tests {
             command: "rso reproduce seed-table".into(),
             revision: "abc".into(),
             machine: "m".into(),
-            device: "cpu cpu".into(),
+            device: "engine cpu, device cpu".into(),
             date: "2026-01-01T00:00:00Z".into(),
         };
         let row = SeedTableRow {

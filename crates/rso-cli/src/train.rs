@@ -5,7 +5,7 @@
 use crate::args::{Backend, BatchPolicyArg, DatasetKind, OptimizerKind, RsoEvalArg, TrainArgs};
 use crate::checkpoint::{self, DataFingerprint, Origin, RunConfig, SavedRow, State};
 use crate::output::{self, RoundRow};
-use crate::provenance::Provenance;
+use crate::provenance::{device_label, Provenance};
 use anyhow::{bail, ensure, Context};
 use rso_data::Split;
 use rso_models::{init_params, ModelSpec, Network, Params, SplitKind};
@@ -355,7 +355,7 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
         .map(|_| DataFingerprint::of(&split));
     let net = build_network(args, &spec, &params, split)?;
     let optimizer = build_optimizer(args, &spec)?;
-    let provenance = Provenance::current(&format!("{} {}", net.backend(), net.device()));
+    let provenance = Provenance::current(&device_label(net.backend(), &net.device()));
     let checkpointing = match (&args.checkpoint_dir, fingerprint) {
         (Some(dir), Some(data)) => {
             let data_dir = data_dir(args);
@@ -441,7 +441,7 @@ fn resume(
     let net = build_network(&args, &spec, &params, split)?;
     let optimizer = build_optimizer(&args, &spec)
         .with_context(|| format!("{}: invalid settings", state_path.display()))?;
-    let mut provenance = Provenance::current(&format!("{} {}", net.backend(), net.device()));
+    let mut provenance = Provenance::current(&device_label(net.backend(), &net.device()));
     let origin = &ck.state.origin;
     provenance.command = format!(
         "{} (resumed after round {} of: {}; revision {}, {})",

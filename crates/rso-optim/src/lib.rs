@@ -23,9 +23,9 @@ use rso_models::Network;
 pub enum OptimError {
     /// A loss turned NaN or infinite; RSO never accepts such a candidate, and a non-finite loss
     /// at the current weights means training has diverged.
-    #[error("round {round}: loss at the current weights is {loss} while visiting {param}[{index}]; training diverged (check the data and --sigma/--lr)")]
+    #[error("round {}: loss at the current weights is {loss} while visiting {param}[{index}]; training diverged (check the data and --sigma/--lr)", round + 1)]
     NonFiniteLoss {
-        /// Round (0-based).
+        /// Round (0-based; the message counts from 1, as the CSVs do).
         round: usize,
         /// Parameter array name.
         param: String,
@@ -35,9 +35,9 @@ pub enum OptimError {
         loss: f64,
     },
     /// SGD's minibatch loss turned NaN or infinite.
-    #[error("epoch {round}: minibatch loss is {loss}; training diverged (try a smaller --lr)")]
+    #[error("epoch {}: minibatch loss is {loss}; training diverged (try a smaller --lr)", round + 1)]
     Diverged {
-        /// Epoch (0-based).
+        /// Epoch (0-based; the message counts from 1, as the CSVs do).
         round: usize,
         /// The loss value.
         loss: f64,
