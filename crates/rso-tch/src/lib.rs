@@ -12,8 +12,11 @@
 //!   global average pooling, dense layers on the flattened (C, H, W) activations.
 //! - Loss: the logits are f32; the per-sample cross-entropy is computed from them **in f64 on the
 //!   device** (log-softmax in f64) and summed in f64, then reduced as [`Reduction`] says.
-//! - RSO runs the reference path (three full forward passes) under `no_grad`; SGD uses autograd
-//!   and updates the parameters in place on the device.
+//! - RSO's candidate losses run the incremental path under `no_grad` (the `incremental` module:
+//!   the visited layer's input cached, channel-local candidates, one stacked batch, one transfer
+//!   per visit); the reference path (three full forward passes) stays available through
+//!   [`reference_candidate_losses`]. SGD uses autograd and updates the parameters in place on
+//!   the device.
 //!
 //! Devices are runtime values: `"cpu"`, `"cuda"` or `"cuda:N"`. CUDA needs the `cuda` feature,
 //! which loads `libtorch_cuda.so` at run time (see the `cuda` module source for why).
