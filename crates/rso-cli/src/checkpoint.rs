@@ -17,6 +17,13 @@
 //! the new complete one; a process killed anywhere leaves at worst a stray `.tmp` directory or an
 //! unreferenced round directory, which the next write removes.
 //!
+//! # One writer
+//!
+//! A run holds an advisory lock on `DIR/.lock` ([`lock`]) while it writes checkpoints, so a
+//! second run — a new one, or a `--resume` — refuses the directory instead of interleaving its
+//! checkpoints with the first's. The operating system releases the lock when the process ends,
+//! however it ends, so a killed run never leaves the directory locked.
+//!
 //! # What a checkpoint holds, and why that is enough
 //!
 //! Resuming after round `r` reproduces the uninterrupted run exactly because everything the
@@ -462,11 +469,39 @@ pub fn check_new_dir(dir: &Path, force: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prepares `dir` for a new run: creates it, and (after [`check_new_dir`] allowed it with
-/// `--force`) removes an earlier run's checkpoints, `latest` first.
-pub fn prepare_new_dir(dir: &Path) -> anyhow::Result<()> {
+/// The lock file of a checkpoint directory (not a checkpoint: never removed, never read).
+pub const LOCK: &str = ".lock";
+
+/// Takes the checkpoint directory `dir` (which exists) for this process: an exclusive advisory
+/// lock on `dir/.lock`, held until the returned file is dropped or the process ends. `flag`
+/// names the option in the error when another run holds it.
+pub fn lock(dir: &Path, flag: &str) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("{flag} {}: cannot open {}", dir.display(), path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{flag} {}: another rso run is writing checkpoints there ({} is locked)",
+            dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e)
+            .with_context(|| format!("{flag} {}: cannot lock {}", dir.display(), path.display())),
+    }
+}
+
+/// Prepares `dir` for a new run: creates it, takes its [`lock`], and (after [`check_new_dir`]
+/// allowed it with `--force`) removes an earlier run's checkpoints, `latest` first. Returns the
+/// lock, to be held while the run writes checkpoints.
+pub fn prepare_new_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     let ctx = || format!("--checkpoint-dir {}", dir.display());
     std::fs::create_dir_all(dir).with_context(ctx)?;
+    let held = lock(dir, "--checkpoint-dir")?;
     let latest = dir.join(LATEST);
     if latest.exists() {
         std::fs::remove_file(&latest).with_context(ctx)?;
@@ -474,7 +509,7 @@ pub fn prepare_new_dir(dir: &Path) -> anyhow::Result<()> {
     for path in owned_entries(dir).with_context(ctx)? {
         remove_any(&path).with_context(|| format!("removing {}", path.display()))?;
     }
-    Ok(())
+    Ok(held)
 }
 
 fn remove_any(path: &Path) -> std::io::Result<()> {

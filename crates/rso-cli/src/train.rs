@@ -320,6 +320,8 @@ pub fn run(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
 struct Checkpointing {
     dir: PathBuf,
     base: State,
+    /// The directory's lock ([`checkpoint::lock`]), held for the run.
+    _lock: std::fs::File,
 }
 
 /// A run ready to train: everything checked, nothing written yet.
@@ -362,8 +364,9 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
             let data_dir = std::fs::canonicalize(&data_dir)
                 .with_context(|| format!("--data-dir {}", data_dir.display()))?;
             // Everything is checked: only now touch the directory.
-            checkpoint::prepare_new_dir(dir)?;
+            let lock = checkpoint::prepare_new_dir(dir)?;
             Some(Checkpointing {
+                _lock: lock,
                 dir: dir.clone(),
                 base: State {
                     format: checkpoint::FORMAT.into(),
@@ -450,6 +453,14 @@ fn resume(
     let mut base = ck.state.clone();
     base.config.data_dir = std::fs::canonicalize(&used_dir)
         .with_context(|| format!("--data-dir {}", used_dir.display()))?;
+    // Everything is checked: only now take the directory, and make sure the checkpoint read
+    // above is still the newest (no other run wrote one in between).
+    let lock = checkpoint::lock(dir, "--resume")?;
+    ensure!(
+        checkpoint::read_latest(dir)?.state.rounds_completed == ck.state.rounds_completed,
+        "--resume {}: another run wrote a checkpoint there meanwhile; resume again",
+        dir.display()
+    );
     reporter.resumed(dir, ck.state.rounds_completed, args.rounds);
     let session = Session {
         args: &args,
@@ -459,6 +470,7 @@ fn resume(
         checkpointing: Some(Checkpointing {
             dir: dir.to_path_buf(),
             base,
+            _lock: lock,
         }),
     };
     train_rounds(session, rows, reporter)

@@ -186,7 +186,7 @@ fn killed_twice_and_resumed_run_equals_the_uninterrupted_one() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["latest", "round-000004"]);
+    assert_eq!(names, [".lock", "latest", "round-000004"]);
 
     // Resuming a finished run trains nothing and reproduces the final results.
     let out = rso_ok(
@@ -295,4 +295,51 @@ fn sgd_resumes_exactly() {
         ],
         3,
     );
+}
+
+/// While a run writes checkpoints into a directory, a second run — a `--resume` or a new run
+/// with `--force` — is refused with a one-line error and changes nothing there; once the first
+/// run is gone (killed), the directory can be resumed.
+#[test]
+fn a_checkpoint_directory_has_one_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let ck_s = ck.to_str().unwrap().to_string();
+    let data = mnist_dir();
+    let mut args = settings(data.to_str().unwrap());
+    args.extend(["--checkpoint-dir".into(), ck_s.clone()]);
+    let mut child = rso_command()
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn rso");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while latest_round(&ck).is_none() {
+        assert!(child.try_wait().unwrap().is_none(), "rso exited early");
+        assert!(Instant::now() < deadline, "no checkpoint in 300 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let err = common::rso_fails(&["train", "--resume", &ck_s]);
+    assert!(
+        err.contains("another rso run is writing checkpoints"),
+        "{err}"
+    );
+    let mut second = args.clone();
+    second.push("--force".into());
+    let err = common::rso_fails(&second.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        err.contains("another rso run is writing checkpoints"),
+        "{err}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first run ended before the refusals were checked; the test needs longer rounds"
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    // The lock went with the process.
+    let out = rso_ok(&["train", "--resume", &ck_s]);
+    assert!(out.lines().last().unwrap().starts_with("RESULT "), "{out}");
+    assert_eq!(latest_round(&ck), Some(ROUNDS));
 }
