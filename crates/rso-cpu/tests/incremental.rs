@@ -12,8 +12,8 @@ use rso_cpu::CpuNetwork;
 use rso_data::{Dataset, Split};
 use rso_models::network::reference_candidate_losses;
 use rso_models::{
-    init_params, Layer, ModelKind, ModelSpec, Network, ParamKind, Params, Preset, Recorder,
-    Reduction,
+    init_params, random_visits, Layer, ModelKind, ModelSpec, Network, ParamKind, Params, Preset,
+    Recorder, Reduction,
 };
 use rso_optim::{choose, Optimizer, Rso, RsoConfig, RsoEval};
 
@@ -175,9 +175,7 @@ fn check_visit(
     reference
 }
 
-/// A random sequence of visits with RSO's bookkeeping around them: sweeps in RSO's order
-/// (`begin_sweep`, then consecutive scalars, with weight decay and accepted candidates), lone
-/// visits of random scalars, and `set_params`.
+/// [`random_visits`] on a random network of `kind`, every visit checked against the reference.
 fn exercise(
     kind: ModelKind,
     size: usize,
@@ -192,64 +190,12 @@ fn exercise(
     } else {
         Preset::Seed
     };
-    let n = 48;
-    let (mut net, _) = network(kind, size, classes, n, preset, seed);
+    let (mut net, _) = network(kind, size, classes, 48, preset, seed);
     let reduction = if sum { Reduction::Sum } else { Reduction::Mean };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37);
-    let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
     let what = format!("{} {size}x{size} seed {seed} {reduction:?}", kind.name());
-    let mut done = 0;
-    while done < steps {
-        match rng.random_range(0..10) {
-            0..=6 => {
-                // A stretch of a sweep in RSO's order.
-                let param = rng.random_range(0..lens.len());
-                net.begin_sweep(param);
-                let start = rng.random_range(0..lens[param]);
-                let decay = rng.random_bool(0.3);
-                for index in start..(start + rng.random_range(1..=12)).min(lens[param]) {
-                    let batch = random_batch(&mut rng, n, 24);
-                    let delta = rng.random_range(-0.5f32..0.5);
-                    let mut w = net.weight(param, index);
-                    if decay {
-                        w *= 1.0 - 1e-4;
-                        net.set_weight(param, index, w);
-                    }
-                    let losses =
-                        check_visit(&mut net, &batch, param, index, delta, reduction, &what);
-                    match choose(losses) {
-                        rso_optim::Choice::Keep => {}
-                        rso_optim::Choice::Plus => net.set_weight(param, index, w + delta),
-                        rso_optim::Choice::Minus => net.set_weight(param, index, w - delta),
-                    }
-                    done += 1;
-                }
-            }
-            7 | 8 => {
-                let param = rng.random_range(0..lens.len());
-                let index = rng.random_range(0..lens[param]);
-                let batch = random_batch(&mut rng, n, 48);
-                let delta = rng.random_range(-1.0f32..1.0);
-                check_visit(&mut net, &batch, param, index, delta, reduction, &what);
-                if rng.random_bool(0.5) {
-                    let w = net.weight(param, index);
-                    net.set_weight(param, index, w + delta);
-                }
-                done += 1;
-            }
-            _ => {
-                let mut p = net.params();
-                for v in p.values.iter_mut() {
-                    for x in v.iter_mut() {
-                        if rng.random_bool(0.05) {
-                            *x += rng.random_range(-0.1f32..0.1);
-                        }
-                    }
-                }
-                net.set_params(&p).expect("same layout");
-            }
-        }
-    }
+    random_visits(&mut net, seed, steps, |net, batch, param, index, delta| {
+        check_visit(net, batch, param, index, delta, reduction, &what)
+    });
 }
 
 proptest! {

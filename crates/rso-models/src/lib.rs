@@ -5,7 +5,8 @@
 //! - [`params`]: [`Params`], the host copy of a model's parameters, and its safetensors I/O.
 //! - [`init`]: the two presets' initialisers.
 //! - [`network`]: the [`Network`] trait, the seam between optimizers and engines.
-//! - [`recorder`]: [`Recorder`], a network wrapper that records the losses asked of it (tests).
+//! - [`recorder`]: test aids: [`Recorder`] records the losses asked of a network,
+//!   [`random_visits`] drives one through random RSO visits.
 
 pub mod init;
 pub mod network;
@@ -16,7 +17,7 @@ pub mod spec;
 pub use init::{init_params, Init};
 pub use network::{EngineError, Eval, Network, Reduction, SplitKind};
 pub use params::{ParamError, Params};
-pub use recorder::Recorder;
+pub use recorder::{random_visits, Recorder};
 pub use spec::{Layer, ModelKind, ModelSpec, ParamKind, ParamSpec};
 
 /// The two configurations of the algorithm (DESIGN §2).

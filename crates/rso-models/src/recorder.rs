@@ -1,6 +1,7 @@
-//! [`Recorder`]: a [`Network`] that delegates to another and records every loss an optimizer
-//! asks for, so tests can compare what two candidate paths (or two engines) computed visit by
-//! visit.
+//! Test aids shared by the engines' candidate-path tests: [`Recorder`], a [`Network`] that
+//! delegates to another and records every loss an optimizer asks for, so tests can compare what
+//! two candidate paths (or two engines) computed visit by visit; and [`random_visits`], a random
+//! sequence of RSO visits with RSO's bookkeeping around them.
 
 use crate::{EngineError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
 
@@ -97,5 +98,91 @@ impl<N: Network> Network for Recorder<N> {
     }
     fn evaluate(&mut self, split: SplitKind, limit: Option<usize>) -> Eval {
         self.net.evaluate(split, limit)
+    }
+}
+
+/// Drives `net` through `steps` random RSO visits with RSO's bookkeeping around them, for tests
+/// of candidate paths: stretches of sweeps in RSO's order (`begin_sweep`, consecutive scalars,
+/// sometimes the `paper` preset's weight decay before each visit, the argmin accepted with ties
+/// keeping W, batches from a small pool so that they recur, now and then a change of another
+/// array mid-sweep), lone visits of random scalars on random batches, and `set_params` with a
+/// few values moved. `visit(net, batch, param, index, delta)` computes (and checks) the three
+/// losses and must leave the weight as it was. Everything random flows from `seed`.
+pub fn random_visits<N: Network + ?Sized>(
+    net: &mut N,
+    seed: u64,
+    steps: usize,
+    mut visit: impl FnMut(&mut N, &[u32], usize, usize, f32) -> [f64; 3],
+) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37);
+    let n = net.train_len() as u32;
+    let batch_of = |rng: &mut rand_chacha::ChaCha8Rng, max: usize| -> Vec<u32> {
+        let len = rng.random_range(1..=max.min(n as usize));
+        (0..len).map(|_| rng.random_range(0..n)).collect()
+    };
+    let pool: Vec<Vec<u32>> = (0..3).map(|_| batch_of(&mut rng, 24)).collect();
+    let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
+    let mut done = 0;
+    while done < steps {
+        match rng.random_range(0..10) {
+            0..=6 => {
+                let param = rng.random_range(0..lens.len());
+                net.begin_sweep(param);
+                let start = rng.random_range(0..lens[param]);
+                let decay = rng.random_bool(0.3);
+                for index in start..(start + rng.random_range(1..=12)).min(lens[param]) {
+                    let batch = if rng.random_bool(0.5) {
+                        pool[rng.random_range(0..pool.len())].clone()
+                    } else {
+                        batch_of(&mut rng, 24)
+                    };
+                    let delta = rng.random_range(-0.5f32..0.5);
+                    if rng.random_bool(0.1) {
+                        // A change elsewhere mid-sweep (earlier layers feed the caches).
+                        let other = rng.random_range(0..lens.len());
+                        let at = rng.random_range(0..lens[other]);
+                        let v = net.weight(other, at);
+                        net.set_weight(other, at, v + rng.random_range(-0.2f32..0.2));
+                    }
+                    let mut w = net.weight(param, index);
+                    if decay {
+                        w *= 1.0 - 1e-4;
+                        net.set_weight(param, index, w);
+                    }
+                    let [base, plus, minus] = visit(net, &batch, param, index, delta);
+                    // RSO's choice (ties keep W; NaN is never accepted).
+                    if plus < base && plus <= minus {
+                        net.set_weight(param, index, w + delta);
+                    } else if minus < base {
+                        net.set_weight(param, index, w - delta);
+                    }
+                    done += 1;
+                }
+            }
+            7 | 8 => {
+                let param = rng.random_range(0..lens.len());
+                let index = rng.random_range(0..lens[param]);
+                let batch = batch_of(&mut rng, n as usize);
+                let delta = rng.random_range(-1.0f32..1.0);
+                visit(net, &batch, param, index, delta);
+                if rng.random_bool(0.5) {
+                    let w = net.weight(param, index);
+                    net.set_weight(param, index, w + delta);
+                }
+                done += 1;
+            }
+            _ => {
+                let mut p = net.params();
+                for v in p.values.iter_mut() {
+                    for x in v.iter_mut() {
+                        if rng.random_bool(0.05) {
+                            *x += rng.random_range(-0.1f32..0.1);
+                        }
+                    }
+                }
+                net.set_params(&p).expect("the layout is the network's own");
+            }
+        }
     }
 }

@@ -11,7 +11,9 @@ use common::Tol;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rso_models::network::reference_candidate_losses;
-use rso_models::{Layer, ModelKind, ModelSpec, Network, Preset, Recorder, Reduction};
+use rso_models::{
+    random_visits, Layer, ModelKind, ModelSpec, Network, Preset, Recorder, Reduction,
+};
 use rso_optim::{choose, Choice, Optimizer, Rso, RsoConfig, RsoEval};
 use rso_tch::TchNetwork;
 
@@ -88,76 +90,14 @@ fn check_visit(
     reference
 }
 
-/// A random sequence of visits with RSO's bookkeeping around them: sweeps in RSO's order
-/// (`begin_sweep`, consecutive scalars, weight decay, accepted candidates, batches that recur,
-/// changes of other arrays mid-sweep), lone visits of random scalars, and `set_params`.
+/// [`random_visits`] on a random network of `spec` on `device`, every visit checked against
+/// the reference.
 fn exercise(spec: &ModelSpec, device: &str, seed: u64, reduction: Reduction, steps: usize) {
     let mut net = network(spec, device, seed);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e37);
-    let lens: Vec<usize> = spec.params().iter().map(|p| p.len()).collect();
     let what = format!("{} on {device}, seed {seed}, {reduction:?}", spec.name);
-    let batches: Vec<Vec<u32>> = (0..3)
-        .map(|i| common::random_batch(TRAIN, 8 + 4 * i, seed ^ i as u64))
-        .collect();
-    let mut done = 0;
-    while done < steps {
-        match rng.random_range(0..10) {
-            0..=6 => {
-                let param = rng.random_range(0..lens.len());
-                net.begin_sweep(param);
-                let start = rng.random_range(0..lens[param]);
-                let decay = rng.random_bool(0.3);
-                for index in start..(start + rng.random_range(1..=8)).min(lens[param]) {
-                    let batch = &batches[rng.random_range(0..batches.len())];
-                    let delta = rng.random_range(-0.5f32..0.5);
-                    if rng.random_bool(0.1) {
-                        // A change elsewhere mid-sweep (earlier layers feed the caches).
-                        let other = rng.random_range(0..lens.len());
-                        let at = rng.random_range(0..lens[other]);
-                        let v = net.weight(other, at);
-                        net.set_weight(other, at, v + rng.random_range(-0.2f32..0.2));
-                    }
-                    let mut w = net.weight(param, index);
-                    if decay {
-                        w *= 1.0 - 1e-4;
-                        net.set_weight(param, index, w);
-                    }
-                    let losses =
-                        check_visit(&mut net, batch, param, index, delta, reduction, &what);
-                    match choose(losses) {
-                        Choice::Keep => {}
-                        Choice::Plus => net.set_weight(param, index, w + delta),
-                        Choice::Minus => net.set_weight(param, index, w - delta),
-                    }
-                    done += 1;
-                }
-            }
-            7 | 8 => {
-                let param = rng.random_range(0..lens.len());
-                let index = rng.random_range(0..lens[param]);
-                let len = rng.random_range(1..=TRAIN);
-                let batch = common::random_batch(TRAIN, len, rng.random());
-                let delta = rng.random_range(-1.0f32..1.0);
-                check_visit(&mut net, &batch, param, index, delta, reduction, &what);
-                if rng.random_bool(0.5) {
-                    let w = net.weight(param, index);
-                    net.set_weight(param, index, w + delta);
-                }
-                done += 1;
-            }
-            _ => {
-                let mut p = net.params();
-                for v in p.values.iter_mut() {
-                    for x in v.iter_mut() {
-                        if rng.random_bool(0.05) {
-                            *x += rng.random_range(-0.1f32..0.1);
-                        }
-                    }
-                }
-                net.set_params(&p).expect("same layout");
-            }
-        }
-    }
+    random_visits(&mut net, seed, steps, |net, batch, param, index, delta| {
+        check_visit(net, batch, param, index, delta, reduction, &what)
+    });
 }
 
 fn incremental_losses_match_the_reference(device: &str) {
