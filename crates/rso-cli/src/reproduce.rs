@@ -376,43 +376,38 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
 fn paper(a: &PaperArgs) -> anyhow::Result<()> {
     ensure_dir(&a.engine.out_dir)?;
     let path = a.engine.out_dir.join("paper_mnist.csv");
-    if let Some(dir) = &a.resume {
-        let mut args = vec![
-            "--resume".to_string(),
-            dir.display().to_string(),
-            "--out".into(),
-            path.display().to_string(),
-            "--force".into(),
-        ];
-        if let Some(d) = &a.engine.data_dir {
-            args.push("--data-dir".into());
-            args.push(d.display().to_string());
+    let mut args = match &a.resume {
+        // The settings come from the checkpoint; only the data directory is ours to give.
+        Some(dir) => {
+            let mut args = vec!["--resume".to_string(), dir.display().to_string()];
+            if let Some(d) = &a.engine.data_dir {
+                args.push("--data-dir".into());
+                args.push(d.display().to_string());
+            }
+            args
         }
-        let outcome = train_with(&args)?;
-        println!("{}", outcome.result_line());
-        println!("wrote {}", path.display());
-        return Ok(());
-    }
-    let mut args = vec![
-        "--model".to_string(),
-        "paper".into(),
-        "--optimizer".into(),
-        "rso".into(),
-        "--preset".into(),
-        "paper".into(),
-        "--rounds".into(),
-        a.rounds.to_string(),
-        "--batch-size".into(),
-        a.batch_size.to_string(),
-        "--out".into(),
-        path.display().to_string(),
-        "--force".into(),
-    ];
-    args.extend(common(&a.engine));
-    if let Some(dir) = &a.checkpoint_dir {
-        args.push("--checkpoint-dir".into());
-        args.push(dir.display().to_string());
-    }
+        None => {
+            let mut args = vec![
+                "--model".to_string(),
+                "paper".into(),
+                "--optimizer".into(),
+                "rso".into(),
+                "--preset".into(),
+                "paper".into(),
+                "--rounds".into(),
+                a.rounds.to_string(),
+                "--batch-size".into(),
+                a.batch_size.to_string(),
+            ];
+            args.extend(common(&a.engine));
+            if let Some(dir) = &a.checkpoint_dir {
+                args.push("--checkpoint-dir".into());
+                args.push(dir.display().to_string());
+            }
+            args
+        }
+    };
+    args.extend(["--out".into(), path.display().to_string(), "--force".into()]);
     let outcome = train_with(&args)?;
     println!("{}", outcome.result_line());
     println!("wrote {}", path.display());

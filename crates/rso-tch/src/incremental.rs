@@ -18,7 +18,7 @@
 //! the weights it starts from. A change of an earlier layer (`set_weight`, `set_params`, an SGD
 //! step) drops them too. Everything stays on the device; on CUDA the host waits once per visit.
 
-use crate::{batch_norm_of_batch, conv3x3, plain_layer, TchNetwork};
+use crate::{batch_norm_of_batch, conv3x3, plain_layer, repeat_first, TchNetwork};
 use rso_models::{Layer, Network, Reduction};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -38,8 +38,52 @@ enum Prefix {
     Empty,
     /// For every training sample (no BatchNorm before the layer): `[N, …]`.
     All(Tensor),
-    /// For recurring batches (BatchNorm before the layer), with the bytes held.
-    PerBatch(HashMap<Vec<u32>, Tensor>, i64),
+    /// For recurring batches (BatchNorm before the layer).
+    PerBatch(BatchMemo<Tensor>),
+}
+
+/// Values kept per recurring batch (keyed by the batch's indices), with the bytes they hold
+/// counted against a cap.
+#[derive(Debug)]
+struct BatchMemo<T> {
+    map: HashMap<Vec<u32>, (T, i64)>,
+    bytes: i64,
+}
+
+impl<T> Default for BatchMemo<T> {
+    fn default() -> Self {
+        BatchMemo {
+            map: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<T> BatchMemo<T> {
+    fn get(&self, batch: &[u32]) -> Option<&T> {
+        self.map.get(batch).map(|(v, _)| v)
+    }
+
+    fn remove(&mut self, batch: &[u32]) -> Option<T> {
+        let (v, size) = self.map.remove(batch)?;
+        self.bytes -= size;
+        Some(v)
+    }
+
+    /// Keeps `value` (of `size` bytes) for `batch` if the total stays within `cap`.
+    fn insert(&mut self, batch: &[u32], value: T, size: i64, cap: i64) {
+        if self.bytes + size <= cap {
+            self.bytes += size;
+            if let Some((_, old)) = self.map.insert(batch.to_vec(), (value, size)) {
+                self.bytes -= old;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
 }
 
 /// The incremental path's caches for the running sweep.
@@ -59,9 +103,8 @@ pub(crate) struct Incremental {
     /// Device indices and labels of recurring batches.
     batches: HashMap<Vec<u32>, (Tensor, Tensor)>,
     /// Per recurring batch, the input and output of the convolution after the swept layer
-    /// (channel-local path), and the bytes they hold.
-    tails: HashMap<Vec<u32>, Tail>,
-    tail_bytes: i64,
+    /// (channel-local path).
+    tails: BatchMemo<Tail>,
     /// The output channel of every change of the swept layer since the sweep began; a tail
     /// that has seen the first `n` is brought up to date by recomputing the channels of the rest.
     changes: Vec<i64>,
@@ -98,7 +141,6 @@ impl Incremental {
     /// Drops the per-batch tails (a layer after the swept one changed, or a new sweep).
     fn clear_tails(&mut self) {
         self.tails.clear();
-        self.tail_bytes = 0;
         self.changes.clear();
     }
 }
@@ -133,10 +175,8 @@ impl TchNetwork {
         }
         // The swept layer itself: its input is unchanged; the tails are behind by a channel;
         // the all-samples logits move.
-        let spec = &self.specs[param];
-        self.inc
-            .changes
-            .push((index / (spec.len() / spec.shape[0])) as i64);
+        let k = self.channel_of(param, index);
+        self.inc.changes.push(k);
         if let (Some(z), Prefix::All(x)) = (&self.inc.logits, &self.inc.prefix) {
             let d_in = x.size()[1];
             let (k, feature) = self.dense_target(param, index, d_in);
@@ -153,6 +193,12 @@ impl TchNetwork {
                 }
             });
         }
+    }
+
+    /// The output channel (first index) that scalar `index` of array `param` belongs to.
+    fn channel_of(&self, param: usize, index: usize) -> i64 {
+        let spec = &self.specs[param];
+        (index / (spec.len() / spec.shape[0])) as i64
     }
 
     /// Which logit `k` and which input feature (`None` for the bias) scalar `index` of a dense
@@ -229,7 +275,7 @@ impl TchNetwork {
             };
             return all.index_select(0, idx);
         }
-        if let Prefix::PerBatch(memo, _) = &self.inc.prefix {
+        if let Prefix::PerBatch(memo) = &self.inc.prefix {
             if let Some(x) = memo.get(batch) {
                 return x.shallow_clone();
             }
@@ -244,15 +290,11 @@ impl TchNetwork {
             None,
         );
         let cap = self.memo_cap();
-        if !matches!(self.inc.prefix, Prefix::PerBatch(..)) {
-            self.inc.prefix = Prefix::PerBatch(HashMap::new(), 0);
+        if !matches!(self.inc.prefix, Prefix::PerBatch(_)) {
+            self.inc.prefix = Prefix::PerBatch(BatchMemo::default());
         }
-        if let Prefix::PerBatch(memo, bytes) = &mut self.inc.prefix {
-            let size = x.numel() as i64 * 4;
-            if *bytes + size <= cap {
-                *bytes += size;
-                memo.insert(batch.to_vec(), x.shallow_clone());
-            }
+        if let Prefix::PerBatch(memo) = &mut self.inc.prefix {
+            memo.insert(batch, x.shallow_clone(), x.numel() as i64 * 4, cap);
         }
         x
     }
@@ -289,18 +331,8 @@ impl TchNetwork {
         values: [f32; 3],
     ) -> (Option<Tensor>, Option<Tensor>) {
         let stack = |j: usize| -> Tensor {
-            let p = &self.params[j];
-            let mut dims = vec![1i64; p.dim()];
-            dims[0] = 3;
-            let stacked = p.repeat(dims.as_slice());
-            if j == param {
-                let flat = stacked.view(-1);
-                let len = p.numel() as i64;
-                for (g, &v) in values.iter().enumerate().skip(1) {
-                    let _ = flat.get(g as i64 * len + index as i64).fill_(f64::from(v));
-                }
-            }
-            stacked
+            let edit = (j == param).then_some(index as i64);
+            versions(&self.params[j], 3, edit, &values[1..])
         };
         let lp = self.layer_params[layer];
         (lp.first.map(stack), lp.second.map(stack))
@@ -414,25 +446,12 @@ impl TchNetwork {
         let rows = x.size()[0];
         let (a, z) = self.tail(batch, x, layer, next);
         // Channel k of `layer`'s output for the two candidates: [B, 2, H, W].
-        let spec = &self.specs[param];
-        let per_channel = (spec.len() / spec.shape[0]) as i64;
-        let k = index as i64 / per_channel;
+        let k = self.channel_of(param, index);
         let lp = self.layer_params[layer];
         let two = |j: usize| -> Tensor {
-            let p = self.params[j].narrow(0, k, 1);
-            let mut dims = vec![1i64; p.dim()];
-            dims[0] = 2;
-            let stacked = p.repeat(dims.as_slice());
-            if j == param {
-                let flat = stacked.view(-1);
-                let at = index as i64 - k * per_channel;
-                for g in 0..2 {
-                    let _ = flat
-                        .get(g * per_channel + at)
-                        .fill_(f64::from(values[1 + g as usize]));
-                }
-            }
-            stacked
+            let channel = self.params[j].narrow(0, k, 1);
+            let edit = (j == param).then(|| index as i64 - k * channel.numel() as i64);
+            versions(&channel, 2, edit, &values[1..])
         };
         let y = self.channel_output(x, layer, k, lp.first.map(two), lp.second.map(two));
         let y = self.channel_chain(y, layer + 1..next, k, 2);
@@ -518,6 +537,7 @@ impl TchNetwork {
     /// to date channel by channel, or computed (and kept while the memory cap allows).
     fn tail(&mut self, batch: &[u32], x: &Tensor, layer: usize, next: usize) -> (Tensor, Tensor) {
         let now = self.inc.changes.len();
+        let cap = self.memo_cap();
         if let Some(mut t) = self.inc.tails.remove(batch) {
             let mut channels = self.inc.changes[t.seen..].to_vec();
             channels.sort_unstable();
@@ -538,25 +558,22 @@ impl TchNetwork {
                 }
                 t.seen = now;
                 let out = (t.a.shallow_clone(), t.z.shallow_clone());
-                self.inc.tails.insert(batch.to_vec(), t);
+                let size = (t.a.numel() + t.z.numel()) as i64 * 4;
+                self.inc.tails.insert(batch, t, size, cap);
                 return out;
             }
-            self.inc.tail_bytes -= (t.a.numel() + t.z.numel()) as i64 * 4;
         }
         let bn = crate::BnMode::Batch;
         let a = self.forward_layers(x, layer..next, &self.params, bn, 1, None);
         let z = self.forward_layers(&a, next..next + 1, &self.params, bn, 1, None);
         let size = (a.numel() + z.numel()) as i64 * 4;
-        if self.inc.tail_bytes + size <= self.memo_cap() {
-            self.inc.tail_bytes += size;
-            let t = Tail {
-                a: a.shallow_clone(),
-                z: z.shallow_clone(),
-                seen: now,
-                refreshes: 0,
-            };
-            self.inc.tails.insert(batch.to_vec(), t);
-        }
+        let t = Tail {
+            a: a.shallow_clone(),
+            z: z.shallow_clone(),
+            seen: now,
+            refreshes: 0,
+        };
+        self.inc.tails.insert(batch, t, size, cap);
         (a, z)
     }
 
@@ -588,18 +605,17 @@ impl TchNetwork {
         let (k, feature) = self.dense_target(param, index, x.size()[1]);
         // The exact changes of the f32 candidates (w + δ and w − δ round in f32).
         let w = f64::from(values[0]);
-        let changes = [0.0, f64::from(values[1]) - w, f64::from(values[2]) - w];
+        let (plus, minus) = (f64::from(values[1]) - w, f64::from(values[2]) - w);
         let z = z.index_select(0, idx);
         let rows = z.size()[0];
         let xj = match feature {
             Some(j) => x.select(1, j).index_select(0, idx).to_kind(Kind::Double),
             None => Tensor::ones([rows], (Kind::Double, self.device)),
         };
-        let moves = Tensor::from_slice(&changes).to_device(self.device);
+        // Logit k of each sample moves by change·x_j (computed on the device: no transfer).
+        let moves = Tensor::stack(&[xj.zeros_like(), &xj * plus, &xj * minus], 1);
         let stacked = z.unsqueeze(1).repeat([1, 3, 1]);
-        let _ = stacked
-            .select(2, k)
-            .g_add_(&(xj.unsqueeze(1) * moves.unsqueeze(0)));
+        let _ = stacked.select(2, k).g_add_(&moves);
         stacked
     }
 
@@ -628,4 +644,19 @@ fn candidate_losses_of(logits: &Tensor, labels: &Tensor, reduction: Reduction) -
         reduction.finish(v[1], rows as usize),
         reduction.finish(v[2], rows as usize),
     ]
+}
+
+/// `copies` versions of array `p` stacked along its first dimension; with `edit = Some(at)`, the
+/// last `values.len()` versions have flat element `at` (of one version) set to `values`.
+fn versions(p: &Tensor, copies: i64, edit: Option<i64>, values: &[f32]) -> Tensor {
+    let stacked = repeat_first(p, copies);
+    if let Some(at) = edit {
+        let flat = stacked.view(-1);
+        let len = p.numel() as i64;
+        let first = copies - values.len() as i64;
+        for (g, &v) in (first..).zip(values) {
+            let _ = flat.get(g * len + at).fill_(f64::from(v));
+        }
+    }
+    stacked
 }

@@ -241,6 +241,13 @@ fn batch_norm_of_batch(x: &Tensor, gamma: Option<&Tensor>, beta: Option<&Tensor>
     )
 }
 
+/// `t` repeated `copies` times along its first dimension (`[copies·d0, …]`).
+fn repeat_first(t: &Tensor, copies: i64) -> Tensor {
+    let mut dims = vec![1i64; t.dim()];
+    dims[0] = copies;
+    t.repeat(dims.as_slice())
+}
+
 /// A parameterless layer (ReLU, 2×2 max or mean pooling) on `x`; `None` for other layers.
 fn plain_layer(layer: &Layer, x: &Tensor) -> Option<Tensor> {
     match layer {
@@ -495,9 +502,7 @@ impl TchNetwork {
                 if matches!(self.spec.layers[s.layer], Layer::Dense { .. }) {
                     p.shallow_clone()
                 } else {
-                    let mut dims = vec![1i64; p.dim()];
-                    dims[0] = groups;
-                    p.repeat(dims.as_slice())
+                    repeat_first(p, groups)
                 }
             })
             .collect()
