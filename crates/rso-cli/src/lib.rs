@@ -8,6 +8,8 @@
 //! - [`plot`]: the comparison plot;
 //! - [`output`]: CSV rows and atomic results files.
 
+#![forbid(unsafe_code)]
+
 pub mod args;
 pub mod checkpoint;
 pub mod output;
@@ -20,6 +22,8 @@ pub use args::{Cli, Command};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // A bad RSO_SIMD is refused here; the engine itself would ignore it.
+    rso_cpu::simd::requested_level().map_err(anyhow::Error::msg)?;
     if let Some(threads) = cli.threads {
         anyhow::ensure!(threads >= 1, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()

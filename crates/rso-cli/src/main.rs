@@ -1,5 +1,7 @@
 //! `rso`: train convolutional networks with RSO or SGD and reproduce the project's results.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 use rso_cli::Cli;
 

@@ -1,13 +1,20 @@
-//! Pure-Rust engine for the rso workspace: f32 NCHW [`kernels`] (im2col + `matrixmultiply`)
-//! and [`CpuNetwork`], an implementation of [`rso_models::Network`].
+//! Pure-Rust engine for the rso workspace: f32 NCHW [`kernels`] (a direct convolution forward,
+//! im2col + `matrixmultiply` for the backward passes) and [`CpuNetwork`], an implementation of
+//! [`rso_models::Network`].
 //!
 //! Results do not depend on the number of rayon threads: work is split over samples only, and
 //! every reduction over samples (losses, BatchNorm statistics, gradients) is combined in a fixed
 //! order.
 
+// `unsafe` lives in `simd` (dispatch, prefetch, intrinsics) and in the `sgemm` call of the
+// `gemm` wrapper; everything else is safe code.
+#![deny(unsafe_code)]
+
 mod incremental;
 pub mod kernels;
 mod network;
+#[allow(unsafe_code)]
+pub mod simd;
 
 pub use network::CpuNetwork;
 

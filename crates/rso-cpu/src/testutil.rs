@@ -282,6 +282,8 @@ thread_local! {
     static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+// The one other `unsafe` of the crate: a test allocator must implement `GlobalAlloc`.
+#[allow(unsafe_code)]
 // SAFETY: delegates every call to the system allocator unchanged; only counts.
 unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {

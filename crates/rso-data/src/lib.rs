@@ -4,6 +4,8 @@
 //! Readers check every header against the file's real size before allocating, so a corrupt or
 //! hostile file yields a [`DataError`] naming the file, never a panic or a huge allocation.
 
+#![forbid(unsafe_code)]
+
 mod cifar;
 mod error;
 mod idx;

@@ -8,6 +8,8 @@
 //! - [`recorder`]: test aids: [`Recorder`] records the losses asked of a network,
 //!   [`random_visits`] drives one through random RSO visits.
 
+#![forbid(unsafe_code)]
+
 pub mod init;
 pub mod network;
 pub mod params;

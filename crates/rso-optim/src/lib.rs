@@ -8,6 +8,8 @@
 //! configured seed, and the generator of round `r` depends only on `(seed, r)`, so a run resumed
 //! at a round boundary continues exactly as an uninterrupted one.
 
+#![forbid(unsafe_code)]
+
 mod rso;
 mod sgd;
 

@@ -25,6 +25,10 @@
 //! `.venv/`; `.cargo/config.toml` points torch-sys at it, and this crate's build script sets an
 //! rpath so binaries run without `LD_LIBRARY_PATH`.
 
+#![deny(unsafe_code)]
+
+// dlopen/dlsym of libtorch's CUDA library and its TF32 switch: C calls, so `unsafe`.
+#[allow(unsafe_code)]
 mod cuda;
 mod incremental;
 

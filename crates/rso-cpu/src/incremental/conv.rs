@@ -37,14 +37,17 @@
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
 
 use super::util::{
-    add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch, LogProd,
+    add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch,
+    with_scratch_b, LogProd,
 };
 use super::{Clock, Incremental, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
 use crate::network::{layer_forward, CpuNetwork, Op};
+use crate::simd::{prefetch, prefetch_slice};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Samples per chunk of a visit (fixed: results do not depend on the thread count).
 const CHUNK: usize = 32;
@@ -150,43 +153,6 @@ pub(super) struct ConvCache {
     dw: Vec<f32>,
 }
 
-/// Hands out the rows of disjoint sample ranges of a sample-major array to parallel tasks.
-struct DisjointRows {
-    ptr: *mut f32,
-    len: usize,
-    row: usize,
-}
-
-// SAFETY: tasks only touch the rows of their own (disjoint) sample ranges.
-unsafe impl Sync for DisjointRows {}
-
-impl DisjointRows {
-    /// `data` as rows of `row` values; an empty `data` hands out `None`.
-    fn new(data: &mut [f32], row: usize) -> DisjointRows {
-        DisjointRows {
-            ptr: data.as_mut_ptr(),
-            len: data.len(),
-            row,
-        }
-    }
-
-    /// The rows `r`, or `None` when there is no array.
-    ///
-    /// # Safety
-    /// No two live results may overlap (callers pass disjoint ranges).
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn rows(&self, r: std::ops::Range<usize>) -> Option<&mut [f32]> {
-        if self.len == 0 {
-            return None;
-        }
-        assert!(r.end * self.row <= self.len, "rows out of range");
-        // SAFETY: in bounds (checked); disjointness is the caller's promise.
-        Some(unsafe {
-            std::slice::from_raw_parts_mut(self.ptr.add(r.start * self.row), r.len() * self.row)
-        })
-    }
-}
-
 impl ConvCache {
     /// The cache of the convolution at plan index `layer`, or `None` when what follows it is not
     /// a channel-local tail then a convolution or the final dense layer.
@@ -284,6 +250,18 @@ impl ConvCache {
             || self
                 .bias
                 .is_some_and(|b| net.params.values[b][c].to_bits() != self.b_snap[c].to_bits())
+    }
+
+    /// Makes the current weights of channels `chans` the snapshot's.
+    fn update_snapshot(&mut self, net: &CpuNetwork, chans: &[usize]) {
+        let taps = self.conv.taps();
+        for &c in chans {
+            let w = &net.params.values[self.weight][c * taps..(c + 1) * taps];
+            self.w_snap[c * taps..(c + 1) * taps].copy_from_slice(w);
+            if let Some(b) = self.bias {
+                self.b_snap[c] = net.params.values[b][c];
+            }
+        }
     }
 
     /// Collects the next convolution's weights of input channels `chans` as `[c_out][chans][9]`.
@@ -539,7 +517,7 @@ fn visit_cached(
             } else {
                 for (t, y) in out.chunks_exact_mut(hw).enumerate() {
                     if t + 2 < nc {
-                        prefetch_range(x_of(t + 2));
+                        prefetch_slice(x_of(t + 2));
                     }
                     conv_channel(net, cache_ref, c, 1, x_of(t), y);
                 }
@@ -580,8 +558,8 @@ fn visit_cached(
                     for (t, dst) in xg.chunks_exact_mut(gl.max(1)).enumerate().take(nc) {
                         if let Some(&a) = idx.get(t + 2) {
                             let a = a as usize;
-                            prefetch_range(&own_all[a * own_len + k * hw..][..hw]);
-                            prefetch_range(&x_all[a * in_len..][..gl]);
+                            prefetch_slice(&own_all[a * own_len + k * hw..][..hw]);
+                            prefetch_slice(&x_all[a * in_len..][..gl]);
                         }
                         if gl > 0 {
                             dst.copy_from_slice(&x_of(t)[..gl]);
@@ -611,10 +589,10 @@ fn visit_cached(
             // The snapshot planes and logits the rest reads (random rows; see above).
             for &i in idx {
                 let i = i as usize;
-                prefetch_range(&o_all[i * o_len + k * hwo..][..hwo]);
+                prefetch_slice(&o_all[i * o_len + k * hwo..][..hwo]);
                 if let Next::Dense { .. } = cache_ref.next {
                     for cls in 0..classes {
-                        prefetch_f64(&store.z.data[cls * n_train + i]);
+                        prefetch(&store.z.data[cls * n_train + i]);
                     }
                 }
             }
@@ -715,18 +693,8 @@ fn logit_changes(w: &[f64], d: &[f32], z: &mut [f64]) {
         cp.is_multiple_of(4) && w.len() >= d.len() * cp,
         "logit_changes: shapes"
     );
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2; the shapes are checked above.
-        unsafe {
-            match cp {
-                4 => return logit_changes_avx2::<1>(w, d, z),
-                8 => return logit_changes_avx2::<2>(w, d, z),
-                12 => return logit_changes_avx2::<3>(w, d, z),
-                16 => return logit_changes_avx2::<4>(w, d, z),
-                _ => {}
-            }
-        }
+    if crate::simd::logit_changes_avx2(w, d, z) {
+        return;
     }
     for c0 in (0..cp).step_by(4) {
         let mut s = [[0.0f64; 4]; 2];
@@ -740,79 +708,6 @@ fn logit_changes(w: &[f64], d: &[f32], z: &mut [f64]) {
             z[c0 + l] += s[0][l] + s[1][l];
         }
     }
-}
-
-/// [`logit_changes`] for `cp = 4·G` with the sums in AVX2 registers.
-///
-/// # Safety
-/// The CPU must have AVX2, `z.len() == 4·G` and `w.len() ≥ d.len()·4·G`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn logit_changes_avx2<const G: usize>(w: &[f64], d: &[f32], z: &mut [f64]) {
-    use std::arch::x86_64::*;
-    let cp = 4 * G;
-    let wp = w.as_ptr();
-    let mut s0 = [_mm256_setzero_pd(); G];
-    let mut s1 = [_mm256_setzero_pd(); G];
-    let pairs = d.len() / 2;
-    for p2 in 0..pairs {
-        let p = 2 * p2;
-        let a = _mm256_set1_pd(f64::from(d[p]));
-        let b = _mm256_set1_pd(f64::from(d[p + 1]));
-        for (g, (s0, s1)) in s0.iter_mut().zip(s1.iter_mut()).enumerate() {
-            // SAFETY: in bounds (checked by the caller).
-            let wa = unsafe { _mm256_loadu_pd(wp.add(p * cp + 4 * g)) };
-            // SAFETY: as above.
-            let wb = unsafe { _mm256_loadu_pd(wp.add((p + 1) * cp + 4 * g)) };
-            *s0 = _mm256_add_pd(*s0, _mm256_mul_pd(wa, a));
-            *s1 = _mm256_add_pd(*s1, _mm256_mul_pd(wb, b));
-        }
-    }
-    if d.len() % 2 == 1 {
-        let p = d.len() - 1;
-        let a = _mm256_set1_pd(f64::from(d[p]));
-        for (g, s0) in s0.iter_mut().enumerate() {
-            // SAFETY: in bounds (checked by the caller).
-            let wa = unsafe { _mm256_loadu_pd(wp.add(p * cp + 4 * g)) };
-            *s0 = _mm256_add_pd(*s0, _mm256_mul_pd(wa, a));
-        }
-    }
-    for (g, (s0, s1)) in s0.iter().zip(&s1).enumerate() {
-        let zp = z[4 * g..].as_mut_ptr();
-        // SAFETY: `z` holds `4·G` values.
-        unsafe {
-            let zv = _mm256_loadu_pd(zp);
-            _mm256_storeu_pd(zp, _mm256_add_pd(zv, _mm256_add_pd(*s0, *s1)));
-        }
-    }
-}
-
-/// Asks the CPU to bring every cache line of `v` closer (a hint; no effect on results).
-#[inline(always)]
-fn prefetch_range(v: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in v.chunks(16) {
-        // SAFETY: prefetching is a hint that never faults; the address is inside `v`.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>());
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
-}
-
-/// [`prefetch_range`] for one f64.
-#[inline(always)]
-fn prefetch_f64(v: &f64) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint that never faults.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((v as *const f64).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = v;
 }
 
 /// `Σ a·b` in f64: four interleaved partial sums, added pairwise (a fixed order).
@@ -885,7 +780,7 @@ fn next_conv_losses(
             for (t, &i) in idx.iter().enumerate() {
                 if v == 0 {
                     if let Some(&a) = idx.get(t + 2) {
-                        prefetch_range(&p_all[a as usize * p_len..][..p_len]);
+                        prefetch_slice(&p_all[a as usize * p_len..][..p_len]);
                     }
                 }
                 let snap = &p_all[i as usize * p_len..][..p_len];
@@ -936,62 +831,60 @@ fn next_conv_losses(
     });
 }
 
-/// Brings the snapshot of channels `chans` up to date for the whole training set.
-fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &[usize]) {
-    if chans.is_empty() {
-        return;
-    }
-    let conv = cache.conv;
-    let n = net.train.len();
-    let (hw, in_len, hwo) = (conv.h * conv.w, conv.in_len(), cache.hw_out);
-    let o_len = conv.c_out * hwo;
-    let o_idx = cache.next_index();
-    let nd = chans.len();
-    let classes = net.spec.classes;
-    ConvCache::gather_next(net, cache.next, chans, &mut cache.w_dirty);
-    let mut o_all = std::mem::take(&mut inc.store.acts[o_idx].data);
-    let mut p_all = match cache.next {
-        Next::Conv { layer, .. } => std::mem::take(&mut inc.store.acts[layer + 1].data),
-        Next::Dense { .. } => Vec::new(),
-    };
-    // The layer's own output (pre-activation), when the store keeps it: updated too, so that it
-    // is current after the sweep (the next layer's sweep reads it).
-    let own_len = conv.out_len();
-    let mut own_all = if cache.own_out {
-        std::mem::take(&mut inc.store.acts[cache.layer + 1].data)
-    } else {
-        Vec::new()
-    };
-    let x_all = inputs(
-        net,
-        inc.store
-            .acts
-            .get(cache.layer)
-            .map_or(&[][..], |s| &s.data[..]),
-        cache.layer,
-    );
-    let mut dz_buf = std::mem::take(&mut cache.dz);
-    let own = DisjointRows::new(&mut own_all, own_len);
-    let cache_ref = &*cache;
-    let par = parallel(n * nd * conv.macs() / conv.c_out);
-    // Per chunk: new outputs of the channels into O, their changes into `d_o`; returns nothing,
-    // the caller applies `d_o` to the logits or to P.
-    let chunk_outputs = |r: std::ops::Range<usize>, o: &mut [f32], d_o: &mut [f32]| {
-        let nc = r.len();
+/// What every chunk of a fold reads.
+struct FoldCtx<'a> {
+    net: &'a CpuNetwork,
+    cache: &'a ConvCache,
+    /// The channels folded.
+    chans: &'a [usize],
+    /// The convolution's input rows for the whole training set.
+    x_all: &'a [f32],
+}
+
+/// One chunk of a fold: its samples and their rows of the arrays the fold updates.
+struct FoldChunk<'a> {
+    samples: Range<usize>,
+    /// Rows of `O`, the next parameter layer's input.
+    o: &'a mut [f32],
+    /// Rows of the layer's own output (pre-activation), when the store keeps it.
+    own: Option<&'a mut [f32]>,
+    next: NextRows<'a>,
+}
+
+/// A fold chunk's rows of what the next parameter layer computes.
+enum NextRows<'a> {
+    /// Next layer dense: the logit changes, `[nc][classes]`.
+    Logits(&'a mut [f64]),
+    /// Next layer a convolution: its output `P`, `[nc][p_len]`.
+    Conv(&'a mut [f32]),
+}
+
+impl FoldCtx<'_> {
+    /// New outputs of the folded channels for one chunk into its rows of `O` (and of the own
+    /// output), their changes since the snapshot into `d_o` (`[nc][chans][hwo]`).
+    fn channel_outputs(
+        &self,
+        samples: Range<usize>,
+        o: &mut [f32],
+        mut own: Option<&mut [f32]>,
+        d_o: &mut [f32],
+    ) {
+        let conv = self.cache.conv;
+        let (hw, in_len, hwo) = (conv.h * conv.w, conv.in_len(), self.cache.hw_out);
+        let (o_len, own_len, nd) = (conv.c_out * hwo, conv.out_len(), self.chans.len());
+        let nc = samples.len();
         with_scratch(3 * nc * hw, |s| {
             let (pre, s) = s.split_at_mut(nc * hw);
             let (tmp, out) = s.split_at_mut(nc * hw);
-            let xs = &x_all[r.start * in_len..r.end * in_len];
-            // SAFETY: chunks cover disjoint sample ranges.
-            let mut own_rows = unsafe { own.rows(r.clone()) };
-            for (q, &c) in chans.iter().enumerate() {
-                conv_channel(net, cache_ref, c, nc, xs, pre);
-                if let Some(own_rows) = own_rows.as_deref_mut() {
+            let xs = &self.x_all[samples.start * in_len..samples.end * in_len];
+            for (q, &c) in self.chans.iter().enumerate() {
+                conv_channel(self.net, self.cache, c, nc, xs, pre);
+                if let Some(own) = own.as_deref_mut() {
                     for (t, p) in pre.chunks_exact(hw).enumerate() {
-                        own_rows[t * own_len + c * hw..][..hw].copy_from_slice(p);
+                        own[t * own_len + c * hw..][..hw].copy_from_slice(p);
                     }
                 }
-                run_tail(&cache_ref.tail, nc, pre, tmp, &mut out[..nc * hwo]);
+                run_tail(&self.cache.tail, nc, pre, tmp, &mut out[..nc * hwo]);
                 for t in 0..nc {
                     let snap = &mut o[t * o_len + c * hwo..][..hwo];
                     let d = &mut d_o[(t * nd + q) * hwo..][..hwo];
@@ -1002,20 +895,29 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
                 }
             }
         });
-    };
-    match cache.next {
-        Next::Dense { d_in, weight, .. } => {
-            let wf = &net.params.values[weight];
-            let dz = grown(&mut dz_buf, n * classes, 0.0);
-            let task = |(c, (o, dz)): (usize, (&mut [f32], &mut [f64]))| {
-                let r = c * FOLD_CHUNK..(c * FOLD_CHUNK + o.len() / o_len);
-                let nc = r.len();
-                super::util::with_scratch_b(nc * nd * hwo, |d_o| {
-                    chunk_outputs(r, o, d_o);
+    }
+
+    /// Folds one chunk: new channel outputs, then their effect on the next layer.
+    fn run(&self, chunk: FoldChunk) {
+        let FoldChunk {
+            samples,
+            o,
+            own,
+            next,
+        } = chunk;
+        let nc = samples.len();
+        let (hwo, nd) = (self.cache.hw_out, self.chans.len());
+        match (self.cache.next, next) {
+            (Next::Dense { d_in, weight, .. }, NextRows::Logits(dz)) => {
+                with_scratch_b(nc * nd * hwo, |d_o| {
+                    self.channel_outputs(samples, o, own, d_o);
+                    let wf = &self.net.params.values[weight];
+                    let classes = self.net.spec.classes;
                     for t in 0..nc {
                         for cls in 0..classes {
                             let row = &wf[cls * d_in..(cls + 1) * d_in];
-                            dz[t * classes + cls] = chans
+                            dz[t * classes + cls] = self
+                                .chans
                                 .iter()
                                 .enumerate()
                                 .map(|(q, &c)| {
@@ -1028,72 +930,97 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
                         }
                     }
                 });
-            };
-            if par {
-                o_all[..n * o_len]
-                    .par_chunks_mut(FOLD_CHUNK * o_len)
-                    .zip(dz.par_chunks_mut(FOLD_CHUNK * classes))
-                    .enumerate()
-                    .for_each(task);
-            } else {
-                o_all[..n * o_len]
-                    .chunks_mut(FOLD_CHUNK * o_len)
-                    .zip(dz.chunks_mut(FOLD_CHUNK * classes))
-                    .enumerate()
-                    .for_each(task);
             }
-            inc.store.add_logits(&dz_buf[..n * classes], classes);
-        }
-        Next::Conv {
-            layer: nl,
-            conv: nconv,
-            ..
-        } => {
-            let p_len = nconv.out_len();
-            let w_dirty = &cache.w_dirty;
-            let task = |(c, (o, p)): (usize, (&mut [f32], &mut [f32]))| {
-                let r = c * FOLD_CHUNK..(c * FOLD_CHUNK + o.len() / o_len);
-                let nc = r.len();
-                super::util::with_scratch_b(nc * nd * hwo + nc * p_len, |s| {
+            (Next::Conv { conv: nconv, .. }, NextRows::Conv(p)) => {
+                let p_len = nconv.out_len();
+                with_scratch_b(nc * nd * hwo + nc * p_len, |s| {
                     let (d_o, dp) = s.split_at_mut(nc * nd * hwo);
-                    chunk_outputs(r, o, d_o);
+                    self.channel_outputs(samples, o, own, d_o);
                     let s = Conv3x3 { c_in: nd, ..nconv };
-                    conv3x3_forward(&s, nc, d_o, w_dirty, None, dp);
+                    conv3x3_forward(&s, nc, d_o, &self.cache.w_dirty, None, dp);
                     for (p, &d) in p.iter_mut().zip(dp.iter()) {
                         *p += d;
                     }
                 });
-            };
-            if par {
-                o_all[..n * o_len]
-                    .par_chunks_mut(FOLD_CHUNK * o_len)
-                    .zip(p_all[..n * p_len].par_chunks_mut(FOLD_CHUNK * p_len))
-                    .enumerate()
-                    .for_each(task);
-            } else {
-                o_all[..n * o_len]
-                    .chunks_mut(FOLD_CHUNK * o_len)
-                    .zip(p_all[..n * p_len].chunks_mut(FOLD_CHUNK * p_len))
-                    .enumerate()
-                    .for_each(task);
             }
-            inc.store.acts[nl + 1].data = p_all;
+            _ => unreachable!("a fold chunk's rows match the next layer"),
         }
     }
-    inc.store.acts[o_idx].data = o_all;
-    if cache.own_out {
-        inc.store.acts[cache.layer + 1].data = own_all;
+}
+
+/// Brings the snapshot of channels `chans` up to date for the whole training set: `O` (and the
+/// layer's own output, when kept), then the logits or the next convolution's output `P`.
+fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &[usize]) {
+    if chans.is_empty() {
+        return;
     }
-    cache.dz = dz_buf;
-    // The snapshot of these channels is now the current weights.
-    let taps = conv.taps();
-    for &c in chans {
-        let w = &net.params.values[cache.weight][c * taps..(c + 1) * taps];
-        cache.w_snap[c * taps..(c + 1) * taps].copy_from_slice(w);
-        if let Some(b) = cache.bias {
-            cache.b_snap[c] = net.params.values[b][c];
-        }
+    let conv = cache.conv;
+    let n = net.train.len();
+    let classes = net.spec.classes;
+    ConvCache::gather_next(net, cache.next, chans, &mut cache.w_dirty);
+    // The arrays the fold writes leave the store while the chunks hold their rows; the input
+    // (an earlier activation) stays and is read in place.
+    let o_idx = cache.next_index();
+    let own_idx = (cache.own_out && cache.layer + 1 != o_idx).then_some(cache.layer + 1);
+    let p_idx = match cache.next {
+        Next::Conv { layer, .. } => Some(layer + 1),
+        Next::Dense { .. } => None,
+    };
+    let acts = &mut inc.store.acts;
+    let mut take =
+        |i: Option<usize>| i.map_or_else(Vec::new, |i| std::mem::take(&mut acts[i].data));
+    let (mut o_all, mut own_all, mut p_all) = (take(Some(o_idx)), take(own_idx), take(p_idx));
+    let mut dz = std::mem::take(&mut cache.dz);
+    let o_len = conv.c_out * cache.hw_out;
+    let nexts: Vec<NextRows> = match cache.next {
+        Next::Dense { .. } => grown(&mut dz, n * classes, 0.0)
+            .chunks_mut(FOLD_CHUNK * classes)
+            .map(NextRows::Logits)
+            .collect(),
+        Next::Conv { conv: nconv, .. } => p_all[..n * nconv.out_len()]
+            .chunks_mut(FOLD_CHUNK * nconv.out_len())
+            .map(NextRows::Conv)
+            .collect(),
+    };
+    let mut os = o_all[..n * o_len].chunks_mut(FOLD_CHUNK * o_len);
+    let mut owns = own_all.chunks_mut(FOLD_CHUNK * conv.out_len());
+    let chunks: Vec<FoldChunk> = nexts
+        .into_iter()
+        .enumerate()
+        .map(|(c, next)| FoldChunk {
+            samples: c * FOLD_CHUNK..((c + 1) * FOLD_CHUNK).min(n),
+            o: os.next().expect("an O chunk per fold chunk"),
+            own: owns.next(),
+            next,
+        })
+        .collect();
+    let store_in = inc
+        .store
+        .acts
+        .get(cache.layer)
+        .map_or(&[][..], |s| &s.data[..]);
+    let ctx = FoldCtx {
+        net,
+        cache,
+        chans,
+        x_all: inputs(net, store_in, cache.layer),
+    };
+    if parallel(n * chans.len() * conv.macs() / conv.c_out) {
+        chunks.into_par_iter().for_each(|c| ctx.run(c));
+    } else {
+        chunks.into_iter().for_each(|c| ctx.run(c));
     }
+    let acts = &mut inc.store.acts;
+    acts[o_idx].data = o_all;
+    if let Some(i) = own_idx {
+        acts[i].data = own_all;
+    }
+    match p_idx {
+        Some(i) => acts[i].data = p_all,
+        None => inc.store.add_logits(&dz[..n * classes], classes),
+    }
+    cache.dz = dz;
+    cache.update_snapshot(net, chans);
 }
 
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are

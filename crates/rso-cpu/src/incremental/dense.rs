@@ -33,11 +33,12 @@
 
 use super::store::{act_len, pending_sum, Layout, FB};
 use super::util::{
-    avx2_dispatch, changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch,
-    with_scratch64, LogProd,
+    changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch, with_scratch64,
+    LogProd,
 };
 use super::{Incremental, Visit, MAX_CLASSES};
 use crate::network::{CpuNetwork, Op};
+use crate::simd::{prefetch, simd_dispatch};
 use rayon::prelude::*;
 use std::collections::HashMap;
 
@@ -380,20 +381,7 @@ fn add_lines(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &m
     super::store::add_pending(pending, lines, FB, zk, Some((x, f)));
 }
 
-/// Asks the CPU to bring the cache line of `r` closer (a hint; no effect on results).
-#[inline(always)]
-fn prefetch<T>(r: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetching is a hint that never faults, and `r` is a valid reference anyway.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((r as *const T).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = r;
-}
-
-avx2_dispatch! {
+simd_dispatch! {
     /// Adds the cross-entropies `m − z_label + ln(s + exp(zk + d·x − m))` of a chunk's samples
     /// (with `z_label = zk + d·x` where `isk` is 1) to `acc`, in four interleaved lanes merged in
     /// lane order. Returns false (leaving `acc` unspecified) if an exponent exceeds 709 or a
@@ -542,10 +530,10 @@ fn row_constants(
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `s += exp(z − m)` elementwise (NaN where `z − m` is not at most 709, so that the
     /// visit's check takes the exact per-sample path).
-    fn exp_sum(z: &[f64], m: &[f64], s: &mut [f64]) -> () => exp_sum_body
+    fn exp_sum(z: &[f64], m: &[f64], s: &mut [f64]) => exp_sum_body
 }
 
 #[inline(always)]

@@ -424,20 +424,11 @@ pub(super) fn add_pending(
     lines: &[f32],
     stride: usize,
     z: &mut [f64],
-    x: Option<(&mut [f64], usize)>,
+    mut x: Option<(&mut [f64], usize)>,
 ) {
-    let n = z.len();
-    assert!(
-        n == 0 || lines.len() >= (n - 1) * stride + FB,
-        "add_pending: lines too short"
-    );
-    if let Some((x, f)) = &x {
-        assert!(x.len() >= n && *f < FB, "add_pending: x");
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2; the lengths are checked above.
-        unsafe { add_pending_avx2(pending, lines, stride, z, x) };
+    // Checks the lengths (and panics on bad ones) whatever the level.
+    let x_again = x.as_mut().map(|(x, f)| (&mut **x, *f));
+    if crate::simd::add_pending_avx2(pending, lines, stride, z, x_again) {
         return;
     }
     match x {
@@ -451,60 +442,6 @@ pub(super) fn add_pending(
         None => {
             for (t, z) in z.iter_mut().enumerate() {
                 *z += pending_sum(pending, &lines[t * stride..][..FB]);
-            }
-        }
-    }
-}
-
-/// [`add_pending`] in AVX2 intrinsics.
-///
-/// # Safety
-/// The CPU must have AVX2; `lines` must hold `(z.len() − 1)·stride + FB` values and `x`
-/// (when given) `z.len()` values with `f < FB`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn add_pending_avx2(
-    pending: &[f64; FB],
-    lines: &[f32],
-    stride: usize,
-    z: &mut [f64],
-    x: Option<(&mut [f64], usize)>,
-) {
-    use std::arch::x86_64::*;
-    let pp = pending.as_ptr();
-    // SAFETY: `pending` holds 16 values.
-    let p = unsafe {
-        [
-            _mm256_loadu_pd(pp),
-            _mm256_loadu_pd(pp.add(4)),
-            _mm256_loadu_pd(pp.add(8)),
-            _mm256_loadu_pd(pp.add(12)),
-        ]
-    };
-    let lp = lines.as_ptr();
-    let sum = |t: usize| -> f64 {
-        // SAFETY: line `t` lies inside `lines` (checked by the caller).
-        unsafe {
-            let l = lp.add(t * stride);
-            let mut acc = _mm256_setzero_pd();
-            for (g, p) in p.iter().enumerate() {
-                let xv = _mm256_cvtps_pd(_mm_loadu_ps(l.add(4 * g)));
-                acc = _mm256_add_pd(acc, _mm256_mul_pd(*p, xv));
-            }
-            let s = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd::<1>(acc));
-            _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)))
-        }
-    };
-    match x {
-        Some((x, f)) => {
-            for (t, (z, x)) in z.iter_mut().zip(x.iter_mut()).enumerate() {
-                *z += sum(t);
-                *x = f64::from(lines[t * stride + f]);
-            }
-        }
-        None => {
-            for (t, z) in z.iter_mut().enumerate() {
-                *z += sum(t);
             }
         }
     }

@@ -219,30 +219,6 @@ pub(super) fn add_shifted(
     }
 }
 
-/// Defines `fn $name(args) -> R` that runs `$body(args)` compiled for AVX2 when the CPU has it,
-/// else for the baseline. The body must not use fused multiply-adds (`mul_add`), so both copies
-/// round identically: the choice changes speed only.
-macro_rules! avx2_dispatch {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty => $body:ident) => {
-        $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) -> $ret {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                #[target_feature(enable = "avx2")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn wide($($arg: $ty),*) -> $ret {
-                    $body($($arg),*)
-                }
-                // SAFETY: the CPU supports the feature `wide` is compiled for.
-                return unsafe { wide($($arg),*) };
-            }
-            $body($($arg),*)
-        }
-    };
-}
-pub(super) use avx2_dispatch;
-
 /// `exp(x)` for `x ≤ 709` in plain arithmetic (no library call, no branch, so loops over it
 /// vectorise): `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2` (Cody–Waite), `exp(r)` by its Taylor
 /// polynomial of degree 13 (truncation below 1e-17), times `2ⁿ` built in the exponent bits.

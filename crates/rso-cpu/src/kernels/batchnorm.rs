@@ -9,6 +9,7 @@
 //! per-(sample, channel) partials ([`plane_moments`], [`backward_partials`]), then an in-order
 //! combination ([`combine_moments`], [`combine_partials`]). All statistics are f64.
 
+use crate::simd::simd_dispatch;
 use rso_models::spec::BN_EPS;
 
 /// `1/sqrt(var + ε)` in f64.
@@ -19,7 +20,7 @@ fn inv_std(var: f64) -> f64 {
 simd_dispatch! {
     /// Mean and sum of squared deviations of each `hw` plane: `moments[i·c + ch] = (mean, m2)`
     /// of sample `i`, channel `ch` (f64, two passes, each over 8 partial sums in a fixed order).
-    pub fn plane_moments(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) => moments_body
+    pub fn plane_moments(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) => moments_body::<FMA>
 }
 
 #[inline(always)]
@@ -103,7 +104,7 @@ simd_dispatch! {
         gamma: &[f32],
         beta: &[f32],
         y: &mut [f32],
-    ) => apply_body
+    ) => apply_body::<FMA>
 }
 
 #[inline(always)]

@@ -5,6 +5,7 @@
 //! `c_in·9` taps in the same order as the rows of the im2col matrix.
 
 use super::{copy_row, gemm, madd, Mat};
+use crate::simd::simd_dispatch;
 use std::cell::RefCell;
 
 /// Shape of a 3×3, stride 1, padding 1 convolution over `c_in × h × w` images.
@@ -181,7 +182,7 @@ simd_dispatch! {
         bias: Option<&[f32]>,
         y: &mut [f32],
         scratch: &mut [f32],
-    ) => direct_body
+    ) => direct_body::<FMA>
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! Fully connected layer `y = W x + b` on flattened samples, `W: [d_out, d_in]`.
 
 use super::{gemm, madd, Mat};
+use crate::simd::simd_dispatch;
 
 simd_dispatch! {
     /// `y[i] = W x[i] + b` for `x: [n, d_in]`, `y: [n, d_out]`: one dot product per output,
@@ -13,7 +14,7 @@ simd_dispatch! {
         weight: &[f32],
         bias: Option<&[f32]>,
         y: &mut [f32],
-    ) => forward_body
+    ) => forward_body::<FMA>
 }
 
 #[inline(always)]

@@ -7,31 +7,6 @@
 //! how many threads ran the parts. Slices shorter than their shapes require make the kernel
 //! panic: shapes come from the program, not from users.
 
-/// Defines `fn $name(args)` that runs `$body::<true>(args)` compiled for AVX2 + FMA when the
-/// CPU has them, else the portable `$body::<false>(args)`. `$body` is an `#[inline(always)]`
-/// function generic over `const FMA: bool` (whether it may fuse multiply-adds), so the same
-/// source is compiled twice and the wide copy is chosen at run time (the workspace builds for
-/// baseline x86-64). Without FMA the two copies round identically.
-macro_rules! simd_dispatch {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
-        $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn wide($($arg: $ty),*) {
-                    $body::<true>($($arg),*)
-                }
-                // SAFETY: the CPU supports the features `wide` is compiled for.
-                return unsafe { wide($($arg),*) };
-            }
-            $body::<false>($($arg),*)
-        }
-    };
-}
-
 /// `acc + a·b`, fused when `FMA` (only ever true in code compiled with the `fma` feature).
 #[inline(always)]
 pub(crate) fn madd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
@@ -89,6 +64,7 @@ fn extent(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 /// `C ← A·B + β·C` for `A: m×k`, `B: k×n` and a row-major, contiguous `C: m×n`, through
 /// `matrixmultiply::sgemm`. With `beta == 0` `C` is only written. Panics when a view is too
 /// short for its shape.
+#[allow(unsafe_code)] // the one call into matrixmultiply's raw-pointer API
 pub(crate) fn gemm(m: usize, k: usize, n: usize, a: Mat, b: Mat, beta: f32, c: &mut [f32]) {
     assert!(
         extent(m, k, a.rs, a.cs) <= a.data.len(),

@@ -3,10 +3,12 @@
 //! A batch `[n, c, h, w]` is `n·c` planes of `h × w`. The 2×2 pools produce `h/2 × w/2`
 //! (rounded down; an odd last row or column is dropped and gets zero gradient).
 
+use crate::simd::simd_dispatch;
+
 simd_dispatch! {
     /// 2×2 max pooling. Within a window the first maximum in row-major order wins (strict
     /// `>`), which is also where [`maxpool2_backward`] routes the gradient.
-    pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) => max_body
+    pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) => max_body::<FMA>
 }
 
 #[inline(always)]
@@ -67,7 +69,7 @@ pub fn maxpool2_backward(planes: usize, h: usize, w: usize, x: &[f32], dy: &[f32
 
 simd_dispatch! {
     /// 2×2 mean pooling: `((x00 + x01) + (x10 + x11)) / 4`.
-    pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) => mean_body
+    pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) => mean_body::<FMA>
 }
 
 #[inline(always)]

@@ -1,8 +1,10 @@
 //! ReLU, `max(x, 0)`.
 
+use crate::simd::simd_dispatch;
+
 simd_dispatch! {
     /// `y = max(x, 0)` elementwise (NaN gives 0).
-    pub fn relu_forward(x: &[f32], y: &mut [f32]) => forward_body
+    pub fn relu_forward(x: &[f32], y: &mut [f32]) => forward_body::<FMA>
 }
 
 #[inline(always)]
