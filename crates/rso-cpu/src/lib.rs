@@ -10,6 +10,7 @@
 // `gemm` wrapper; everything else is safe code.
 #![deny(unsafe_code)]
 
+mod executor;
 mod incremental;
 pub mod kernels;
 mod network;

@@ -23,11 +23,11 @@
 
 use super::util::{add_shifted, changes, grown, parallel, push_ce, LogProd};
 use super::{Clock, Visit};
+use crate::executor::{Executor, Mode, Op};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
-use crate::network::{CpuNetwork, Mode, Op};
 use rayon::prelude::*;
 use rso_models::Reduction;
 use std::collections::HashMap;
@@ -100,17 +100,17 @@ pub(super) struct Visited {
 
 /// Runs layers `..end` on the `n` loaded samples, leaving every activation up to `acts[end]`
 /// (BatchNorm with the batch's statistics).
-fn forward_prefix(net: &mut CpuNetwork, n: usize, end: usize) {
+fn forward_prefix(exec: &mut Executor, n: usize, end: usize) {
     let is_bn = |op: &Op| matches!(op, Op::BatchNorm { .. });
     let mut a = 0;
     while a < end {
-        if is_bn(&net.plan[a].op) {
-            net.batch_statistics(a, n);
+        if is_bn(&exec.plan[a].op) {
+            exec.batch_statistics(a, n);
         }
         let b = (a + 1..end)
-            .find(|&i| is_bn(&net.plan[i].op))
+            .find(|&i| is_bn(&exec.plan[i].op))
             .unwrap_or(end);
-        net.forward_segment(a..b, n, Mode::Train, true);
+        exec.forward_segment(a..b, n, Mode::Train, true);
         a = b;
     }
 }
@@ -159,8 +159,8 @@ enum Next {
 
 /// The plan index of the parameter layer after `first`'s chain, checking that every layer in
 /// between is channel-local.
-fn next_after(net: &CpuNetwork, first: usize) -> Option<Next> {
-    for (i, step) in net.plan.iter().enumerate().skip(first) {
+fn next_after(exec: &Executor, first: usize) -> Option<Next> {
+    for (i, step) in exec.plan.iter().enumerate().skip(first) {
         match step.op {
             Op::Relu
             | Op::MaxPool { .. }
@@ -168,7 +168,7 @@ fn next_after(net: &CpuNetwork, first: usize) -> Option<Next> {
             | Op::BatchNorm { .. }
             | Op::GlobalAvgPool { .. } => {}
             Op::Dense { d_in, weight, .. } => {
-                return (i + 1 == net.plan.len()).then_some(Next::Dense { d_in, weight });
+                return (i + 1 == exec.plan.len()).then_some(Next::Dense { d_in, weight });
             }
             Op::Conv { conv, weight, .. } => {
                 return Some(Next::Conv {
@@ -183,9 +183,9 @@ fn next_after(net: &CpuNetwork, first: usize) -> Option<Next> {
 }
 
 /// Index of `next`'s layer (the end of the chain).
-fn end_of(net: &CpuNetwork, next: Next) -> usize {
+fn end_of(exec: &Executor, next: Next) -> usize {
     match next {
-        Next::Dense { .. } => net.plan.len() - 1,
+        Next::Dense { .. } => exec.plan.len() - 1,
         Next::Conv { layer, .. } => layer,
     }
 }
@@ -195,7 +195,7 @@ fn end_of(net: &CpuNetwork, next: Next) -> usize {
 /// planes' batch statistics and channel `k`'s γ, β — or `gb` for the layer `gb_layer`.
 #[allow(clippy::too_many_arguments)]
 fn chain(
-    net: &CpuNetwork,
+    exec: &Executor,
     ops: std::ops::Range<usize>,
     k: usize,
     n: usize,
@@ -205,12 +205,12 @@ fn chain(
     gb: Option<(usize, f32, f32)>,
 ) {
     for i in ops {
-        let step = &net.plan[i];
+        let step = &exec.plan[i];
         let x = &a[..];
         let y = grown(b, a.len(), 0.0);
         match step.op {
             Op::Relu => {
-                let hw = plane_len(net, i);
+                let hw = plane_len(exec, i);
                 relu_forward(&x[..n * hw], &mut y[..n * hw]);
             }
             Op::MaxPool { h, w, .. } => maxpool2_forward(n, h, w, x, y),
@@ -223,7 +223,7 @@ fn chain(
                 plane_moments(n, 1, hw, &x[..n * hw], m);
                 let (mut mean, mut var) = ([0.0f64], [0.0f64]);
                 combine_moments(n, 1, hw, m, &mut mean, &mut var);
-                let p = &net.params.values;
+                let p = &exec.params.values;
                 let (g, bt) = match gb {
                     Some((layer, g, bt)) if layer == i => (g, bt),
                     _ => (p[gamma][k], p[beta][k]),
@@ -237,14 +237,14 @@ fn chain(
 }
 
 /// Values per channel plane of the input of layer `i`.
-fn plane_len(net: &CpuNetwork, i: usize) -> usize {
-    match net.plan[i].op {
+fn plane_len(exec: &Executor, i: usize) -> usize {
+    match exec.plan[i].op {
         Op::Relu => {
             // A ReLU's planes are those of the layer before it (or the input's).
             if i == 0 {
-                net.spec.input[1] * net.spec.input[2]
+                exec.spec.input[1] * exec.spec.input[2]
             } else {
-                plane_out(net, i - 1)
+                plane_out(exec, i - 1)
             }
         }
         _ => unreachable!(),
@@ -252,13 +252,13 @@ fn plane_len(net: &CpuNetwork, i: usize) -> usize {
 }
 
 /// Values per channel plane of the output of layer `i`.
-fn plane_out(net: &CpuNetwork, i: usize) -> usize {
-    match net.plan[i].op {
+fn plane_out(exec: &Executor, i: usize) -> usize {
+    match exec.plan[i].op {
         Op::Conv { conv, .. } => conv.h * conv.w,
         Op::MaxPool { h, w, .. } | Op::AvgPool { h, w, .. } => (h / 2) * (w / 2),
         Op::BatchNorm { hw, .. } => hw,
         Op::GlobalAvgPool { .. } => 1,
-        Op::Relu => plane_len(net, i),
+        Op::Relu => plane_len(exec, i),
         Op::Dense { .. } => 1,
     }
 }
@@ -267,7 +267,7 @@ fn plane_out(net: &CpuNetwork, i: usize) -> usize {
 pub(super) fn conv(
     s: &mut BnScratch,
     clock: &Clock,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     layer: usize,
     visit: Visit,
 ) -> Option<[f64; 3]> {
@@ -278,10 +278,10 @@ pub(super) fn conv(
         delta,
         reduction,
     } = visit;
-    let Op::Conv { conv, weight, bias } = net.plan[layer].op else {
+    let Op::Conv { conv, weight, bias } = exec.plan[layer].op else {
         return None;
     };
-    let next = next_after(net, layer + 1)?;
+    let next = next_after(exec, layer + 1)?;
     let n = batch.len();
     let taps = conv.taps();
     let (k, tap) = if param == weight {
@@ -295,12 +295,12 @@ pub(super) fn conv(
         bias,
         k,
     };
-    let base = forward(s, clock, net, batch, reduction, layer, Some(visited));
-    let [dp, dm] = changes(net.params.values[param][index], delta);
+    let base = forward(s, clock, exec, batch, reduction, layer, Some(visited));
+    let [dp, dm] = changes(exec.params.values[param][index], delta);
     let hw = conv.h * conv.w;
     // Channel k of the convolution's output at W, W + Δ, W − Δ: `[v][t][hw]`.
-    let y = &net.ws.acts[layer + 1];
-    let x = &net.ws.acts[layer];
+    let y = &exec.ws.acts[layer + 1];
+    let x = &exec.ws.acts[layer];
     let a = grown(&mut s.a, 3 * n * hw, 0.0);
     for t in 0..n {
         a[t * hw..(t + 1) * hw].copy_from_slice(&y[(t * conv.c_out + k) * hw..][..hw]);
@@ -327,7 +327,7 @@ pub(super) fn conv(
     }
     Some(finish(
         s,
-        net,
+        exec,
         layer + 1,
         next,
         k,
@@ -343,7 +343,7 @@ pub(super) fn conv(
 pub(super) fn norm(
     s: &mut BnScratch,
     clock: &Clock,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     layer: usize,
     visit: Visit,
 ) -> Option<[f64; 3]> {
@@ -356,22 +356,22 @@ pub(super) fn norm(
     } = visit;
     let Op::BatchNorm {
         c, hw, gamma, beta, ..
-    } = net.plan[layer].op
+    } = exec.plan[layer].op
     else {
         return None;
     };
-    let next = next_after(net, layer + 1)?;
+    let next = next_after(exec, layer + 1)?;
     let n = batch.len();
     // RSO visits γ and β right after the convolution before them (preset `paper`), whose
     // input the memo then still holds for the batches it has seen.
     let conv = (0..layer)
         .rev()
-        .find(|&i| matches!(net.plan[i].op, Op::Conv { .. }))
+        .find(|&i| matches!(exec.plan[i].op, Op::Conv { .. }))
         .unwrap_or(0);
-    let base = forward(s, clock, net, batch, reduction, conv, None);
+    let base = forward(s, clock, exec, batch, reduction, conv, None);
     let k = index;
-    let w = net.params.values[param][index];
-    let x = &net.ws.acts[layer];
+    let w = exec.params.values[param][index];
+    let x = &exec.ws.acts[layer];
     // The BatchNorm's input planes of channel k, once per variant; the chain applies each
     // variant's γ, β to its copy.
     let a = grown(&mut s.a, 3 * n * hw, 0.0);
@@ -380,7 +380,7 @@ pub(super) fn norm(
             a[(v * n + t) * hw..][..hw].copy_from_slice(&x[(t * c + k) * hw..][..hw]);
         }
     }
-    let p = &net.params.values;
+    let p = &exec.params.values;
     let (g, b) = (p[gamma][k], p[beta][k]);
     let variants = [w, w + delta, w - delta].map(|v| {
         Some(if param == gamma {
@@ -391,7 +391,7 @@ pub(super) fn norm(
         })
     });
     Some(finish(
-        s, net, layer, next, k, n, hw, variants, base, reduction,
+        s, exec, layer, next, k, n, hw, variants, base, reduction,
     ))
 }
 
@@ -403,20 +403,20 @@ pub(super) fn norm(
 pub(super) fn forward(
     s: &mut BnScratch,
     clock: &Clock,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     batch: &[u32],
     reduction: Reduction,
     act: usize,
     visited: Option<Visited>,
 ) -> f64 {
     let n = batch.len();
-    let n_train = net.train.len();
-    net.load_batch(batch);
-    let prefix: usize = net.plan[..act].iter().map(|s| s.work).sum();
-    let total: usize = net.plan.iter().map(|s| s.work).sum();
+    let n_train = exec.train.len();
+    exec.load_batch(batch);
+    let prefix: usize = exec.plan[..act].iter().map(|s| s.work).sum();
+    let total: usize = exec.plan.iter().map(|s| s.work).sum();
     let fits = |len: usize| n_train * len * 4 <= MEMO_BUDGET;
-    let in_len = if act > 0 && 4 * prefix >= total && fits(net.plan[act - 1].out_len) {
-        net.plan[act - 1].out_len
+    let in_len = if act > 0 && 4 * prefix >= total && fits(exec.plan[act - 1].out_len) {
+        exec.plan[act - 1].out_len
     } else {
         0
     };
@@ -424,12 +424,12 @@ pub(super) fn forward(
     let (out_act, out_len, w_len) = match visited {
         Some(v) => {
             let mut o = act + 1;
-            while matches!(net.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
+            while matches!(exec.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
                 o += 1;
             }
-            let len = net.plan[o - 1].out_len;
-            let w_len = net.params.values[v.weight].len()
-                + v.bias.map_or(0, |b| net.params.values[b].len());
+            let len = exec.plan[o - 1].out_len;
+            let w_len = exec.params.values[v.weight].len()
+                + v.bias.map_or(0, |b| exec.params.values[b].len());
             if fits(len) {
                 (o, len, w_len)
             } else {
@@ -439,8 +439,8 @@ pub(super) fn forward(
         None => (0, 0, 0),
     };
     if in_len == 0 && out_act == 0 {
-        net.forward_from(0, n, Mode::Train, true);
-        return reduction.finish(net.loss_sum(n), n);
+        exec.forward_from(0, n, Mode::Train, true);
+        return reduction.finish(exec.loss_sum(n), n);
     }
     let memo = &mut s.memo;
     let same = memo.active
@@ -485,7 +485,7 @@ pub(super) fn forward(
             let mut chans = std::mem::take(&mut memo.chans);
             chans.clear();
             if let (Some((_, w_off)), Some(v)) = (output, visited) {
-                let p = &net.params.values;
+                let p = &exec.params.values;
                 let taps = v.conv.taps();
                 let w = &memo.weights[w_off..w_off + w_len];
                 let wl = p[v.weight].len();
@@ -499,29 +499,29 @@ pub(super) fn forward(
                 }));
             }
             match input {
-                Some(off) => net.ws.acts[act][..n * in_len]
+                Some(off) => exec.ws.acts[act][..n * in_len]
                     .copy_from_slice(&memo.input[off..off + n * in_len]),
-                None => forward_prefix(net, n, act),
+                None => forward_prefix(exec, n, act),
             }
             match (output, visited) {
                 (Some((off, w_off)), Some(v)) => {
-                    net.ws.acts[out_act][..n * out_len]
+                    exec.ws.acts[out_act][..n * out_len]
                         .copy_from_slice(&memo.output[off..off + n * out_len]);
-                    recompute_channels(&mut s.b, net, act, out_act, v, &chans, n);
-                    net.forward_from(out_act, n, Mode::Train, true);
+                    recompute_channels(&mut s.b, exec, act, out_act, v, &chans, n);
+                    exec.forward_from(out_act, n, Mode::Train, true);
                     // Keep the entry current, so that the next hit recomputes only what
                     // changes until then.
                     let memo = &mut s.memo;
                     memo.output[off..off + n * out_len]
-                        .copy_from_slice(&net.ws.acts[out_act][..n * out_len]);
-                    copy_weights(net, v, &mut memo.weights[w_off..w_off + w_len]);
+                        .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+                    copy_weights(exec, v, &mut memo.weights[w_off..w_off + w_len]);
                 }
-                _ => net.forward_from(act, n, Mode::Train, true),
+                _ => exec.forward_from(act, n, Mode::Train, true),
             }
             s.memo.chans = chans;
         }
         None => {
-            net.forward_from(0, n, Mode::Train, true);
+            exec.forward_from(0, n, Mode::Train, true);
             // Store while within budget, unless batches evidently do not recur.
             let recurs = memo.hits > 0 || memo.entries.len() < 2 * n_train.div_ceil(n);
             let room = memo.batches.len() + n <= memo.batches.capacity()
@@ -532,7 +532,7 @@ pub(super) fn forward(
                     .then(|| {
                         let off = memo.in_used;
                         grown(&mut memo.input, off + n * in_len, 0.0)[off..]
-                            .copy_from_slice(&net.ws.acts[act][..n * in_len]);
+                            .copy_from_slice(&exec.ws.acts[act][..n * in_len]);
                         memo.in_used += n * in_len;
                         off
                     });
@@ -542,11 +542,11 @@ pub(super) fn forward(
                     {
                         let off = memo.out_used;
                         grown(&mut memo.output, off + n * out_len, 0.0)[off..]
-                            .copy_from_slice(&net.ws.acts[out_act][..n * out_len]);
+                            .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
                         memo.out_used += n * out_len;
                         let w_off = memo.entries.len() * w_len;
                         let w = grown(&mut memo.weights, w_off + w_len, 0.0);
-                        copy_weights(net, v, &mut w[w_off..]);
+                        copy_weights(exec, v, &mut w[w_off..]);
                         Some((off, w_off))
                     }
                     _ => None,
@@ -564,15 +564,15 @@ pub(super) fn forward(
             }
         }
     }
-    reduction.finish(net.loss_sum(n), n)
+    reduction.finish(exec.loss_sum(n), n)
 }
 
 /// The visited convolution's weights then biases into `out`.
-fn copy_weights(net: &CpuNetwork, v: Visited, out: &mut [f32]) {
-    let w = &net.params.values[v.weight];
+fn copy_weights(exec: &Executor, v: Visited, out: &mut [f32]) {
+    let w = &exec.params.values[v.weight];
     out[..w.len()].copy_from_slice(w);
     if let Some(b) = v.bias {
-        out[w.len()..].copy_from_slice(&net.params.values[b]);
+        out[w.len()..].copy_from_slice(&exec.params.values[b]);
     }
 }
 
@@ -581,7 +581,7 @@ fn copy_weights(net: &CpuNetwork, v: Visited, out: &mut [f32]) {
 /// up to `acts[out_act]`.
 fn recompute_channels(
     tmp: &mut Vec<f32>,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     act: usize,
     out_act: usize,
     v: Visited,
@@ -594,10 +594,10 @@ fn recompute_channels(
     let buf = grown(tmp, 2 * n * hw, 0.0);
     let (y, z) = buf.split_at_mut(n * hw);
     for &c in chans {
-        let p = &net.params.values;
+        let p = &exec.params.values;
         let w = &p[v.weight][c * taps..(c + 1) * taps];
         let b = v.bias.map(|b| &p[b][c..c + 1]);
-        let x = &net.ws.acts[act][..n * conv.in_len()];
+        let x = &exec.ws.acts[act][..n * conv.in_len()];
         let task = |(t, y): (usize, &mut [f32])| {
             let m = y.len() / hw;
             conv3x3_forward(
@@ -618,10 +618,10 @@ fn recompute_channels(
         // layer up to the kept activation.
         let mut plane = hw;
         for t in 0..n {
-            net.ws.acts[act + 1][(t * c_out + c) * hw..][..hw].copy_from_slice(&y[t * hw..][..hw]);
+            exec.ws.acts[act + 1][(t * c_out + c) * hw..][..hw].copy_from_slice(&y[t * hw..][..hw]);
         }
         for i in act + 1..out_act {
-            let out = match net.plan[i].op {
+            let out = match exec.plan[i].op {
                 Op::AvgPool { h, w, .. } => {
                     avgpool2_forward(n, h, w, y, z);
                     (h / 2) * (w / 2)
@@ -634,7 +634,7 @@ fn recompute_channels(
             };
             plane = out;
             for t in 0..n {
-                net.ws.acts[i + 1][(t * c_out + c) * plane..][..plane]
+                exec.ws.acts[i + 1][(t * c_out + c) * plane..][..plane]
                     .copy_from_slice(&z[t * plane..][..plane]);
             }
             y[..n * plane].copy_from_slice(&z[..n * plane]);
@@ -649,7 +649,7 @@ fn recompute_channels(
 #[allow(clippy::too_many_arguments)]
 fn finish(
     s: &mut BnScratch,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     first: usize,
     next: Next,
     k: usize,
@@ -659,8 +659,8 @@ fn finish(
     base: f64,
     reduction: Reduction,
 ) -> [f64; 3] {
-    let end = end_of(net, next);
-    let hwo = chain_out_plane(net, end);
+    let end = end_of(exec, next);
+    let hwo = chain_out_plane(exec, end);
     let mut one = std::mem::take(&mut s.dp);
     let mut outs = std::mem::take(&mut s.delta);
     outs.clear();
@@ -668,7 +668,7 @@ fn finish(
         one.clear();
         one.extend_from_slice(&s.a[v * n * hw..(v + 1) * n * hw]);
         chain(
-            net,
+            exec,
             first..end,
             k,
             n,
@@ -682,32 +682,32 @@ fn finish(
     grown(&mut s.a, 3 * n * hwo, 0.0).copy_from_slice(&outs);
     s.dp = one;
     s.delta = outs;
-    next_losses(s, net, next, k, n, base, reduction)
+    next_losses(s, exec, next, k, n, base, reduction)
 }
 
 /// Values per channel plane of the input of layer `end` (the chain's output).
-fn chain_out_plane(net: &CpuNetwork, end: usize) -> usize {
-    net.plan[end].in_len / channels_in(net, end).max(1)
+fn chain_out_plane(exec: &Executor, end: usize) -> usize {
+    exec.plan[end].in_len / channels_in(exec, end).max(1)
 }
 
 /// Given the chain outputs of the three variants in `s.a` (`[3][n][hwo]`), the losses.
 fn next_losses(
     s: &mut BnScratch,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     next: Next,
     k: usize,
     n: usize,
     base: f64,
     reduction: Reduction,
 ) -> [f64; 3] {
-    let end = end_of(net, next);
-    let hwo = chain_out_plane(net, end);
+    let end = end_of(exec, next);
+    let hwo = chain_out_plane(exec, end);
     match next {
         Next::Dense { d_in, weight } => {
-            let classes = net.spec.classes;
-            let wf = &net.params.values[weight];
-            let logits = &net.ws.acts[net.plan.len()][..n * classes];
-            let labels = &net.ws.labels[..n];
+            let classes = exec.spec.classes;
+            let wf = &exec.params.values[weight];
+            let logits = &exec.ws.acts[exec.plan.len()][..n * classes];
+            let labels = &exec.ws.labels[..n];
             let o = &s.a;
             let mut acc = [LogProd::default(); 3];
             let mut z = [0.0f64; 64];
@@ -738,8 +738,8 @@ fn next_losses(
             let hw = conv.h * conv.w;
             debug_assert_eq!(hw, hwo);
             let base_p = grown(&mut s.base_p, n * p_len, 0.0);
-            base_p.copy_from_slice(&net.ws.acts[layer + 1][..n * p_len]);
-            let w = &net.params.values[weight];
+            base_p.copy_from_slice(&exec.ws.acts[layer + 1][..n * p_len]);
+            let w = &exec.params.values[weight];
             s.w_k.clear();
             for o in 0..conv.c_out {
                 s.w_k.extend_from_slice(&w[(o * conv.c_in + k) * 9..][..9]);
@@ -768,12 +768,12 @@ fn next_losses(
                 } else {
                     dp.chunks_mut(CHUNK * p_len).enumerate().for_each(task);
                 }
-                let dst = &mut net.ws.acts[layer + 1][..n * p_len];
+                let dst = &mut exec.ws.acts[layer + 1][..n * p_len];
                 for ((d, &p), &q) in dst.iter_mut().zip(&s.base_p[..n * p_len]).zip(&s.dp[..]) {
                     *d = p + q;
                 }
-                net.forward_from(layer + 1, n, Mode::Train, false);
-                *slot = reduction.finish(net.loss_sum(n), n);
+                exec.forward_from(layer + 1, n, Mode::Train, false);
+                *slot = reduction.finish(exec.loss_sum(n), n);
             }
             out
         }
@@ -781,13 +781,13 @@ fn next_losses(
 }
 
 /// Channels of the input of layer `i` (its input length over its plane length).
-fn channels_in(net: &CpuNetwork, i: usize) -> usize {
-    match net.plan[i].op {
+fn channels_in(exec: &Executor, i: usize) -> usize {
+    match exec.plan[i].op {
         Op::Conv { conv, .. } => conv.c_in,
         Op::Dense { d_in, .. } => {
             // The dense layer's input is the chain's output: channels × plane.
             let prev = i - 1;
-            d_in / plane_out(net, prev).max(1)
+            d_in / plane_out(exec, prev).max(1)
         }
         _ => unreachable!(),
     }

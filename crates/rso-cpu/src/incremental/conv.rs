@@ -41,10 +41,10 @@ use super::util::{
     with_scratch_b, LogProd,
 };
 use super::{Clock, Incremental, Visit};
+use crate::executor::{layer_forward, Executor, Op};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
-use crate::network::{layer_forward, CpuNetwork, Op};
 use crate::simd::{prefetch, prefetch_slice};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -156,15 +156,15 @@ pub(super) struct ConvCache {
 impl ConvCache {
     /// The cache of the convolution at plan index `layer`, or `None` when what follows it is not
     /// a channel-local tail then a convolution or the final dense layer.
-    fn new(net: &CpuNetwork, layer: usize, created: u64) -> Option<ConvCache> {
-        let Op::Conv { conv, weight, bias } = net.plan[layer].op else {
+    fn new(exec: &Executor, layer: usize, created: u64) -> Option<ConvCache> {
+        let Op::Conv { conv, weight, bias } = exec.plan[layer].op else {
             return None;
         };
         let mut tail = Vec::new();
         let (mut h, mut w) = (conv.h, conv.w);
         let mut i = layer + 1;
         let next = loop {
-            let op = &net.plan.get(i)?.op;
+            let op = &exec.plan.get(i)?.op;
             match *op {
                 Op::Relu => tail.push(Tail::Relu { hw: h * w }),
                 Op::MaxPool { c, h: ph, w: pw } | Op::AvgPool { c, h: ph, w: pw } => {
@@ -179,7 +179,7 @@ impl ConvCache {
                     (h, w) = (h / 2, w / 2);
                 }
                 Op::Dense { d_in, weight, .. } => {
-                    if i + 1 != net.plan.len() || d_in != conv.c_out * h * w {
+                    if i + 1 != exec.plan.len() || d_in != conv.c_out * h * w {
                         return None;
                     }
                     break Next::Dense {
@@ -204,7 +204,7 @@ impl ConvCache {
             }
             i += 1;
         };
-        let p = &net.params.values;
+        let p = &exec.params.values;
         Some(ConvCache {
             layer,
             conv,
@@ -242,34 +242,34 @@ impl ConvCache {
     }
 
     /// Whether channel `c` differs from the snapshot.
-    fn is_dirty(&self, net: &CpuNetwork, c: usize) -> bool {
+    fn is_dirty(&self, exec: &Executor, c: usize) -> bool {
         let taps = self.conv.taps();
-        let w = &net.params.values[self.weight][c * taps..(c + 1) * taps];
+        let w = &exec.params.values[self.weight][c * taps..(c + 1) * taps];
         let bits = |v: &[f32], s: &[f32]| v.iter().zip(s).any(|(a, b)| a.to_bits() != b.to_bits());
         bits(w, &self.w_snap[c * taps..(c + 1) * taps])
             || self
                 .bias
-                .is_some_and(|b| net.params.values[b][c].to_bits() != self.b_snap[c].to_bits())
+                .is_some_and(|b| exec.params.values[b][c].to_bits() != self.b_snap[c].to_bits())
     }
 
     /// Makes the current weights of channels `chans` the snapshot's.
-    fn update_snapshot(&mut self, net: &CpuNetwork, chans: &[usize]) {
+    fn update_snapshot(&mut self, exec: &Executor, chans: &[usize]) {
         let taps = self.conv.taps();
         for &c in chans {
-            let w = &net.params.values[self.weight][c * taps..(c + 1) * taps];
+            let w = &exec.params.values[self.weight][c * taps..(c + 1) * taps];
             self.w_snap[c * taps..(c + 1) * taps].copy_from_slice(w);
             if let Some(b) = self.bias {
-                self.b_snap[c] = net.params.values[b][c];
+                self.b_snap[c] = exec.params.values[b][c];
             }
         }
     }
 
     /// Collects the next convolution's weights of input channels `chans` as `[c_out][chans][9]`.
-    fn gather_next(net: &CpuNetwork, next: Next, chans: &[usize], out: &mut Vec<f32>) {
+    fn gather_next(exec: &Executor, next: Next, chans: &[usize], out: &mut Vec<f32>) {
         let Next::Conv { conv, weight, .. } = next else {
             return;
         };
-        let w = &net.params.values[weight];
+        let w = &exec.params.values[weight];
         out.clear();
         for o in 0..conv.c_out {
             for &c in chans {
@@ -280,21 +280,21 @@ impl ConvCache {
 }
 
 /// Channel `c` of the convolution on `n` samples of `x` with the current weights: `[n][h·w]`.
-fn conv_channel(net: &CpuNetwork, cache: &ConvCache, c: usize, n: usize, x: &[f32], y: &mut [f32]) {
+fn conv_channel(exec: &Executor, cache: &ConvCache, c: usize, n: usize, x: &[f32], y: &mut [f32]) {
     let s = Conv3x3 {
         c_out: 1,
         ..cache.conv
     };
     let taps = cache.conv.taps();
-    let w = &net.params.values[cache.weight][c * taps..(c + 1) * taps];
-    let b = cache.bias.map(|b| &net.params.values[b][c..c + 1]);
+    let w = &exec.params.values[cache.weight][c * taps..(c + 1) * taps];
+    let b = cache.bias.map(|b| &exec.params.values[b][c..c + 1]);
     conv3x3_forward(&s, n, x, w, b, y);
 }
 
 /// The input rows of the convolution for the whole training set.
-fn inputs<'a>(net: &'a CpuNetwork, store_in: &'a [f32], layer: usize) -> &'a [f32] {
+fn inputs<'a>(exec: &'a Executor, store_in: &'a [f32], layer: usize) -> &'a [f32] {
     if layer == 0 {
-        &net.train.images
+        &exec.train.images
     } else {
         store_in
     }
@@ -304,12 +304,12 @@ fn inputs<'a>(net: &'a CpuNetwork, store_in: &'a [f32], layer: usize) -> &'a [f3
 /// layers after it are not supported (the caller then takes the reference path).
 pub(super) fn visit(
     inc: &mut Incremental,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     layer: usize,
     v: Visit,
 ) -> Option<[f64; 3]> {
-    let layers = net.plan.len();
-    let n_train = net.train.len();
+    let layers = exec.plan.len();
+    let n_train = exec.train.len();
     // The snapshot logits are read directly: no dense-weight change may be pending, and they
     // must be in sample order.
     inc.store.settle();
@@ -318,8 +318,8 @@ pub(super) fn visit(
         .as_ref()
         .is_some_and(|c| c.layer == layer && c.valid(&inc.clock, layers));
     if !fresh {
-        let cache = ConvCache::new(net, layer, 0)?;
-        inc.finish_conv(net);
+        let cache = ConvCache::new(exec, layer, 0)?;
+        inc.finish_conv(exec);
         let o = cache.next_index();
         let mut want = vec![o];
         if layer > 0 {
@@ -329,9 +329,9 @@ pub(super) fn visit(
         if !logits {
             want.push(o + 1);
         }
-        inc.store.ensure(net, &inc.clock, &want, logits);
+        inc.store.ensure(exec, &inc.clock, &want, logits);
         let own = inc.store.acts.get(layer + 1).is_some_and(|s| {
-            s.valid(&inc.clock, layer + 1) && s.data.len() == n_train * net.plan[layer].out_len
+            s.valid(&inc.clock, layer + 1) && s.data.len() == n_train * exec.plan[layer].out_len
         });
         inc.conv = Some(ConvCache {
             created: inc.clock.now(),
@@ -340,7 +340,7 @@ pub(super) fn visit(
         });
     }
     let mut cache = inc.conv.take().expect("conv cache");
-    let out = visit_cached(inc, &mut cache, net, v, n_train);
+    let out = visit_cached(inc, &mut cache, exec, v, n_train);
     inc.conv = Some(cache);
     Some(out)
 }
@@ -348,7 +348,7 @@ pub(super) fn visit(
 fn visit_cached(
     inc: &mut Incremental,
     cache: &mut ConvCache,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     v: Visit,
     n_train: usize,
 ) -> [f64; 3] {
@@ -366,7 +366,7 @@ fn visit_cached(
     } else {
         (index, None)
     };
-    let [dp, dm] = changes(net.params.values[param][index], delta);
+    let [dp, dm] = changes(exec.params.values[param][index], delta);
     // Channel k's changes since the snapshot, `(tap, Δ)` (`tap == taps`: the bias). When the
     // store keeps the layer's output at the snapshot and they are fewer than the taps, channel
     // k's pre-activation is that output plus one shifted input plane per change, instead of a
@@ -374,7 +374,7 @@ fn visit_cached(
     let mut k_changes = std::mem::take(&mut cache.k_changes);
     k_changes.clear();
     {
-        let p = &net.params.values;
+        let p = &exec.params.values;
         let w = &p[cache.weight][k * taps..(k + 1) * taps];
         for (t, (&a, &b)) in w.iter().zip(&cache.w_snap[k * taps..]).enumerate() {
             if a.to_bits() != b.to_bits() {
@@ -411,10 +411,10 @@ fn visit_cached(
     }
     let mut dirty = std::mem::take(&mut cache.dirty);
     dirty.clear();
-    dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(net, c)));
+    dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(exec, c)));
     if !dirty.is_empty() {
-        let w_len = net.params.values[cache.weight].len();
-        let b_len = cache.bias.map_or(0, |b| net.params.values[b].len());
+        let w_len = exec.params.values[cache.weight].len();
+        let b_len = cache.bias.map_or(0, |b| exec.params.values[b].len());
         let remaining = if param == cache.weight {
             w_len - index + b_len
         } else {
@@ -434,12 +434,12 @@ fn visit_cached(
             }
         };
         if fold_now {
-            fold(inc, cache, net, &dirty);
+            fold(inc, cache, exec, &dirty);
             dirty.clear();
         }
     }
-    ConvCache::gather_next(net, cache.next, &dirty, &mut cache.w_dirty);
-    ConvCache::gather_next(net, cache.next, &[k], &mut cache.w_k);
+    ConvCache::gather_next(exec, cache.next, &dirty, &mut cache.w_dirty);
+    ConvCache::gather_next(exec, cache.next, &[k], &mut cache.w_k);
 
     let (h, w) = (conv.h, conv.w);
     let hw = h * w;
@@ -448,19 +448,19 @@ fn visit_cached(
     let o_idx = cache.next_index();
     let o_len = conv.c_out * hwo;
     let nd = dirty.len();
-    let classes = net.spec.classes;
-    let layers = net.plan.len();
-    let net: &CpuNetwork = net;
+    let classes = exec.spec.classes;
+    let layers = exec.plan.len();
+    let exec: &Executor = exec;
     let store = &inc.store;
     let x_all = inputs(
-        net,
+        exec,
         store.acts.get(cache.layer).map_or(&[][..], |s| &s.data[..]),
         cache.layer,
     );
     let o_all = &store.acts[o_idx].data;
-    let labels = &net.train.labels;
-    let params = &net.params.values;
-    let plan = &net.plan;
+    let labels = &exec.train.labels;
+    let params = &exec.params.values;
+    let plan = &exec.plan;
     let mut parts = std::mem::take(&mut cache.parts);
     let own_all: &[f32] = if from_snapshot {
         &store.acts[cache.layer + 1].data
@@ -512,14 +512,14 @@ fn visit_cached(
                     for (t, dst) in xg.chunks_exact_mut(in_len).enumerate() {
                         dst.copy_from_slice(x_of(t));
                     }
-                    conv_channel(net, cache_ref, c, nc, xg, out);
+                    conv_channel(exec, cache_ref, c, nc, xg, out);
                 });
             } else {
                 for (t, y) in out.chunks_exact_mut(hw).enumerate() {
                     if t + 2 < nc {
                         prefetch_slice(x_of(t + 2));
                     }
-                    conv_channel(net, cache_ref, c, 1, x_of(t), y);
+                    conv_channel(exec, cache_ref, c, 1, x_of(t), y);
                 }
             }
         };
@@ -731,7 +731,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// which the rest of the network runs on the `3·nc` samples.
 #[allow(clippy::too_many_arguments)]
 fn next_conv_losses(
-    plan: &[crate::network::Step],
+    plan: &[crate::executor::Step],
     params: &[Vec<f32>],
     cache: &ConvCache,
     nconv: Conv3x3,
@@ -833,7 +833,7 @@ fn next_conv_losses(
 
 /// What every chunk of a fold reads.
 struct FoldCtx<'a> {
-    net: &'a CpuNetwork,
+    exec: &'a Executor,
     cache: &'a ConvCache,
     /// The channels folded.
     chans: &'a [usize],
@@ -878,7 +878,7 @@ impl FoldCtx<'_> {
             let (tmp, out) = s.split_at_mut(nc * hw);
             let xs = &self.x_all[samples.start * in_len..samples.end * in_len];
             for (q, &c) in self.chans.iter().enumerate() {
-                conv_channel(self.net, self.cache, c, nc, xs, pre);
+                conv_channel(self.exec, self.cache, c, nc, xs, pre);
                 if let Some(own) = own.as_deref_mut() {
                     for (t, p) in pre.chunks_exact(hw).enumerate() {
                         own[t * own_len + c * hw..][..hw].copy_from_slice(p);
@@ -911,8 +911,8 @@ impl FoldCtx<'_> {
             (Next::Dense { d_in, weight, .. }, NextRows::Logits(dz)) => {
                 with_scratch_b(nc * nd * hwo, |d_o| {
                     self.channel_outputs(samples, o, own, d_o);
-                    let wf = &self.net.params.values[weight];
-                    let classes = self.net.spec.classes;
+                    let wf = &self.exec.params.values[weight];
+                    let classes = self.exec.spec.classes;
                     for t in 0..nc {
                         for cls in 0..classes {
                             let row = &wf[cls * d_in..(cls + 1) * d_in];
@@ -950,14 +950,14 @@ impl FoldCtx<'_> {
 
 /// Brings the snapshot of channels `chans` up to date for the whole training set: `O` (and the
 /// layer's own output, when kept), then the logits or the next convolution's output `P`.
-fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &[usize]) {
+fn fold(inc: &mut Incremental, cache: &mut ConvCache, exec: &Executor, chans: &[usize]) {
     if chans.is_empty() {
         return;
     }
     let conv = cache.conv;
-    let n = net.train.len();
-    let classes = net.spec.classes;
-    ConvCache::gather_next(net, cache.next, chans, &mut cache.w_dirty);
+    let n = exec.train.len();
+    let classes = exec.spec.classes;
+    ConvCache::gather_next(exec, cache.next, chans, &mut cache.w_dirty);
     // The arrays the fold writes leave the store while the chunks hold their rows; the input
     // (an earlier activation) stays and is read in place.
     let o_idx = cache.next_index();
@@ -1000,10 +1000,10 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
         .get(cache.layer)
         .map_or(&[][..], |s| &s.data[..]);
     let ctx = FoldCtx {
-        net,
+        exec,
         cache,
         chans,
-        x_all: inputs(net, store_in, cache.layer),
+        x_all: inputs(exec, store_in, cache.layer),
     };
     if parallel(n * chans.len() * conv.macs() / conv.c_out) {
         chunks.into_par_iter().for_each(|c| ctx.run(c));
@@ -1020,20 +1020,20 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, net: &CpuNetwork, chans: &
         None => inc.store.add_logits(&dz[..n * classes], classes),
     }
     cache.dz = dz;
-    cache.update_snapshot(net, chans);
+    cache.update_snapshot(exec, chans);
 }
 
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are
 /// current again (and stamps them so), or drops it if another layer changed meanwhile.
-pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, net: &CpuNetwork) {
+pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, exec: &Executor) {
     inc.store.settle();
-    if !cache.valid(&inc.clock, net.plan.len()) {
+    if !cache.valid(&inc.clock, exec.plan.len()) {
         return;
     }
     let dirty: Vec<usize> = (0..cache.conv.c_out)
-        .filter(|&c| cache.is_dirty(net, c))
+        .filter(|&c| cache.is_dirty(exec, c))
         .collect();
-    fold(inc, &mut cache, net, &dirty);
+    fold(inc, &mut cache, exec, &dirty);
     let now = Some(inc.clock.now());
     let o = cache.next_index();
     inc.store.acts[o].tick = now;

@@ -37,7 +37,7 @@ use super::util::{
     LogProd,
 };
 use super::{Incremental, Visit, MAX_CLASSES};
-use crate::network::{CpuNetwork, Op};
+use crate::executor::{Executor, Op};
 use crate::simd::{prefetch, simd_dispatch};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -144,8 +144,8 @@ impl DenseState {
 }
 
 /// The layer's shape: `(d_in, d_out, weight, bias)`.
-fn shape(net: &CpuNetwork, layer: usize) -> (usize, usize, usize, Option<usize>) {
-    match net.plan[layer].op {
+fn shape(exec: &Executor, layer: usize) -> (usize, usize, usize, Option<usize>) {
+    match exec.plan[layer].op {
         Op::Dense {
             d_in,
             d_out,
@@ -158,8 +158,8 @@ fn shape(net: &CpuNetwork, layer: usize) -> (usize, usize, usize, Option<usize>)
 
 /// Which logit row and which input a scalar of the layer moves: `(k, Some(j))` for weight
 /// `(k, j)`, `(k, None)` for bias `k`.
-fn target(net: &CpuNetwork, layer: usize, param: usize, index: usize) -> (usize, Option<usize>) {
-    let (d_in, _, weight, _) = shape(net, layer);
+fn target(exec: &Executor, layer: usize, param: usize, index: usize) -> (usize, Option<usize>) {
+    let (d_in, _, weight, _) = shape(exec, layer);
     if param == weight {
         (index / d_in, Some(index % d_in))
     } else {
@@ -171,7 +171,7 @@ fn target(net: &CpuNetwork, layer: usize, param: usize, index: usize) -> (usize,
 /// without BatchNorm, from the all-samples logits.
 pub(super) fn cached(
     inc: &mut Incremental,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     layer: usize,
     v: Visit,
 ) -> [f64; 3] {
@@ -182,10 +182,10 @@ pub(super) fn cached(
         delta,
         reduction,
     } = v;
-    let classes = net.spec.classes;
-    let n = net.train.len();
-    let (k, j) = target(net, layer, param, index);
-    inc.store.ensure(net, &inc.clock, &[layer], true);
+    let classes = exec.spec.classes;
+    let n = exec.train.len();
+    let (k, j) = target(exec, layer, param, index);
+    inc.store.ensure(exec, &inc.clock, &[layer], true);
     if j.is_none() {
         // Bias visits (one per row, after the weights) compute their row constants on the
         // spot, in sample order.
@@ -200,16 +200,19 @@ pub(super) fn cached(
         for (p, &i) in perm.iter().enumerate() {
             inv[i as usize] = p as u32;
         }
-        let labels = perm.iter().map(|&i| net.train.labels[i as usize]).collect();
+        let labels = perm
+            .iter()
+            .map(|&i| exec.train.labels[i as usize])
+            .collect();
         inc.store.set_layout(Layout { perm, inv, labels });
     }
     // The layout forms once every batch has been seen: after about `m·(ln m + 1)` visits for
     // `m` batches drawn with replacement. Expected within the first eighth of the sweep?
     let m = n.div_ceil(batch.len()) as f64;
-    let (d_in, d_out, _, _) = shape(net, layer);
+    let (d_in, d_out, _, _) = shape(exec, layer);
     let layout_soon = 8.0 * m * (m.ln() + 1.0) <= (d_in * d_out) as f64;
-    inc.store.ensure_xb(net, &inc.clock, layer, layout_soon);
-    let [dp, dm] = changes(net.params.values[param][index], delta);
+    inc.store.ensure_xb(exec, &inc.clock, layer, layout_soon);
+    let [dp, dm] = changes(exec.params.values[param][index], delta);
     // Pending changes of another row or block are added to the logits first.
     let store = &mut inc.store;
     if store.has_pending
@@ -233,7 +236,7 @@ pub(super) fn cached(
                 .store
                 .layout
                 .as_ref()
-                .map_or(&net.train.labels[..], |l| &l.labels[..]);
+                .map_or(&exec.train.labels[..], |l| &l.labels[..]);
             let rows = row_constants(
                 &inc.store.z.data,
                 labels,
@@ -260,7 +263,7 @@ pub(super) fn cached(
         None => (None, FB, 0),
     };
     let pending = &inc.store.pending;
-    let labels = &net.train.labels;
+    let labels = &exec.train.labels;
     // Where the logits, lines and row constants of the batch's `t`-th sample `i` are: one
     // contiguous run of positions from `run` when the batch is one of the layout's, else
     // position `inv[i]` (sample `i` without a layout). Same values either way.
@@ -551,15 +554,15 @@ fn exp_sum_body(z: &[f64], m: &[f64], s: &mut [f64]) {
 /// blocked input are valid.
 pub(super) fn update(
     inc: &mut Incremental,
-    net: &CpuNetwork,
+    exec: &Executor,
     layer: usize,
     param: usize,
     index: usize,
     old: f32,
     new: f32,
 ) {
-    let n = net.train.len();
-    let (k, j) = target(net, layer, param, index);
+    let n = exec.train.len();
+    let (k, j) = target(exec, layer, param, index);
     let d = f64::from(new) - f64::from(old);
     let store = &mut inc.store;
     match j {
@@ -587,7 +590,7 @@ pub(super) fn update(
 /// BatchNorm: one forward pass of the batch, then O(B) per candidate.
 pub(super) fn per_batch(
     inc: &mut Incremental,
-    net: &mut CpuNetwork,
+    exec: &mut Executor,
     layer: usize,
     v: Visit,
 ) -> [f64; 3] {
@@ -599,16 +602,16 @@ pub(super) fn per_batch(
         reduction,
     } = v;
     let b = batch.len();
-    let classes = net.spec.classes;
+    let classes = exec.spec.classes;
     // The forward pass (its loss is not used: the base goes through the same arithmetic as the
     // candidates); the layer's input comes from the per-batch memo when the batch recurs.
-    super::bn::forward(&mut inc.bn, &inc.clock, net, batch, reduction, layer, None);
-    let (k, j) = target(net, layer, param, index);
-    let [dp, dm] = changes(net.params.values[param][index], delta);
-    let d_in = act_len(net, layer);
-    let x = &net.ws.acts[layer][..b * d_in];
-    let logits = &net.ws.acts[net.plan.len()][..b * classes];
-    let labels = &net.ws.labels[..b];
+    super::bn::forward(&mut inc.bn, &inc.clock, exec, batch, reduction, layer, None);
+    let (k, j) = target(exec, layer, param, index);
+    let [dp, dm] = changes(exec.params.values[param][index], delta);
+    let d_in = act_len(exec, layer);
+    let x = &exec.ws.acts[layer][..b * d_in];
+    let logits = &exec.ws.acts[exec.plan.len()][..b * classes];
+    let labels = &exec.ws.labels[..b];
     let chunks = b.div_ceil(CHUNK);
     let parts = super::util::grown(&mut inc.dense.parts, chunks, Default::default());
     for_chunks(b, CHUNK, parallel(b * classes * 30), parts, |r, acc| {

@@ -45,8 +45,7 @@ mod dense;
 mod store;
 mod util;
 
-use crate::network::{CpuNetwork, Op};
-use rso_models::network::reference_candidate_losses;
+use crate::executor::{Executor, Op};
 #[cfg(doc)]
 use rso_models::Network;
 use rso_models::Reduction;
@@ -54,12 +53,12 @@ use std::ops::Range;
 
 /// One RSO visit: the batch, the scalar (array, index), Δ and the loss reduction.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Visit<'a> {
-    pub(super) batch: &'a [u32],
-    pub(super) param: usize,
-    pub(super) index: usize,
-    pub(super) delta: f32,
-    pub(super) reduction: Reduction,
+pub(crate) struct Visit<'a> {
+    pub(crate) batch: &'a [u32],
+    pub(crate) param: usize,
+    pub(crate) index: usize,
+    pub(crate) delta: f32,
+    pub(crate) reduction: Reduction,
 }
 
 /// Largest class count of the incremental paths (their per-sample logits live on the stack).
@@ -107,10 +106,10 @@ struct Topology {
 }
 
 impl Topology {
-    fn of(net: &CpuNetwork) -> Topology {
-        let mut param_layer = vec![0; net.params.values.len()];
+    fn of(exec: &Executor) -> Topology {
+        let mut param_layer = vec![0; exec.params.values.len()];
         let mut has_bn = false;
-        for (i, step) in net.plan.iter().enumerate() {
+        for (i, step) in exec.plan.iter().enumerate() {
             let arrays: [Option<usize>; 2] = match step.op {
                 Op::Conv { weight, bias, .. } | Op::Dense { weight, bias, .. } => {
                     [Some(weight), bias]
@@ -125,8 +124,8 @@ impl Topology {
                 param_layer[p] = i;
             }
         }
-        let last = net.plan.len() - 1;
-        let dense = matches!(net.plan[last].op, Op::Dense { .. }).then_some(last);
+        let last = exec.plan.len() - 1;
+        let dense = matches!(exec.plan[last].op, Op::Dense { .. }).then_some(last);
         Topology {
             param_layer,
             has_bn,
@@ -135,7 +134,7 @@ impl Topology {
     }
 }
 
-/// The incremental path's caches and scratch, owned by the [`CpuNetwork`].
+/// The incremental path's caches and scratch, beside the [`Executor`] in a `CpuNetwork`.
 #[derive(Default)]
 pub(crate) struct Incremental {
     topo: Option<Topology>,
@@ -169,115 +168,96 @@ impl Incremental {
         }
     }
 
-    fn init(&mut self, net: &CpuNetwork) {
+    fn init(&mut self, exec: &Executor) {
         if self.topo.is_none() {
-            self.topo = Some(Topology::of(net));
-            self.clock.changed = vec![0; net.plan.len()];
+            self.topo = Some(Topology::of(exec));
+            self.clock.changed = vec![0; exec.plan.len()];
         }
     }
 
     /// Ends the convolution snapshot, if any (see [`conv::finish`]).
-    fn finish_conv(&mut self, net: &CpuNetwork) {
+    fn finish_conv(&mut self, exec: &Executor) {
         if let Some(cache) = self.conv.take() {
-            conv::finish(self, cache, net);
+            conv::finish(self, cache, exec);
         }
     }
 
-    fn route(&mut self, net: &mut CpuNetwork, v: Visit) -> Option<[f64; 3]> {
+    fn route(&mut self, exec: &mut Executor, v: Visit) -> Option<[f64; 3]> {
         let topo = self.topo.as_ref().expect("initialised");
         let layer = topo.param_layer[v.param];
         let (has_bn, dense) = (topo.has_bn, topo.dense);
-        match net.plan[layer].op {
+        match exec.plan[layer].op {
             Op::Dense { .. } if dense == Some(layer) => {
-                self.finish_conv(net);
+                self.finish_conv(exec);
                 Some(if has_bn {
-                    dense::per_batch(self, net, layer, v)
+                    dense::per_batch(self, exec, layer, v)
                 } else {
-                    dense::cached(self, net, layer, v)
+                    dense::cached(self, exec, layer, v)
                 })
             }
-            Op::Conv { .. } if has_bn => bn::conv(&mut self.bn, &self.clock, net, layer, v),
-            Op::Conv { .. } => conv::visit(self, net, layer, v),
-            Op::BatchNorm { .. } => bn::norm(&mut self.bn, &self.clock, net, layer, v),
+            Op::Conv { .. } if has_bn => bn::conv(&mut self.bn, &self.clock, exec, layer, v),
+            Op::Conv { .. } => conv::visit(self, exec, layer, v),
+            Op::BatchNorm { .. } => bn::norm(&mut self.bn, &self.clock, exec, layer, v),
             _ => None,
         }
     }
 }
 
-/// [`Network::candidate_losses`] of the CPU engine: the incremental path where it applies, else
-/// the reference path.
-pub(crate) fn candidate_losses(
-    net: &mut CpuNetwork,
-    batch: &[u32],
-    param: usize,
-    index: usize,
-    delta: f32,
-    reduction: Reduction,
-) -> [f64; 3] {
-    let supported = !batch.is_empty() && (2..=MAX_CLASSES).contains(&net.spec.classes);
-    let out = if supported {
-        let mut inc = std::mem::take(&mut net.inc);
-        inc.init(net);
-        let visit = Visit {
-            batch,
-            param,
-            index,
-            delta,
-            reduction,
-        };
-        let out = inc.route(net, visit);
-        net.inc = inc;
-        out
-    } else {
-        None
-    };
-    out.unwrap_or_else(|| reference_candidate_losses(net, batch, param, index, delta, reduction))
-}
+impl Incremental {
+    /// The three losses of [`Network::candidate_losses`] by the incremental path, or `None`
+    /// where it does not apply (the caller then takes the reference path through the whole
+    /// network, so that its temporary weight changes reach [`Incremental::weight_changed`]).
+    pub(crate) fn candidate_losses(&mut self, exec: &mut Executor, v: Visit) -> Option<[f64; 3]> {
+        if v.batch.is_empty() || !(2..=MAX_CLASSES).contains(&exec.spec.classes) {
+            return None;
+        }
+        self.init(exec);
+        self.route(exec, v)
+    }
 
-/// [`Network::begin_sweep`]. Caches are built lazily; this only ends what the new sweep does not
-/// continue:
-/// - the sweep of the final dense layer's weight is where every RSO round starts (both presets
-///   visit it first): all caches are dropped there, so that a round's arithmetic depends on
-///   the weights it starts from and not on earlier rounds (a run resumed from a checkpoint then
-///   computes bit for bit what the uninterrupted run computes);
-/// - a sweep of another layer ends the convolution snapshot, folding it so that the next
-///   sweep starts from current all-samples arrays.
-pub(crate) fn begin_sweep(net: &mut CpuNetwork, param: usize) {
-    let mut inc = std::mem::take(&mut net.inc);
-    if let Some(topo) = &inc.topo {
+    /// [`Network::begin_sweep`]. Caches are built lazily; this only ends what the new sweep
+    /// does not continue:
+    /// - the sweep of the final dense layer's weight is where every RSO round starts (both
+    ///   presets visit it first): all caches are dropped there, so that a round's arithmetic
+    ///   depends on the weights it starts from and not on earlier rounds (a run resumed from a
+    ///   checkpoint then computes bit for bit what the uninterrupted run computes);
+    /// - a sweep of another layer ends the convolution snapshot, folding it so that the next
+    ///   sweep starts from current all-samples arrays.
+    pub(crate) fn begin_sweep(&mut self, exec: &Executor, param: usize) {
+        let Some(topo) = &self.topo else {
+            return;
+        };
         let layer = topo.param_layer[param];
         let round_start = topo.dense == Some(layer)
-            && matches!(net.plan[layer].op, Op::Dense { weight, .. } if weight == param);
+            && matches!(exec.plan[layer].op, Op::Dense { weight, .. } if weight == param);
         if round_start {
-            inc.invalidate();
-        } else if inc.conv.as_ref().is_some_and(|c| c.layer != layer) {
-            inc.finish_conv(net);
+            self.invalidate();
+        } else if self.conv.as_ref().is_some_and(|c| c.layer != layer) {
+            self.finish_conv(exec);
         }
     }
-    net.inc = inc;
-}
 
-/// Called by `set_weight` after scalar `index` of array `param` changed from `old`: ticks the
-/// clock, and keeps the all-samples logits current when the final dense layer changed.
-pub(crate) fn weight_changed(net: &mut CpuNetwork, param: usize, index: usize, old: f32) {
-    let new = net.params.values[param][index];
-    if new.to_bits() == old.to_bits() {
-        return;
-    }
-    let mut inc = std::mem::take(&mut net.inc);
-    if let Some(topo) = &inc.topo {
+    /// Called by `set_weight` after scalar `index` of array `param` changed from `old`: ticks
+    /// the clock, and keeps the all-samples logits current when the final dense layer changed.
+    pub(crate) fn weight_changed(&mut self, exec: &Executor, param: usize, index: usize, old: f32) {
+        let new = exec.params.values[param][index];
+        if new.to_bits() == old.to_bits() {
+            return;
+        }
+        let Some(topo) = &self.topo else {
+            return;
+        };
         let layer = topo.param_layer[param];
-        let layers = net.plan.len();
+        let layers = exec.plan.len();
         let eager = topo.dense == Some(layer)
             && !topo.has_bn
-            && inc.store.z.valid(&inc.clock, layers)
-            && inc.store.xb.valid(&inc.clock, layer);
-        inc.clock.touch(layer);
+            && self.store.z.valid(&self.clock, layers)
+            && self.store.xb.valid(&self.clock, layer);
+        self.clock.touch(layer);
         if eager {
-            dense::update(&mut inc, net, layer, param, index, old, new);
+            dense::update(self, exec, layer, param, index, old, new);
         }
     }
-    net.inc = inc;
 }
 
 #[cfg(test)]

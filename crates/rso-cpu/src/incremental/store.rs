@@ -5,7 +5,7 @@
 //! consistent with the parameters; it is valid while no layer it depends on has changed since.
 
 use super::Clock;
-use crate::network::{CpuNetwork, Mode, Op};
+use crate::executor::{Executor, Mode, Op};
 use rayon::prelude::*;
 use rso_models::SplitKind;
 
@@ -81,12 +81,12 @@ impl Store {
     /// first invalid one (or from the images).
     pub(super) fn ensure(
         &mut self,
-        net: &mut CpuNetwork,
+        exec: &mut Executor,
         clock: &Clock,
         want: &[usize],
         logits: bool,
     ) {
-        let layers = net.plan.len();
+        let layers = exec.plan.len();
         if self.acts.len() < layers {
             self.acts.resize_with(layers, Stamped::default);
         }
@@ -117,15 +117,15 @@ impl Store {
             .copied()
             .filter(|&a| a > start && a <= end)
             .collect();
-        for a in useful(net) {
+        for a in useful(exec) {
             if a > start && a <= end && !invalid.contains(&a) {
                 invalid.push(a);
             }
         }
-        let n = net.train.len();
-        let classes = net.spec.classes;
+        let n = exec.train.len();
+        let classes = exec.spec.classes;
         for &a in &invalid {
-            let len = n * act_len(net, a);
+            let len = n * act_len(exec, a);
             let s = &mut self.acts[a];
             if s.data.len() != len {
                 s.data = vec![0.0; len];
@@ -138,28 +138,28 @@ impl Store {
         cuts.push(end);
         cuts.sort_unstable();
         cuts.dedup();
-        let src_len = act_len(net, start);
+        let src_len = act_len(exec, start);
         for c0 in (0..n).step_by(CHUNK) {
             let m = CHUNK.min(n - c0);
-            net.reserve(m);
+            exec.reserve(m);
             if start == 0 {
-                net.load_range(SplitKind::Train, c0..c0 + m);
+                exec.load_range(SplitKind::Train, c0..c0 + m);
             } else {
-                net.ws.gathered = None;
-                net.ws.acts[start][..m * src_len]
+                exec.ws.gathered = None;
+                exec.ws.acts[start][..m * src_len]
                     .copy_from_slice(&self.acts[start].data[c0 * src_len..(c0 + m) * src_len]);
             }
             // Segment by segment, ending at each array to keep: the layers inside a segment
             // run in cache-sized pieces instead of writing every activation of the chunk.
             let mut from = start;
             for &to in &cuts {
-                net.forward_segment(from..to, m, Mode::Train, false);
+                exec.forward_segment(from..to, m, Mode::Train, false);
                 from = to;
             }
             for &a in &invalid {
-                let len = act_len(net, a);
+                let len = act_len(exec, a);
                 let dst = &mut self.acts[a].data[c0 * len..(c0 + m) * len];
-                let src = &net.ws.acts[a][..m * len];
+                let src = &exec.ws.acts[a][..m * len];
                 // Over the threads when large: the first round's copies also fault the
                 // stored arrays' pages in.
                 const PIECE: usize = 1 << 16;
@@ -172,7 +172,7 @@ impl Store {
                 }
             }
             if logits {
-                let out = &net.ws.acts[layers][..m * classes];
+                let out = &exec.ws.acts[layers][..m * classes];
                 for (i, row) in out.chunks_exact(classes).enumerate() {
                     for (k, &v) in row.iter().enumerate() {
                         self.z.data[k * n + c0 + i] = f64::from(v);
@@ -214,7 +214,7 @@ impl Store {
     /// way would cost more than building `xb`.)
     pub(super) fn ensure_xb(
         &mut self,
-        net: &mut CpuNetwork,
+        exec: &mut Executor,
         clock: &Clock,
         dense: usize,
         layout_soon: bool,
@@ -222,9 +222,9 @@ impl Store {
         if self.xb.valid(clock, dense) {
             return;
         }
-        self.ensure(net, clock, &[dense], false);
-        let n = net.train.len();
-        let d = act_len(net, dense);
+        self.ensure(exec, clock, &[dense], false);
+        let n = exec.train.len();
+        let d = act_len(exec, dense);
         self.xb_direct = None;
         if self.layout.is_none() && layout_soon && d.is_multiple_of(FB) {
             self.xb_direct = Some(dense);
@@ -381,22 +381,22 @@ const KEEP_BUDGET: usize = 2 << 30;
 /// Activations that the sweeps of a model without BatchNorm read, smallest first within
 /// [`KEEP_BUDGET`]: the input of every convolution but the first and of the final dense layer,
 /// and the output of every convolution but the first (the next layer's input of the one before).
-fn useful(net: &CpuNetwork) -> Vec<usize> {
-    let n = net.train.len();
+fn useful(exec: &Executor) -> Vec<usize> {
+    let n = exec.train.len();
     let mut out: Vec<usize> = Vec::new();
-    for (i, step) in net.plan.iter().enumerate() {
+    for (i, step) in exec.plan.iter().enumerate() {
         match step.op {
             Op::Conv { .. } if i > 0 => out.extend([i, i + 1]),
-            Op::Dense { .. } if i > 0 && i + 1 == net.plan.len() => out.push(i),
+            Op::Dense { .. } if i > 0 && i + 1 == exec.plan.len() => out.push(i),
             _ => {}
         }
     }
     out.sort_unstable();
     out.dedup();
-    out.sort_by_key(|&a| act_len(net, a));
+    out.sort_by_key(|&a| act_len(exec, a));
     let mut bytes = 0usize;
     out.retain(|&a| {
-        bytes = bytes.saturating_add(4 * n * act_len(net, a));
+        bytes = bytes.saturating_add(4 * n * act_len(exec, a));
         bytes <= KEEP_BUDGET
     });
     out
@@ -447,12 +447,12 @@ pub(super) fn add_pending(
     }
 }
 
-/// Values per sample of activation `a` of `net`'s plan.
-pub(super) fn act_len(net: &CpuNetwork, a: usize) -> usize {
+/// Values per sample of activation `a` of `exec`'s plan.
+pub(super) fn act_len(exec: &Executor, a: usize) -> usize {
     if a == 0 {
-        net.plan[0].in_len
+        exec.plan[0].in_len
     } else {
-        net.plan[a - 1].out_len
+        exec.plan[a - 1].out_len
     }
 }
 

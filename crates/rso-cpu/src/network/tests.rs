@@ -1,9 +1,11 @@
 //! Tests of [`CpuNetwork`] against the naive f64 reference and the `Network` contract.
 
 use super::*;
+use crate::executor::{Mode, EVAL_CHUNK, GRAD_CHUNK, PAR_MIN_WORK};
 use crate::testutil::{self as tu, assert_close, config, wide};
 use proptest::prelude::*;
 use rand::Rng;
+use rso_data::Dataset;
 use rso_models::{init_params, Init, ModelKind};
 
 /// `n` random images in `[0, 1)` with random labels, for `spec`.
@@ -58,18 +60,18 @@ fn network_of(spec: &ModelSpec, train: usize, test: usize, seed: u64) -> CpuNetw
 fn naive_logits(net: &CpuNetwork, params: &[Vec<f64>], batch: &[u32]) -> Vec<f64> {
     let images: Vec<f64> = batch
         .iter()
-        .flat_map(|&i| wide(net.train.image(i as usize)))
+        .flat_map(|&i| wide(net.exec.train.image(i as usize)))
         .collect();
-    tu::forward(&net.spec, params, &images, batch.len(), None)
+    tu::forward(&net.exec.spec, params, &images, batch.len(), None)
 }
 
 fn naive_loss(net: &CpuNetwork, params: &[Vec<f64>], batch: &[u32], reduction: Reduction) -> f64 {
     let z = naive_logits(net, params, batch);
     let labels: Vec<u8> = batch
         .iter()
-        .map(|&i| net.train.labels[i as usize])
+        .map(|&i| net.exec.train.labels[i as usize])
         .collect();
-    let sum: f64 = tu::cross_entropy(batch.len(), net.spec.classes, &z, &labels)
+    let sum: f64 = tu::cross_entropy(batch.len(), net.exec.spec.classes, &z, &labels)
         .iter()
         .sum();
     reduction.finish(sum, batch.len())
@@ -84,13 +86,16 @@ fn forward_matches_the_naive_reference() {
     for kind in ModelKind::ALL {
         let mut net = network(kind, 6, 2, 10);
         let batch = [4, 0, 5, 2];
-        let want = naive_logits(&net, &wide_params(&net.params), &batch);
+        let want = naive_logits(&net, &wide_params(&net.exec.params), &batch);
         let got = net.logits(&batch);
         assert_close(&got, &want, 1e-4, 1e-4, kind.name());
         // Every layer's output is in the activation buffers (the input of forward_from).
-        assert_eq!(net.activation(net.plan.len(), batch.len()), got.as_slice());
+        assert_eq!(
+            net.exec.activation(net.exec.plan.len(), batch.len()),
+            got.as_slice()
+        );
         let loss = net.batch_loss(&batch, Reduction::Sum);
-        let want = naive_loss(&net, &wide_params(&net.params), &batch, Reduction::Sum);
+        let want = naive_loss(&net, &wide_params(&net.exec.params), &batch, Reduction::Sum);
         assert!(
             (loss - want).abs() <= 1e-4 * want.abs(),
             "{}: loss {loss} vs {want}",
@@ -105,16 +110,19 @@ fn forward_from_a_middle_layer_reproduces_the_full_forward() {
         let mut net = network(kind, 4, 1, 11);
         let batch = [3, 1, 2];
         let full = net.logits(&batch);
-        net.forward_from(0, batch.len(), Mode::Train, true);
-        assert_eq!(net.activation(net.plan.len(), batch.len()), full.as_slice());
-        for first in 1..net.plan.len() {
+        net.exec.forward_from(0, batch.len(), Mode::Train, true);
+        assert_eq!(
+            net.exec.activation(net.exec.plan.len(), batch.len()),
+            full.as_slice()
+        );
+        for first in 1..net.exec.plan.len() {
             // Scribble over everything after the cached input of `first`, then rerun from it.
-            for buf in &mut net.ws.acts[first + 1..] {
+            for buf in &mut net.exec.ws.acts[first + 1..] {
                 buf.fill(f32::NAN);
             }
-            net.forward_from(first, batch.len(), Mode::Train, true);
+            net.exec.forward_from(first, batch.len(), Mode::Train, true);
             assert_eq!(
-                net.activation(net.plan.len(), batch.len()),
+                net.exec.activation(net.exec.plan.len(), batch.len()),
                 full.as_slice(),
                 "{} from {first}",
                 kind.name()
@@ -144,13 +152,13 @@ fn check_gradient(spec: &ModelSpec, reduction: Reduction, per_array: usize, seed
     let mut net = network_of(spec, 6, 1, seed);
     let batch = [5, 1, 3, 0];
     let (loss, grads) = net.loss_and_grad(&batch, reduction);
-    let mut p = wide_params(&net.params);
+    let mut p = wide_params(&net.exec.params);
     let want = naive_loss(&net, &p, &batch, reduction);
     assert!(
         (loss - want).abs() <= 1e-4 * want.abs(),
         "loss {loss} vs {want}"
     );
-    let coords = sample_coordinates(&net.params, per_array, seed);
+    let coords = sample_coordinates(&net.exec.params, per_array, seed);
     let h = 1e-6;
     let mut fd = Vec::new();
     for &(a, i) in &coords {
@@ -251,7 +259,8 @@ fn calibrated_evaluation_of_a_batch_equals_its_training_mode_loss() {
         assert_eq!(eval.loss, train_loss, "{}", kind.name());
         let logits = net.logits(&batch);
         let hits = (0..9).filter(|&i| {
-            crate::kernels::loss::argmax(&logits[i * 10..][..10]) == net.train.labels[i] as usize
+            crate::kernels::loss::argmax(&logits[i * 10..][..10])
+                == net.exec.train.labels[i] as usize
         });
         assert_eq!(eval.accuracy, hits.count() as f64 / 9.0);
     }
@@ -260,12 +269,12 @@ fn calibrated_evaluation_of_a_batch_equals_its_training_mode_loss() {
 #[test]
 fn evaluation_before_calibration_uses_mean_zero_variance_one() {
     let mut net = network(ModelKind::Paper, 2, 5, 40);
-    let p = wide_params(&net.params);
+    let p = wide_params(&net.exec.params);
     let identity: Vec<(Vec<f64>, Vec<f64>)> =
         (0..6).map(|_| (vec![0.0; 16], vec![1.0; 16])).collect();
-    let images = wide(&net.test.images);
-    let z = tu::forward(&net.spec, &p, &images, 5, Some(&identity));
-    let want = tu::cross_entropy(5, 10, &z, &net.test.labels)
+    let images = wide(&net.exec.test.images);
+    let z = tu::forward(&net.exec.spec, &p, &images, 5, Some(&identity));
+    let want = tu::cross_entropy(5, 10, &z, &net.exec.test.labels)
         .iter()
         .sum::<f64>()
         / 5.0;
@@ -297,7 +306,7 @@ fn evaluation_spans_several_chunks_and_honours_the_limit() {
     assert_eq!(all.loss, net.batch_loss(&batch, Reduction::Mean));
     let logits = net.logits(&batch);
     let hits = (0..n).filter(|&i| {
-        crate::kernels::loss::argmax(&logits[i * 10..][..10]) == net.test.labels[i] as usize
+        crate::kernels::loss::argmax(&logits[i * 10..][..10]) == net.exec.test.labels[i] as usize
     });
     assert_eq!(all.accuracy, hits.count() as f64 / n as f64);
 
@@ -325,7 +334,7 @@ fn results_do_not_depend_on_the_number_of_threads() {
         let batch: Vec<u32> = (0..n as u32).rev().collect();
         let run = |pool: &rayon::ThreadPool, par_min_work| {
             let mut net = network(kind, n, 40, 60);
-            net.par_min_work = par_min_work;
+            net.exec.par_min_work = par_min_work;
             pool.install(|| {
                 let loss = net.batch_loss(&batch, Reduction::Sum);
                 let (gl, grads) = net.loss_and_grad(&batch, Reduction::Mean);
@@ -354,7 +363,14 @@ fn sgd_step_is_a_plain_gradient_step() {
         let before = net.params();
         let (loss, grads) = net.loss_and_grad(&batch, Reduction::Mean);
         assert_eq!(net.sgd_step(&batch, 0.1), loss);
-        for ((after, before), g) in net.params.values.iter().zip(&before.values).zip(&grads) {
+        for ((after, before), g) in net
+            .exec
+            .params
+            .values
+            .iter()
+            .zip(&before.values)
+            .zip(&grads)
+        {
             for ((a, b), g) in after.iter().zip(before).zip(g) {
                 assert_eq!(*a, b - 0.1 * g);
             }

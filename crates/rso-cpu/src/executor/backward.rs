@@ -1,0 +1,242 @@
+//! Backward passes of the [`Executor`] (SGD): parameter gradients into the workspace, every
+//! reduction over samples in a fixed order.
+
+use super::{grown, par_samples, Executor, Mode, Op, GRAD_CHUNK};
+use crate::kernels::batchnorm::{backward_partials, batchnorm_backward_input, combine_partials};
+use crate::kernels::conv::{conv3x3_backward_input, conv3x3_backward_params, Conv3x3};
+use crate::kernels::dense::{dense_backward_input, dense_backward_params};
+use crate::kernels::loss::cross_entropy_backward;
+use crate::kernels::pool::{avgpool2_backward, global_avgpool_backward, maxpool2_backward};
+use crate::kernels::relu::relu_backward;
+use rayon::prelude::*;
+use rso_models::Reduction;
+use std::ops::Range;
+
+impl Executor {
+    /// Forward and backward on `batch`; leaves the gradients in `ws.grads`, returns the loss.
+    pub(crate) fn compute_grads(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
+        let n = batch.len();
+        self.load_batch(batch);
+        self.forward_from(0, n, Mode::Train, true);
+        let sum = self.loss_sum(n);
+        let classes = self.spec.classes;
+        let scale = match reduction {
+            Reduction::Mean => 1.0 / n.max(1) as f64,
+            Reduction::Sum => 1.0,
+        };
+        let logits = &self.ws.acts[self.plan.len()][..n * classes];
+        let dy = grown(&mut self.ws.dy, n * classes, 0.0);
+        cross_entropy_backward(n, classes, logits, &self.ws.labels, scale, dy);
+        for i in (0..self.plan.len()).rev() {
+            self.backward_step(i, n);
+            std::mem::swap(&mut self.ws.dy, &mut self.ws.dx);
+        }
+        reduction.finish(sum, n)
+    }
+
+    /// The gradients left by the last [`Executor::compute_grads`], canonical order.
+    pub(crate) fn grads(&self) -> &[Vec<f32>] {
+        &self.ws.grads
+    }
+
+    /// One SGD step on `batch` (mean loss): `w ← w − lr·∇w`; returns the loss.
+    pub(crate) fn sgd_step(&mut self, batch: &[u32], lr: f32) -> f64 {
+        let loss = self.compute_grads(batch, Reduction::Mean);
+        for (v, g) in self.params.values.iter_mut().zip(&self.ws.grads) {
+            for (w, d) in v.iter_mut().zip(g) {
+                *w -= lr * d;
+            }
+        }
+        loss
+    }
+
+    /// Backward through layer `i`: parameter gradients into `ws.grads`, and (except for the
+    /// first layer) the input gradient from `ws.dy` into `ws.dx`.
+    fn backward_step(&mut self, i: usize, n: usize) {
+        let step = &self.plan[i];
+        let (in_len, out_len) = (step.in_len, step.out_len);
+        let split = n.saturating_mul(step.work) >= self.par_min_work;
+        let ws = &mut self.ws;
+        let x = &ws.acts[i][..n * in_len];
+        let dy = &ws.dy[..n * out_len];
+        let need_dx = i > 0;
+        let dx = grown(&mut ws.dx, n * in_len, 0.0);
+        let p = &self.params.values;
+        let xs = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
+        let dys = |r: &Range<usize>| &dy[r.start * out_len..r.end * out_len];
+        match step.op {
+            Op::Conv { conv, weight, bias } => {
+                conv_param_grads(
+                    &conv,
+                    n,
+                    x,
+                    dy,
+                    split,
+                    &mut ws.grad_partials,
+                    &mut ws.grads,
+                    weight,
+                    bias,
+                );
+                if need_dx {
+                    let w = &p[weight];
+                    par_samples(split, n, dx, |r, dx| {
+                        conv3x3_backward_input(&conv, r.len(), dys(&r), w, dx)
+                    });
+                }
+            }
+            Op::Dense {
+                d_in,
+                d_out,
+                weight,
+                bias,
+            } => {
+                let (gw, gb) = weight_and_bias(&mut ws.grads, weight, bias);
+                dense_backward_params(n, d_in, d_out, x, dy, gw, gb);
+                if need_dx {
+                    let w = &p[weight];
+                    par_samples(split, n, dx, |r, dx| {
+                        dense_backward_input(r.len(), d_in, d_out, dys(&r), w, dx)
+                    });
+                }
+            }
+            Op::BatchNorm {
+                c,
+                hw,
+                gamma,
+                beta,
+                slot,
+            } => {
+                let stats = &ws.batch_stats[slot];
+                let partials = grown(&mut ws.partials_f64, n * c, (0.0, 0.0));
+                par_samples(split, n, partials, |r, s| {
+                    backward_partials(r.len(), c, hw, xs(&r), dys(&r), &stats.mean, &stats.var, s)
+                });
+                let dgamma = grown(&mut ws.bn_dgamma, c, 0.0);
+                let dbeta = grown(&mut ws.bn_dbeta, c, 0.0);
+                combine_partials(n, c, partials, dgamma, dbeta);
+                for (g, &d) in ws.grads[gamma].iter_mut().zip(dgamma.iter()) {
+                    *g = d as f32;
+                }
+                for (g, &d) in ws.grads[beta].iter_mut().zip(dbeta.iter()) {
+                    *g = d as f32;
+                }
+                if need_dx {
+                    let (g, dgamma, dbeta) = (&p[gamma], &*dgamma, &*dbeta);
+                    par_samples(split, n, dx, |r, dx| {
+                        let (mean, var) = (&stats.mean, &stats.var);
+                        batchnorm_backward_input(
+                            r.len(),
+                            n,
+                            c,
+                            hw,
+                            xs(&r),
+                            dys(&r),
+                            mean,
+                            var,
+                            g,
+                            dgamma,
+                            dbeta,
+                            dx,
+                        )
+                    });
+                }
+            }
+            _ if !need_dx => {}
+            Op::Relu => par_samples(split, n, dx, |r, dx| relu_backward(xs(&r), dys(&r), dx)),
+            Op::MaxPool { c, h, w } => {
+                par_samples(split, n, dx, |r, dx| {
+                    maxpool2_backward(r.len() * c, h, w, xs(&r), dys(&r), dx)
+                });
+            }
+            Op::AvgPool { c, h, w } => {
+                par_samples(split, n, dx, |r, dx| {
+                    avgpool2_backward(r.len() * c, h, w, dys(&r), dx)
+                });
+            }
+            Op::GlobalAvgPool { c, hw } => {
+                par_samples(split, n, dx, |r, dx| {
+                    global_avgpool_backward(r.len() * c, hw, dys(&r), dx)
+                });
+            }
+        }
+    }
+}
+
+/// Mutable gradient arrays of a weight and its optional bias.
+fn weight_and_bias(
+    grads: &mut [Vec<f32>],
+    weight: usize,
+    bias: Option<usize>,
+) -> (&mut [f32], Option<&mut [f32]>) {
+    match bias {
+        // Canonical order puts a layer's bias right after its weight.
+        Some(b) => {
+            debug_assert_eq!(b, weight + 1);
+            let (w, rest) = grads[weight..].split_at_mut(1);
+            (&mut w[0], Some(&mut rest[0]))
+        }
+        None => (&mut grads[weight], None),
+    }
+}
+
+/// Convolution weight and bias gradients over `n` samples: partial sums over chunks of
+/// [`GRAD_CHUNK`] samples (in parallel when `split`), added in chunk order.
+#[allow(clippy::too_many_arguments)]
+fn conv_param_grads(
+    conv: &Conv3x3,
+    n: usize,
+    x: &[f32],
+    dy: &[f32],
+    split: bool,
+    partials: &mut Vec<f32>,
+    grads: &mut [Vec<f32>],
+    weight: usize,
+    bias: Option<usize>,
+) {
+    let (wlen, blen) = (
+        conv.c_out * conv.taps(),
+        if bias.is_some() { conv.c_out } else { 0 },
+    );
+    let (gw, mut gb) = weight_and_bias(grads, weight, bias);
+    let chunks = n.div_ceil(GRAD_CHUNK);
+    if chunks <= 1 {
+        conv3x3_backward_params(conv, n, x, dy, gw, gb);
+        return;
+    }
+    let stride = wlen + blen;
+    let partials = grown(partials, chunks * stride, 0.0);
+    let (in_len, out_len) = (conv.in_len(), conv.out_len());
+    let run = |k: usize, part: &mut [f32]| {
+        let r = k * GRAD_CHUNK..((k + 1) * GRAD_CHUNK).min(n);
+        let (pw, pb) = part.split_at_mut(wlen);
+        let pb = if blen > 0 { Some(pb) } else { None };
+        let xs = &x[r.start * in_len..r.end * in_len];
+        let dys = &dy[r.start * out_len..r.end * out_len];
+        conv3x3_backward_params(conv, r.len(), xs, dys, pw, pb);
+    };
+    if !split || rayon::current_num_threads() <= 1 {
+        partials
+            .chunks_mut(stride)
+            .enumerate()
+            .for_each(|(k, p)| run(k, p));
+    } else {
+        partials
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(k, p)| run(k, p));
+    }
+    gw.fill(0.0);
+    if let Some(gb) = gb.as_deref_mut() {
+        gb.fill(0.0);
+    }
+    for part in partials.chunks(stride) {
+        for (g, p) in gw.iter_mut().zip(&part[..wlen]) {
+            *g += p;
+        }
+        if let Some(gb) = gb.as_deref_mut() {
+            for (g, p) in gb.iter_mut().zip(&part[wlen..]) {
+                *g += p;
+            }
+        }
+    }
+}
