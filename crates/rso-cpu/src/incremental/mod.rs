@@ -8,9 +8,9 @@
 //!
 //! | visited array | model without BatchNorm (`one-conv`, `two-conv`) | model with BatchNorm on batch statistics (`paper`) |
 //! |---|---|---|
-//! | final dense weight/bias | [`dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store](store); O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights; once the visits' batches are seen to partition the training set (preset `seed`: the round's shuffled batches, recognised by content), logits, input and per-row constants are kept in the order of those batches, so that a visit reads contiguous ranges instead of gathering its samples | [`dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`bn::BatchMemo`]), then O(B) |
-//! | convolution weight/bias | [`conv`]: a snapshot of all N samples' next-layer input and logits (or next convolution's output); per visit channel `k` (and any *dirty* channel) for the batch only — from the stored layer output plus a convolution of the input channels whose weights changed since the snapshot when the store keeps that output — then one block of logits (or one input channel of the next convolution); dirty channels folded into the snapshot when RSO moves on | [`bn::conv`]: one forward pass of the batch (from the layer's input when the batch recurs), then channel `k` alone through pooling, BatchNorm (channel `k`'s batch statistics) and ReLU, one input channel of the next convolution, and a forward pass of the rest per candidate |
-//! | BatchNorm γ/β | — | [`bn::norm`]: as a convolution, from the BatchNorm on |
+//! | final dense weight/bias | [`all_samples::dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store](all_samples::store); O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights; once the visits' batches are seen to partition the training set (preset `seed`: the round's shuffled batches, recognised by content), logits, input and per-row constants are kept in the order of those batches, so that a visit reads contiguous ranges instead of gathering its samples | [`per_batch::dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`per_batch::memo::ActivationMemo`]), then O(B) |
+//! | convolution weight/bias | [`all_samples::conv`]: a snapshot of all N samples' next-layer input and logits (or next convolution's output); per visit channel `k` (and any *dirty* channel) for the batch only — from the stored layer output plus a convolution of the input channels whose weights changed since the snapshot when the store keeps that output — then one block of logits (or one input channel of the next convolution); dirty channels folded into the snapshot when RSO moves on | [`per_batch::conv::conv`]: one forward pass of the batch (from the layer's input when the batch recurs), then channel `k` alone through pooling, BatchNorm (channel `k`'s batch statistics) and ReLU, one input channel of the next convolution, and a forward pass of the rest per candidate |
+//! | BatchNorm γ/β | — | [`per_batch::conv::norm`]: as a convolution, from the BatchNorm on |
 //!
 //! Anything else (a layer order these paths do not recognise, more than 64 classes, an empty
 //! batch) takes the reference path.
@@ -22,8 +22,8 @@
 //! never builds them) and checked against a change clock: every parameter change ticks it and
 //! records the tick per layer ([`Clock`]); a cached array remembers the tick it is consistent
 //! with and is valid while no layer it depends on changed since. Changes of the final dense
-//! layer are added to the all-samples logits ([`dense::update`]); a convolution's changes are
-//! folded into its snapshot ([`conv`]); `set_params` and SGD steps mark every layer changed.
+//! layer are added to the all-samples logits ([`all_samples::dense::update`]); a convolution's changes are
+//! folded into its snapshot ([`all_samples::conv`]); `set_params` and SGD steps mark every layer changed.
 //! The sweep that starts every RSO round (the final dense layer's weights) drops all caches,
 //! so a round's arithmetic depends only on the weights it starts from: a run resumed from a
 //! checkpoint computes bit for bit what the uninterrupted run computes.
@@ -39,11 +39,16 @@
 //! of its batch (the layers before the visited one skipped when the batch recurs) and each
 //! candidate the layers after the next convolution.
 
-mod bn;
-mod conv;
-mod dense;
-mod store;
+//!
+//! Layout: [`all_samples`] holds the strategy of the models without BatchNorm (arrays of the
+//! whole training set kept current), [`per_batch`] that of the BatchNorm models (state kept per
+//! batch); [`util`] the loss accumulator, chunking and scratch both use.
+
+mod all_samples;
+mod per_batch;
 mod util;
+
+use all_samples::{conv, dense, store};
 
 use crate::executor::{Executor, Op};
 #[cfg(doc)]
@@ -142,7 +147,7 @@ pub(crate) struct Incremental {
     store: store::Store,
     dense: dense::DenseState,
     conv: Option<conv::ConvCache>,
-    bn: bn::BnScratch,
+    bn: per_batch::PerBatch,
 }
 
 impl std::fmt::Debug for Incremental {
@@ -190,14 +195,18 @@ impl Incremental {
             Op::Dense { .. } if dense == Some(layer) => {
                 self.finish_conv(exec);
                 Some(if has_bn {
-                    dense::per_batch(self, exec, layer, v)
+                    per_batch::dense::per_batch(self, exec, layer, v)
                 } else {
                     dense::cached(self, exec, layer, v)
                 })
             }
-            Op::Conv { .. } if has_bn => bn::conv(&mut self.bn, &self.clock, exec, layer, v),
+            Op::Conv { .. } if has_bn => {
+                per_batch::conv::conv(&mut self.bn, &self.clock, exec, layer, v)
+            }
             Op::Conv { .. } => conv::visit(self, exec, layer, v),
-            Op::BatchNorm { .. } => bn::norm(&mut self.bn, &self.clock, exec, layer, v),
+            Op::BatchNorm { .. } => {
+                per_batch::conv::norm(&mut self.bn, &self.clock, exec, layer, v)
+            }
             _ => None,
         }
     }
@@ -257,6 +266,35 @@ impl Incremental {
         if eager {
             dense::update(self, exec, layer, param, index, old, new);
         }
+    }
+}
+
+/// The layer's shape: `(d_in, d_out, weight, bias)`.
+pub(super) fn dense_shape(exec: &Executor, layer: usize) -> (usize, usize, usize, Option<usize>) {
+    match exec.plan[layer].op {
+        Op::Dense {
+            d_in,
+            d_out,
+            weight,
+            bias,
+        } => (d_in, d_out, weight, bias),
+        _ => unreachable!("layer {layer} is not dense"),
+    }
+}
+
+/// Which logit row and which input a scalar of the layer moves: `(k, Some(j))` for weight
+/// `(k, j)`, `(k, None)` for bias `k`.
+pub(super) fn dense_target(
+    exec: &Executor,
+    layer: usize,
+    param: usize,
+    index: usize,
+) -> (usize, Option<usize>) {
+    let (d_in, _, weight, _) = dense_shape(exec, layer);
+    if param == weight {
+        (index / d_in, Some(index % d_in))
+    } else {
+        (index, None)
     }
 }
 

@@ -36,12 +36,12 @@
 //! pre-activation unchanged), so a candidate that changes nothing for the batch (a zero input
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
 
-use super::util::{
+use crate::executor::{layer_forward, Executor, Op};
+use crate::incremental::util::{
     add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch,
     with_scratch_b, LogProd,
 };
-use super::{Clock, Incremental, Visit};
-use crate::executor::{layer_forward, Executor, Op};
+use crate::incremental::{Clock, Incremental, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
@@ -117,9 +117,9 @@ enum Next {
 
 /// The snapshot of one convolution's sweep (see the module docs).
 #[derive(Debug)]
-pub(super) struct ConvCache {
+pub(crate) struct ConvCache {
     /// Plan index of the convolution.
-    pub(super) layer: usize,
+    pub(crate) layer: usize,
     conv: Conv3x3,
     weight: usize,
     bias: Option<usize>,
@@ -236,7 +236,7 @@ impl ConvCache {
     }
 
     /// Whether every layer other than this one is unchanged since the snapshot.
-    pub(super) fn valid(&self, clock: &Clock, layers: usize) -> bool {
+    pub(crate) fn valid(&self, clock: &Clock, layers: usize) -> bool {
         clock.unchanged_since(self.created, 0..self.layer)
             && clock.unchanged_since(self.created, self.layer + 1..layers)
     }
@@ -302,7 +302,7 @@ fn inputs<'a>(exec: &'a Executor, store_in: &'a [f32], layer: usize) -> &'a [f32
 
 /// The three losses for a scalar of the convolution at plan index `layer`, or `None` when the
 /// layers after it are not supported (the caller then takes the reference path).
-pub(super) fn visit(
+pub(crate) fn visit(
     inc: &mut Incremental,
     exec: &mut Executor,
     layer: usize,
@@ -508,7 +508,7 @@ fn visit_cached(
         let conv_rows = |c: usize, out: &mut [f32]| {
             if in_len <= 1024 {
                 // Small inputs (the images): gathered, so one kernel call covers the chunk.
-                super::util::with_scratch_b(nc * in_len, |xg| {
+                with_scratch_b(nc * in_len, |xg| {
                     for (t, dst) in xg.chunks_exact_mut(in_len).enumerate() {
                         dst.copy_from_slice(x_of(t));
                     }
@@ -553,7 +553,7 @@ fn visit_cached(
                 // prefetched: random rows of arrays far larger than the caches), then one
                 // convolution call for the chunk.
                 let gl = ng * hw;
-                super::util::with_scratch_b(nc * gl + nc * hw, |buf| {
+                with_scratch_b(nc * gl + nc * hw, |buf| {
                     let (xg, y) = buf.split_at_mut(nc * gl);
                     for (t, dst) in xg.chunks_exact_mut(gl.max(1)).enumerate().take(nc) {
                         if let Some(&a) = idx.get(t + 2) {
@@ -751,7 +751,7 @@ fn next_conv_losses(
     let max_len = plan[nl..].iter().map(|s| s.out_len).max().unwrap_or(0);
     // Scratch (this thread's second buffer): dPD | dPK | a | b.
     let sizes = [nc * p_len, nc * p_len, 3 * nc * max_len, 3 * nc * max_len];
-    super::util::with_scratch_b(sizes.iter().sum(), |s| {
+    with_scratch_b(sizes.iter().sum(), |s| {
         let (dpd, s) = s.split_at_mut(sizes[0]);
         let (dpk, s) = s.split_at_mut(sizes[1]);
         let (a, b) = s.split_at_mut(sizes[2]);
@@ -1025,7 +1025,7 @@ fn fold(inc: &mut Incremental, cache: &mut ConvCache, exec: &Executor, chans: &[
 
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are
 /// current again (and stamps them so), or drops it if another layer changed meanwhile.
-pub(super) fn finish(inc: &mut Incremental, mut cache: ConvCache, exec: &Executor) {
+pub(crate) fn finish(inc: &mut Incremental, mut cache: ConvCache, exec: &Executor) {
     inc.store.settle();
     if !cache.valid(&inc.clock, exec.plan.len()) {
         return;

@@ -4,8 +4,8 @@
 //! Each stored array carries the tick of the [change clock](super::Clock) at which it was last
 //! consistent with the parameters; it is valid while no layer it depends on has changed since.
 
-use super::Clock;
 use crate::executor::{Executor, Mode, Op};
+use crate::incremental::Clock;
 use rayon::prelude::*;
 use rso_models::SplitKind;
 
@@ -14,72 +14,72 @@ const CHUNK: usize = 128;
 
 /// An all-samples array and the tick it is consistent with.
 #[derive(Debug, Default)]
-pub(super) struct Stamped<T> {
-    pub(super) data: Vec<T>,
+pub(crate) struct Stamped<T> {
+    pub(crate) data: Vec<T>,
     /// `None`: never computed (or dropped).
-    pub(super) tick: Option<u64>,
+    pub(crate) tick: Option<u64>,
 }
 
 impl<T> Stamped<T> {
     /// Whether the array is consistent with the current parameters of layers `..upto`.
-    pub(super) fn valid(&self, clock: &Clock, upto: usize) -> bool {
+    pub(crate) fn valid(&self, clock: &Clock, upto: usize) -> bool {
         self.tick.is_some_and(|t| clock.unchanged_since(t, 0..upto))
     }
 }
 
 /// The all-samples arrays.
 #[derive(Debug, Default)]
-pub(super) struct Store {
+pub(crate) struct Store {
     /// `acts[a]`: activation `a` (output of layer `a − 1`) of every training sample,
     /// sample-major. `acts[0]` is never stored (the images are resident).
-    pub(super) acts: Vec<Stamped<f32>>,
+    pub(crate) acts: Vec<Stamped<f32>>,
     /// Logits of every sample, class-major (`z[class·N + sample]`, by position while a
     /// [`Layout`] is set), f64. Kept up to date by dense-layer changes ([`super::dense`]).
-    pub(super) z: Stamped<f64>,
+    pub(crate) z: Stamped<f64>,
     /// Generation of each logit row (class): bumped whenever the row changes.
-    pub(super) z_gen: Vec<u64>,
+    pub(crate) z_gen: Vec<u64>,
     /// The input of the final dense layer in blocks of [`FB`] features:
     /// `xb[(block·N + sample)·FB + feature % FB]`, so that one cache line holds a sample's
     /// features of a block (zero-padded past the last feature). By position while a
     /// [`Layout`] is set; not built while [`Store::xb_direct`] is.
-    pub(super) xb: Stamped<f32>,
+    pub(crate) xb: Stamped<f32>,
     /// Accepted changes of the dense weights of row `pending_row`, block `pending_block`, not
     /// yet added to `z` (see [`super::dense`]): `pending[f]` is the summed change of feature
     /// `block·FB + f`, and the logits are `z + Σ_f pending[f]·x_f` while `has_pending`.
-    pub(super) pending: [f64; FB],
-    pub(super) has_pending: bool,
-    pub(super) pending_row: usize,
-    pub(super) pending_block: usize,
+    pub(crate) pending: [f64; FB],
+    pub(crate) has_pending: bool,
+    pub(crate) pending_row: usize,
+    pub(crate) pending_block: usize,
     /// While set, `z`, `xb` (and the dense path's row constants) are indexed by *position* in
     /// this order of the samples instead of by sample (see [`super::dense`]); [`Store::settle`]
     /// goes back to sample order.
-    pub(super) layout: Option<Layout>,
+    pub(crate) layout: Option<Layout>,
     /// When set, `xb` is not built: the lines of block `b` are read from the stored input of
     /// the dense layer (activation `xb_direct`, whose row length is a multiple of [`FB`]) at
     /// `acts[sample·d + b·FB..]`. Only in sample order (a layout always builds `xb`).
-    pub(super) xb_direct: Option<usize>,
+    pub(crate) xb_direct: Option<usize>,
 }
 
 /// An order of the training samples: the concatenation of the recurring batches of a dense
 /// sweep, so that each of them is one contiguous range of positions.
 #[derive(Debug)]
-pub(super) struct Layout {
+pub(crate) struct Layout {
     /// Sample at each position.
-    pub(super) perm: Vec<u32>,
+    pub(crate) perm: Vec<u32>,
     /// Position of each sample.
-    pub(super) inv: Vec<u32>,
+    pub(crate) inv: Vec<u32>,
     /// Label of the sample at each position.
-    pub(super) labels: Vec<u8>,
+    pub(crate) labels: Vec<u8>,
 }
 
 /// Features per block of [`Store::xb`] (a 64-byte cache line of f32).
-pub(super) const FB: usize = 16;
+pub(crate) const FB: usize = 16;
 
 impl Store {
     /// Makes `acts[a]` valid for every `a` in `want` (`0 < a < plan.len()`), and the logits when
     /// `logits`, by chunked forward passes from the highest valid stored activation below the
     /// first invalid one (or from the images).
-    pub(super) fn ensure(
+    pub(crate) fn ensure(
         &mut self,
         exec: &mut Executor,
         clock: &Clock,
@@ -196,7 +196,7 @@ impl Store {
     }
 
     /// Marks every logit row as changed.
-    pub(super) fn bump_all_rows(&mut self, classes: usize) {
+    pub(crate) fn bump_all_rows(&mut self, classes: usize) {
         if self.z_gen.len() != classes {
             self.z_gen = vec![0; classes];
         }
@@ -212,7 +212,7 @@ impl Store {
     /// are read from the stored input in place ([`Store::xb_direct`]) rather than building `xb`
     /// twice. (Read in place, a line usually straddles two cache lines, so a whole sweep that
     /// way would cost more than building `xb`.)
-    pub(super) fn ensure_xb(
+    pub(crate) fn ensure_xb(
         &mut self,
         exec: &mut Executor,
         clock: &Clock,
@@ -280,7 +280,7 @@ impl Store {
     /// input must be rebuilt in that order ([`Store::ensure_xb`]) before anything reads the
     /// lines. Pending changes stay pending (they are per feature, not per sample), so that the
     /// logits get the same additions as without a layout.
-    pub(super) fn set_layout(&mut self, layout: Layout) {
+    pub(crate) fn set_layout(&mut self, layout: Layout) {
         let n = layout.perm.len();
         let z = &self.z.data;
         let mut zp = vec![0.0; z.len()];
@@ -298,7 +298,7 @@ impl Store {
 
     /// Adds the pending dense-weight changes to the logits and puts them back in sample order:
     /// what every reader of the logits other than the dense path expects.
-    pub(super) fn settle(&mut self) {
+    pub(crate) fn settle(&mut self) {
         self.flush_pending();
         if let Some(layout) = self.layout.take() {
             let n = layout.perm.len();
@@ -316,7 +316,7 @@ impl Store {
     }
 
     /// Adds the pending dense-weight changes to the logits (see [`Store::pending`]).
-    pub(super) fn flush_pending(&mut self) {
+    pub(crate) fn flush_pending(&mut self) {
         if !self.has_pending {
             return;
         }
@@ -340,12 +340,12 @@ impl Store {
 
     /// The lines of block `block` of the dense layer's input (`n` samples): line `p` is
     /// `lines[p·stride..][..FB]` (see [`Store::xb_direct`]).
-    pub(super) fn lines(&self, block: usize, n: usize) -> (&[f32], usize) {
+    pub(crate) fn lines(&self, block: usize, n: usize) -> (&[f32], usize) {
         lines(self.xb_direct, &self.acts, &self.xb.data, block, n)
     }
 
     /// Adds `dz[sample·classes + class]` (sample-major) to the class-major logits.
-    pub(super) fn add_logits(&mut self, dz: &[f64], classes: usize) {
+    pub(crate) fn add_logits(&mut self, dz: &[f64], classes: usize) {
         let n = self.z.data.len() / classes.max(1);
         for (k, row) in self.z.data.chunks_exact_mut(n.max(1)).enumerate() {
             for (i, z) in row.iter_mut().enumerate() {
@@ -405,7 +405,7 @@ fn useful(exec: &Executor) -> Vec<usize> {
 /// `Σ_f pending[f]·line[f]` for one sample's line of a block: four interleaved partial sums
 /// added pairwise (a fixed order).
 #[inline(always)]
-pub(super) fn pending_sum(pending: &[f64; FB], line: &[f32]) -> f64 {
+pub(crate) fn pending_sum(pending: &[f64; FB], line: &[f32]) -> f64 {
     let mut acc = [0.0f64; 4];
     for (p, x) in pending.chunks_exact(4).zip(line.chunks_exact(4)) {
         for l in 0..4 {
@@ -419,7 +419,7 @@ pub(super) fn pending_sum(pending: &[f64; FB], line: &[f32]) -> f64 {
 /// `lines[t·stride..][..FB]`; with `x = Some((x, f))` also `x[t] = line t[f]`. The AVX2 version
 /// computes [`pending_sum`] in the same order (one 4-lane sum, then `(a0 + a2) + (a1 + a3)`),
 /// so both give the same values.
-pub(super) fn add_pending(
+pub(crate) fn add_pending(
     pending: &[f64; FB],
     lines: &[f32],
     stride: usize,
@@ -448,7 +448,7 @@ pub(super) fn add_pending(
 }
 
 /// Values per sample of activation `a` of `exec`'s plan.
-pub(super) fn act_len(exec: &Executor, a: usize) -> usize {
+pub(crate) fn act_len(exec: &Executor, a: usize) -> usize {
     if a == 0 {
         exec.plan[0].in_len
     } else {

@@ -27,17 +27,14 @@
 //! arithmetic in either order, so the losses do not depend on the layout;
 //! [`Store::settle`](super::store::Store::settle) returns to sample order for every other
 //! reader of the logits.
-//!
-//! With BatchNorm ([`per_batch`]) the logits depend on the batch, so one forward pass of the
-//! batch gives them and the layer's input, and the candidates are O(B) from there.
 
-use super::store::{act_len, pending_sum, Layout, FB};
-use super::util::{
+use super::store::{pending_sum, Layout, FB};
+use crate::executor::Executor;
+use crate::incremental::util::{
     changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch, with_scratch64,
     LogProd,
 };
-use super::{Incremental, Visit, MAX_CLASSES};
-use crate::executor::{Executor, Op};
+use crate::incremental::{dense_shape, dense_target, Incremental, Visit, MAX_CLASSES};
 use crate::simd::{prefetch, simd_dispatch};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -120,56 +117,32 @@ impl Slots {
 
 /// State of the dense path.
 #[derive(Debug, Default)]
-pub(super) struct DenseState {
+pub(crate) struct DenseState {
     rows: Option<Rows>,
     parts: Vec<[LogProd; 3]>,
     slots: Slots,
 }
 
 impl DenseState {
-    pub(super) fn forget_rows(&mut self) {
+    pub(crate) fn forget_rows(&mut self) {
         self.rows = None;
     }
 
     /// Forgets the batches seen (when the caches drop, at the start of every round).
-    pub(super) fn forget_slots(&mut self) {
+    pub(crate) fn forget_slots(&mut self) {
         self.slots = Slots::default();
     }
 
     /// Keeps sample order until the caches drop (tests compare both orders).
     #[cfg(test)]
-    pub(super) fn disable_layout(&mut self) {
+    pub(crate) fn disable_layout(&mut self) {
         self.slots.broken = true;
-    }
-}
-
-/// The layer's shape: `(d_in, d_out, weight, bias)`.
-fn shape(exec: &Executor, layer: usize) -> (usize, usize, usize, Option<usize>) {
-    match exec.plan[layer].op {
-        Op::Dense {
-            d_in,
-            d_out,
-            weight,
-            bias,
-        } => (d_in, d_out, weight, bias),
-        _ => unreachable!("layer {layer} is not dense"),
-    }
-}
-
-/// Which logit row and which input a scalar of the layer moves: `(k, Some(j))` for weight
-/// `(k, j)`, `(k, None)` for bias `k`.
-fn target(exec: &Executor, layer: usize, param: usize, index: usize) -> (usize, Option<usize>) {
-    let (d_in, _, weight, _) = shape(exec, layer);
-    if param == weight {
-        (index / d_in, Some(index % d_in))
-    } else {
-        (index, None)
     }
 }
 
 /// The three losses for a scalar of the final dense layer (plan index `layer`) of a model
 /// without BatchNorm, from the all-samples logits.
-pub(super) fn cached(
+pub(crate) fn cached(
     inc: &mut Incremental,
     exec: &mut Executor,
     layer: usize,
@@ -184,7 +157,7 @@ pub(super) fn cached(
     } = v;
     let classes = exec.spec.classes;
     let n = exec.train.len();
-    let (k, j) = target(exec, layer, param, index);
+    let (k, j) = dense_target(exec, layer, param, index);
     inc.store.ensure(exec, &inc.clock, &[layer], true);
     if j.is_none() {
         // Bias visits (one per row, after the weights) compute their row constants on the
@@ -209,7 +182,7 @@ pub(super) fn cached(
     // The layout forms once every batch has been seen: after about `m·(ln m + 1)` visits for
     // `m` batches drawn with replacement. Expected within the first eighth of the sweep?
     let m = n.div_ceil(batch.len()) as f64;
-    let (d_in, d_out, _, _) = shape(exec, layer);
+    let (d_in, d_out, _, _) = dense_shape(exec, layer);
     let layout_soon = 8.0 * m * (m.ln() + 1.0) <= (d_in * d_out) as f64;
     inc.store.ensure_xb(exec, &inc.clock, layer, layout_soon);
     let [dp, dm] = changes(exec.params.values[param][index], delta);
@@ -291,7 +264,7 @@ pub(super) fn cached(
         }
     };
     let chunks = batch.len().div_ceil(CHUNK);
-    let parts = super::util::grown(&mut inc.dense.parts, chunks, Default::default());
+    let parts = crate::incremental::util::grown(&mut inc.dense.parts, chunks, Default::default());
     let ds = [0.0, dp, dm];
     let par = batch.len() >= PAR_BATCH && parallel(1 << 20);
     for_chunks(batch.len(), CHUNK, par, parts, |r, acc| {
@@ -552,7 +525,7 @@ fn exp_sum_body(z: &[f64], m: &[f64], s: &mut [f64]) {
 /// pending changes (added to row `k` of all N samples when RSO leaves its block of features),
 /// a bias moves row `k` by `new − old` at once. The caller checked that the logits and the
 /// blocked input are valid.
-pub(super) fn update(
+pub(crate) fn update(
     inc: &mut Incremental,
     exec: &Executor,
     layer: usize,
@@ -562,7 +535,7 @@ pub(super) fn update(
     new: f32,
 ) {
     let n = exec.train.len();
-    let (k, j) = target(exec, layer, param, index);
+    let (k, j) = dense_target(exec, layer, param, index);
     let d = f64::from(new) - f64::from(old);
     let store = &mut inc.store;
     match j {
@@ -584,55 +557,4 @@ pub(super) fn update(
     }
     store.z.tick = Some(inc.clock.now());
     store.z_gen[k] += 1;
-}
-
-/// The three losses for a scalar of the final dense layer (plan index `layer`) of a model with
-/// BatchNorm: one forward pass of the batch, then O(B) per candidate.
-pub(super) fn per_batch(
-    inc: &mut Incremental,
-    exec: &mut Executor,
-    layer: usize,
-    v: Visit,
-) -> [f64; 3] {
-    let Visit {
-        batch,
-        param,
-        index,
-        delta,
-        reduction,
-    } = v;
-    let b = batch.len();
-    let classes = exec.spec.classes;
-    // The forward pass (its loss is not used: the base goes through the same arithmetic as the
-    // candidates); the layer's input comes from the per-batch memo when the batch recurs.
-    super::bn::forward(&mut inc.bn, &inc.clock, exec, batch, reduction, layer, None);
-    let (k, j) = target(exec, layer, param, index);
-    let [dp, dm] = changes(exec.params.values[param][index], delta);
-    let d_in = act_len(exec, layer);
-    let x = &exec.ws.acts[layer][..b * d_in];
-    let logits = &exec.ws.acts[exec.plan.len()][..b * classes];
-    let labels = &exec.ws.labels[..b];
-    let chunks = b.div_ceil(CHUNK);
-    let parts = super::util::grown(&mut inc.dense.parts, chunks, Default::default());
-    for_chunks(b, CHUNK, parallel(b * classes * 30), parts, |r, acc| {
-        *acc = Default::default();
-        let mut zrow = [0.0f64; MAX_CLASSES];
-        for t in r {
-            let label = usize::from(labels[t]);
-            let xj = j.map_or(1.0, |j| f64::from(x[t * d_in + j]));
-            for (v, a) in acc.iter_mut().enumerate() {
-                for (zc, &l) in zrow.iter_mut().zip(&logits[t * classes..(t + 1) * classes]) {
-                    *zc = f64::from(l);
-                }
-                match v {
-                    0 => {}
-                    1 => zrow[k] += dp * xj,
-                    _ => zrow[k] += dm * xj,
-                }
-                push_ce(a, &zrow[..classes], label);
-            }
-        }
-    });
-    let sums = combine(&parts[..chunks]);
-    sums.map(|s| reduction.finish(s, b))
 }

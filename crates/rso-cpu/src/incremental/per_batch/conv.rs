@@ -1,0 +1,424 @@
+//! Candidates of a convolution or BatchNorm of a BatchNorm model: channel `k` alone through
+//! the chain up to the next parameter layer (see the [module docs](super)).
+
+use super::memo::{forward, Visited};
+use super::{PerBatch, CHUNK};
+use crate::executor::{Executor, Mode, Op};
+use crate::incremental::util::{add_shifted, changes, grown, parallel, push_ce, LogProd};
+use crate::incremental::{Clock, Visit};
+use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
+use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
+use crate::kernels::relu::relu_forward;
+use rayon::prelude::*;
+use rso_models::Reduction;
+
+/// The parameter layer that ends the chain.
+#[derive(Clone, Copy, Debug)]
+enum Next {
+    Dense {
+        d_in: usize,
+        weight: usize,
+    },
+    Conv {
+        layer: usize,
+        conv: Conv3x3,
+        weight: usize,
+    },
+}
+
+/// The plan index of the parameter layer after `first`'s chain, checking that every layer in
+/// between is channel-local.
+fn next_after(exec: &Executor, first: usize) -> Option<Next> {
+    for (i, step) in exec.plan.iter().enumerate().skip(first) {
+        match step.op {
+            Op::Relu
+            | Op::MaxPool { .. }
+            | Op::AvgPool { .. }
+            | Op::BatchNorm { .. }
+            | Op::GlobalAvgPool { .. } => {}
+            Op::Dense { d_in, weight, .. } => {
+                return (i + 1 == exec.plan.len()).then_some(Next::Dense { d_in, weight });
+            }
+            Op::Conv { conv, weight, .. } => {
+                return Some(Next::Conv {
+                    layer: i,
+                    conv,
+                    weight,
+                })
+            }
+        }
+    }
+    None
+}
+
+/// Index of `next`'s layer (the end of the chain).
+fn end_of(exec: &Executor, next: Next) -> usize {
+    match next {
+        Next::Dense { .. } => exec.plan.len() - 1,
+        Next::Conv { layer, .. } => layer,
+    }
+}
+
+/// Runs the channel-local layers `ops` on the channel-`k` planes of `n` samples held in `a`
+/// (`[n][hw]`), leaving the result in `a` (using `b`). A BatchNorm normalises with these
+/// planes' batch statistics and channel `k`'s γ, β — or `gb` for the layer `gb_layer`.
+#[allow(clippy::too_many_arguments)]
+fn chain(
+    exec: &Executor,
+    ops: std::ops::Range<usize>,
+    k: usize,
+    n: usize,
+    a: &mut Vec<f32>,
+    b: &mut Vec<f32>,
+    moments: &mut Vec<(f64, f64)>,
+    gb: Option<(usize, f32, f32)>,
+) {
+    for i in ops {
+        let step = &exec.plan[i];
+        let x = &a[..];
+        let y = grown(b, a.len(), 0.0);
+        match step.op {
+            Op::Relu => {
+                let hw = plane_len(exec, i);
+                relu_forward(&x[..n * hw], &mut y[..n * hw]);
+            }
+            Op::MaxPool { h, w, .. } => maxpool2_forward(n, h, w, x, y),
+            Op::AvgPool { h, w, .. } => avgpool2_forward(n, h, w, x, y),
+            Op::GlobalAvgPool { hw, .. } => global_avgpool_forward(n, hw, x, y),
+            Op::BatchNorm {
+                hw, gamma, beta, ..
+            } => {
+                let m = grown(moments, n, (0.0, 0.0));
+                plane_moments(n, 1, hw, &x[..n * hw], m);
+                let (mut mean, mut var) = ([0.0f64], [0.0f64]);
+                combine_moments(n, 1, hw, m, &mut mean, &mut var);
+                let p = &exec.params.values;
+                let (g, bt) = match gb {
+                    Some((layer, g, bt)) if layer == i => (g, bt),
+                    _ => (p[gamma][k], p[beta][k]),
+                };
+                batchnorm_apply(n, 1, hw, x, &mean, &var, &[g], &[bt], y);
+            }
+            _ => unreachable!("checked by next_after"),
+        }
+        std::mem::swap(a, b);
+    }
+}
+
+/// Values per channel plane of the input of layer `i`.
+fn plane_len(exec: &Executor, i: usize) -> usize {
+    match exec.plan[i].op {
+        Op::Relu => {
+            // A ReLU's planes are those of the layer before it (or the input's).
+            if i == 0 {
+                exec.spec.input[1] * exec.spec.input[2]
+            } else {
+                plane_out(exec, i - 1)
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Values per channel plane of the output of layer `i`.
+fn plane_out(exec: &Executor, i: usize) -> usize {
+    match exec.plan[i].op {
+        Op::Conv { conv, .. } => conv.h * conv.w,
+        Op::MaxPool { h, w, .. } | Op::AvgPool { h, w, .. } => (h / 2) * (w / 2),
+        Op::BatchNorm { hw, .. } => hw,
+        Op::GlobalAvgPool { .. } => 1,
+        Op::Relu => plane_len(exec, i),
+        Op::Dense { .. } => 1,
+    }
+}
+
+/// The three losses for a scalar of the convolution at plan index `layer`.
+pub(crate) fn conv(
+    s: &mut PerBatch,
+    clock: &Clock,
+    exec: &mut Executor,
+    layer: usize,
+    visit: Visit,
+) -> Option<[f64; 3]> {
+    let Visit {
+        batch,
+        param,
+        index,
+        delta,
+        reduction,
+    } = visit;
+    let Op::Conv { conv, weight, bias } = exec.plan[layer].op else {
+        return None;
+    };
+    let next = next_after(exec, layer + 1)?;
+    let n = batch.len();
+    let taps = conv.taps();
+    let (k, tap) = if param == weight {
+        (index / taps, Some(index % taps))
+    } else {
+        (index, None)
+    };
+    let visited = Visited {
+        conv,
+        weight,
+        bias,
+        k,
+    };
+    let base = forward(
+        &mut s.memo,
+        clock,
+        exec,
+        batch,
+        reduction,
+        layer,
+        Some(visited),
+    );
+    let [dp, dm] = changes(exec.params.values[param][index], delta);
+    let hw = conv.h * conv.w;
+    // Channel k of the convolution's output at W, W + Δ, W − Δ: `[v][t][hw]`.
+    let y = &exec.ws.acts[layer + 1];
+    let x = &exec.ws.acts[layer];
+    let a = grown(&mut s.a, 3 * n * hw, 0.0);
+    for t in 0..n {
+        a[t * hw..(t + 1) * hw].copy_from_slice(&y[(t * conv.c_out + k) * hw..][..hw]);
+    }
+    let (base_planes, cands) = a.split_at_mut(n * hw);
+    for (v, d) in [dp as f32, dm as f32].into_iter().enumerate() {
+        let out = &mut cands[v * n * hw..(v + 1) * n * hw];
+        for t in 0..n {
+            let plane = &base_planes[t * hw..(t + 1) * hw];
+            let dst = &mut out[t * hw..(t + 1) * hw];
+            match tap {
+                Some(tap) => {
+                    let (ci, ky, kx) = (tap / 9, (tap % 9) / 3, tap % 3);
+                    let src = &x[(t * conv.c_in + ci) * hw..][..hw];
+                    add_shifted(conv.h, conv.w, plane, src, ky, kx, d, dst);
+                }
+                None => {
+                    for (o, &p) in dst.iter_mut().zip(plane) {
+                        *o = p + d;
+                    }
+                }
+            }
+        }
+    }
+    Some(finish(
+        s,
+        exec,
+        layer + 1,
+        next,
+        k,
+        n,
+        hw,
+        [None; 3],
+        base,
+        reduction,
+    ))
+}
+
+/// The three losses for `γ_k` or `β_k` of the BatchNorm at plan index `layer`.
+pub(crate) fn norm(
+    s: &mut PerBatch,
+    clock: &Clock,
+    exec: &mut Executor,
+    layer: usize,
+    visit: Visit,
+) -> Option<[f64; 3]> {
+    let Visit {
+        batch,
+        param,
+        index,
+        delta,
+        reduction,
+    } = visit;
+    let Op::BatchNorm {
+        c, hw, gamma, beta, ..
+    } = exec.plan[layer].op
+    else {
+        return None;
+    };
+    let next = next_after(exec, layer + 1)?;
+    let n = batch.len();
+    // RSO visits γ and β right after the convolution before them (preset `paper`), whose
+    // input the memo then still holds for the batches it has seen.
+    let conv = (0..layer)
+        .rev()
+        .find(|&i| matches!(exec.plan[i].op, Op::Conv { .. }))
+        .unwrap_or(0);
+    let base = forward(&mut s.memo, clock, exec, batch, reduction, conv, None);
+    let k = index;
+    let w = exec.params.values[param][index];
+    let x = &exec.ws.acts[layer];
+    // The BatchNorm's input planes of channel k, once per variant; the chain applies each
+    // variant's γ, β to its copy.
+    let a = grown(&mut s.a, 3 * n * hw, 0.0);
+    for v in 0..3 {
+        for t in 0..n {
+            a[(v * n + t) * hw..][..hw].copy_from_slice(&x[(t * c + k) * hw..][..hw]);
+        }
+    }
+    let p = &exec.params.values;
+    let (g, b) = (p[gamma][k], p[beta][k]);
+    let variants = [w, w + delta, w - delta].map(|v| {
+        Some(if param == gamma {
+            (layer, v, b)
+        } else {
+            debug_assert_eq!(param, beta);
+            (layer, g, v)
+        })
+    });
+    Some(finish(
+        s, exec, layer, next, k, n, hw, variants, base, reduction,
+    ))
+}
+
+/// Runs the chain from plan index `first` on the three variants' channel-`k` planes in `s.a`
+/// (`[3][n][hw]`; each variant's planes run separately, as a BatchNorm in the chain takes its
+/// statistics over one variant's batch), then the next layer; returns the three losses.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    s: &mut PerBatch,
+    exec: &mut Executor,
+    first: usize,
+    next: Next,
+    k: usize,
+    n: usize,
+    hw: usize,
+    variants: [Option<(usize, f32, f32)>; 3],
+    base: f64,
+    reduction: Reduction,
+) -> [f64; 3] {
+    let end = end_of(exec, next);
+    let hwo = chain_out_plane(exec, end);
+    let mut one = std::mem::take(&mut s.dp);
+    let mut outs = std::mem::take(&mut s.delta);
+    outs.clear();
+    for (v, gb) in variants.into_iter().enumerate() {
+        one.clear();
+        one.extend_from_slice(&s.a[v * n * hw..(v + 1) * n * hw]);
+        chain(
+            exec,
+            first..end,
+            k,
+            n,
+            &mut one,
+            &mut s.b,
+            &mut s.moments,
+            gb,
+        );
+        outs.extend_from_slice(&one[..n * hwo]);
+    }
+    grown(&mut s.a, 3 * n * hwo, 0.0).copy_from_slice(&outs);
+    s.dp = one;
+    s.delta = outs;
+    next_losses(s, exec, next, k, n, base, reduction)
+}
+
+/// Values per channel plane of the input of layer `end` (the chain's output).
+fn chain_out_plane(exec: &Executor, end: usize) -> usize {
+    exec.plan[end].in_len / channels_in(exec, end).max(1)
+}
+
+/// Given the chain outputs of the three variants in `s.a` (`[3][n][hwo]`), the losses.
+fn next_losses(
+    s: &mut PerBatch,
+    exec: &mut Executor,
+    next: Next,
+    k: usize,
+    n: usize,
+    base: f64,
+    reduction: Reduction,
+) -> [f64; 3] {
+    let end = end_of(exec, next);
+    let hwo = chain_out_plane(exec, end);
+    match next {
+        Next::Dense { d_in, weight } => {
+            let classes = exec.spec.classes;
+            let wf = &exec.params.values[weight];
+            let logits = &exec.ws.acts[exec.plan.len()][..n * classes];
+            let labels = &exec.ws.labels[..n];
+            let o = &s.a;
+            let mut acc = [LogProd::default(); 3];
+            let mut z = [0.0f64; 64];
+            for t in 0..n {
+                let o0 = &o[t * hwo..(t + 1) * hwo];
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    let ov = &o[(v * n + t) * hwo..][..hwo];
+                    for (cls, z) in z[..classes].iter_mut().enumerate() {
+                        let row = &wf[cls * d_in + k * hwo..][..hwo];
+                        let dz: f64 = row
+                            .iter()
+                            .zip(ov.iter().zip(o0))
+                            .map(|(&w, (&a, &b))| f64::from(w) * f64::from(a - b))
+                            .sum();
+                        *z = f64::from(logits[t * classes + cls]) + dz;
+                    }
+                    push_ce(acc, &z[..classes], usize::from(labels[t]));
+                }
+            }
+            acc.map(|a| reduction.finish(a.value(), n))
+        }
+        Next::Conv {
+            layer,
+            conv,
+            weight,
+        } => {
+            let p_len = conv.out_len();
+            let hw = conv.h * conv.w;
+            debug_assert_eq!(hw, hwo);
+            let base_p = grown(&mut s.base_p, n * p_len, 0.0);
+            base_p.copy_from_slice(&exec.ws.acts[layer + 1][..n * p_len]);
+            let w = &exec.params.values[weight];
+            s.w_k.clear();
+            for o in 0..conv.c_out {
+                s.w_k.extend_from_slice(&w[(o * conv.c_in + k) * 9..][..9]);
+            }
+            let one = Conv3x3 { c_in: 1, ..conv };
+            let mut out = [base, 0.0, 0.0];
+            for (v, slot) in out.iter_mut().enumerate().skip(1) {
+                let delta = grown(&mut s.delta, n * hw, 0.0);
+                for ((d, &a), &b) in delta
+                    .iter_mut()
+                    .zip(&s.a[v * n * hw..(v + 1) * n * hw])
+                    .zip(&s.a[..n * hw])
+                {
+                    *d = a - b;
+                }
+                let delta = &s.delta[..n * hw];
+                let w_k = &s.w_k;
+                let dp = grown(&mut s.dp, n * p_len, 0.0);
+                let task = |(c, dp): (usize, &mut [f32])| {
+                    let m = dp.len() / p_len;
+                    let x = &delta[c * CHUNK * hw..][..m * hw];
+                    conv3x3_forward(&one, m, x, w_k, None, dp);
+                };
+                if parallel(n * one.macs()) {
+                    dp.par_chunks_mut(CHUNK * p_len).enumerate().for_each(task);
+                } else {
+                    dp.chunks_mut(CHUNK * p_len).enumerate().for_each(task);
+                }
+                let dst = &mut exec.ws.acts[layer + 1][..n * p_len];
+                for ((d, &p), &q) in dst.iter_mut().zip(&s.base_p[..n * p_len]).zip(&s.dp[..]) {
+                    *d = p + q;
+                }
+                exec.forward_from(layer + 1, n, Mode::Train, false);
+                *slot = reduction.finish(exec.loss_sum(n), n);
+            }
+            out
+        }
+    }
+}
+
+/// Channels of the input of layer `i` (its input length over its plane length).
+fn channels_in(exec: &Executor, i: usize) -> usize {
+    match exec.plan[i].op {
+        Op::Conv { conv, .. } => conv.c_in,
+        Op::Dense { d_in, .. } => {
+            // The dense layer's input is the chain's output: channels × plane.
+            let prev = i - 1;
+            d_in / plane_out(exec, prev).max(1)
+        }
+        _ => unreachable!(),
+    }
+}

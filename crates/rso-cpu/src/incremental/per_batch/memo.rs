@@ -1,0 +1,351 @@
+//! The per-batch memo of the BatchNorm models' paths: activations around the visited layer,
+//! kept per recurring batch (see [`ActivationMemo`]).
+
+use super::CHUNK;
+use crate::executor::{Executor, Mode, Op};
+use crate::incremental::util::{grown, parallel};
+use crate::incremental::Clock;
+use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
+use rayon::prelude::*;
+use rso_models::Reduction;
+use std::collections::HashMap;
+
+/// Bytes each array of a [`ActivationMemo`] may hold.
+const MEMO_BUDGET: usize = 1 << 30;
+
+/// Per-batch copies of activations around the visited layer, for batches that recur: preset
+/// `seed` cuts each round's shuffled training set into ⌈N/B⌉ batches and draws one per visit,
+/// so during a sweep every batch comes back many times.
+/// - The visited layer's *input*: the layers before it do not change during its sweep, so
+///   they run once per batch instead of once per visit. A hit copies the input into place and
+///   the forward pass starts there (the same arithmetic on the same values).
+/// - A convolution's *output* (after the pooling that follows it, if any), with the weights it
+///   was computed with: on a hit only the channels whose weights changed since (channel `k`,
+///   the one being swept) are recomputed, and the pass starts after the convolution.
+///
+/// Batches that do not recur (preset `paper`'s sliding windows) stop the memo from storing
+/// after a while.
+#[derive(Debug, Default)]
+pub(crate) struct ActivationMemo {
+    /// The visited layer, and the clock tick the entries were made at (valid while no layer
+    /// before it changed since; its own changes are tracked per entry).
+    act: usize,
+    tick: u64,
+    active: bool,
+    /// Values per sample of the kept input (0: not kept), of the kept output and the index of
+    /// that activation (0: not kept), and of the convolution's weights and biases.
+    in_len: usize,
+    out_act: usize,
+    out_len: usize,
+    w_len: usize,
+    /// Entry by hash of the batch's indices; the entries' indices, one after the other.
+    index: HashMap<u64, usize>,
+    entries: Vec<Entry>,
+    batches: Vec<u32>,
+    /// Channels to recompute on a hit (reused buffer).
+    chans: Vec<usize>,
+    input: Vec<f32>,
+    output: Vec<f32>,
+    weights: Vec<f32>,
+    in_used: usize,
+    out_used: usize,
+    hits: usize,
+    /// Scratch of the channel recomputation.
+    tmp: Vec<f32>,
+}
+
+/// One memoised batch: where its indices are in `ActivationMemo::batches`, and the offsets of its
+/// rows (in values).
+#[derive(Debug)]
+struct Entry {
+    batch: std::ops::Range<usize>,
+    input: Option<usize>,
+    /// Offsets of its output rows and of its copy of the weights.
+    output: Option<(usize, usize)>,
+}
+
+/// The visited convolution, for [`forward`]'s output memo.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Visited {
+    pub(crate) conv: Conv3x3,
+    pub(crate) weight: usize,
+    pub(crate) bias: Option<usize>,
+    /// The channel being swept (its full-resolution output is always recomputed: the
+    /// candidates start from it).
+    pub(crate) k: usize,
+}
+
+/// Runs layers `..end` on the `n` loaded samples, leaving every activation up to `acts[end]`
+/// (BatchNorm with the batch's statistics).
+fn forward_prefix(exec: &mut Executor, n: usize, end: usize) {
+    let is_bn = |op: &Op| matches!(op, Op::BatchNorm { .. });
+    let mut a = 0;
+    while a < end {
+        if is_bn(&exec.plan[a].op) {
+            exec.batch_statistics(a, n);
+        }
+        let b = (a + 1..end)
+            .find(|&i| is_bn(&exec.plan[i].op))
+            .unwrap_or(end);
+        exec.forward_segment(a..b, n, Mode::Train, true);
+        a = b;
+    }
+}
+
+/// FNV-1a of a batch's indices.
+fn batch_hash(batch: &[u32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &i in batch {
+        for b in i.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Loads `batch` and runs the forward pass keeping every activation; returns the loss at W.
+/// `act` is the visited layer (for a convolution, `visited` describes it): the [`ActivationMemo`]
+/// supplies its input and, for a convolution, its output when the batch was seen since the
+/// layers before it last changed. Worth it only where those layers are a sizeable part of the
+/// pass (the input) or the output fits the budget.
+pub(crate) fn forward(
+    memo: &mut ActivationMemo,
+    clock: &Clock,
+    exec: &mut Executor,
+    batch: &[u32],
+    reduction: Reduction,
+    act: usize,
+    visited: Option<Visited>,
+) -> f64 {
+    let n = batch.len();
+    let n_train = exec.train.len();
+    exec.load_batch(batch);
+    let prefix: usize = exec.plan[..act].iter().map(|s| s.work).sum();
+    let total: usize = exec.plan.iter().map(|s| s.work).sum();
+    let fits = |len: usize| n_train * len * 4 <= MEMO_BUDGET;
+    let in_len = if act > 0 && 4 * prefix >= total && fits(exec.plan[act - 1].out_len) {
+        exec.plan[act - 1].out_len
+    } else {
+        0
+    };
+    // The output kept: after the convolution and the pooling right after it.
+    let (out_act, out_len, w_len) = match visited {
+        Some(v) => {
+            let mut o = act + 1;
+            while matches!(exec.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
+                o += 1;
+            }
+            let len = exec.plan[o - 1].out_len;
+            let w_len = exec.params.values[v.weight].len()
+                + v.bias.map_or(0, |b| exec.params.values[b].len());
+            if fits(len) {
+                (o, len, w_len)
+            } else {
+                (0, 0, 0)
+            }
+        }
+        None => (0, 0, 0),
+    };
+    if in_len == 0 && out_act == 0 {
+        exec.forward_from(0, n, Mode::Train, true);
+        return reduction.finish(exec.loss_sum(n), n);
+    }
+    let same = memo.active
+        && memo.act == act
+        && (memo.in_len, memo.out_act, memo.out_len, memo.w_len)
+            == (in_len, out_act, out_len, w_len)
+        && clock.unchanged_since(memo.tick, 0..act);
+    if !same {
+        // Start afresh, keeping the buffers, with room for every batch of a partition twice
+        // (so that visits allocate nothing once the memo is set up).
+        let slots = 2 * n_train.div_ceil(n);
+        memo.act = act;
+        memo.tick = clock.now();
+        memo.active = true;
+        (memo.in_len, memo.out_act, memo.out_len, memo.w_len) = (in_len, out_act, out_len, w_len);
+        memo.index.clear();
+        memo.index.reserve(slots);
+        memo.entries.clear();
+        memo.entries.reserve(slots);
+        memo.batches.clear();
+        memo.batches.reserve(2 * n_train + n);
+        memo.input.clear();
+        memo.input.reserve(n_train * in_len + n * in_len);
+        memo.output.clear();
+        memo.output.reserve(n_train * out_len + n * out_len);
+        memo.weights.clear();
+        memo.weights.reserve(slots * w_len);
+        memo.chans.reserve(64);
+        (memo.in_used, memo.out_used, memo.hits) = (0, 0, 0);
+    }
+    let h = batch_hash(batch);
+    let hit = memo
+        .index
+        .get(&h)
+        .copied()
+        .filter(|&e| memo.batches[memo.entries[e].batch.clone()] == batch[..]);
+    match hit {
+        Some(e) => {
+            memo.hits += 1;
+            let (input, output) = (memo.entries[e].input, memo.entries[e].output);
+            // Channels whose weights changed since the entry was made, and channel k.
+            let mut chans = std::mem::take(&mut memo.chans);
+            chans.clear();
+            if let (Some((_, w_off)), Some(v)) = (output, visited) {
+                let p = &exec.params.values;
+                let taps = v.conv.taps();
+                let w = &memo.weights[w_off..w_off + w_len];
+                let wl = p[v.weight].len();
+                let differs =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(a, b)| a.to_bits() != b.to_bits());
+                chans.extend((0..v.conv.c_out).filter(|&c| {
+                    c == v.k
+                        || differs(&p[v.weight][c * taps..(c + 1) * taps], &w[c * taps..])
+                        || v.bias
+                            .is_some_and(|b| differs(&p[b][c..c + 1], &w[wl + c..]))
+                }));
+            }
+            match input {
+                Some(off) => exec.ws.acts[act][..n * in_len]
+                    .copy_from_slice(&memo.input[off..off + n * in_len]),
+                None => forward_prefix(exec, n, act),
+            }
+            match (output, visited) {
+                (Some((off, w_off)), Some(v)) => {
+                    exec.ws.acts[out_act][..n * out_len]
+                        .copy_from_slice(&memo.output[off..off + n * out_len]);
+                    recompute_channels(&mut memo.tmp, exec, act, out_act, v, &chans, n);
+                    exec.forward_from(out_act, n, Mode::Train, true);
+                    // Keep the entry current, so that the next hit recomputes only what
+                    // changes until then.
+                    memo.output[off..off + n * out_len]
+                        .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+                    copy_weights(exec, v, &mut memo.weights[w_off..w_off + w_len]);
+                }
+                _ => exec.forward_from(act, n, Mode::Train, true),
+            }
+            memo.chans = chans;
+        }
+        None => {
+            exec.forward_from(0, n, Mode::Train, true);
+            // Store while within budget, unless batches evidently do not recur.
+            let recurs = memo.hits > 0 || memo.entries.len() < 2 * n_train.div_ceil(n);
+            let room = memo.batches.len() + n <= memo.batches.capacity()
+                && memo.entries.len() < memo.entries.capacity();
+            if recurs && room && !memo.index.contains_key(&h) {
+                // Within the room reserved when the memo was set up: no reallocation.
+                let input = (in_len > 0 && memo.in_used + n * in_len <= memo.input.capacity())
+                    .then(|| {
+                        let off = memo.in_used;
+                        grown(&mut memo.input, off + n * in_len, 0.0)[off..]
+                            .copy_from_slice(&exec.ws.acts[act][..n * in_len]);
+                        memo.in_used += n * in_len;
+                        off
+                    });
+                let output = match visited {
+                    Some(v)
+                        if out_act > 0 && memo.out_used + n * out_len <= memo.output.capacity() =>
+                    {
+                        let off = memo.out_used;
+                        grown(&mut memo.output, off + n * out_len, 0.0)[off..]
+                            .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+                        memo.out_used += n * out_len;
+                        let w_off = memo.entries.len() * w_len;
+                        let w = grown(&mut memo.weights, w_off + w_len, 0.0);
+                        copy_weights(exec, v, &mut w[w_off..]);
+                        Some((off, w_off))
+                    }
+                    _ => None,
+                };
+                if input.is_some() || output.is_some() {
+                    memo.index.insert(h, memo.entries.len());
+                    let start = memo.batches.len();
+                    memo.batches.extend_from_slice(batch);
+                    memo.entries.push(Entry {
+                        batch: start..start + n,
+                        input,
+                        output,
+                    });
+                }
+            }
+        }
+    }
+    reduction.finish(exec.loss_sum(n), n)
+}
+
+/// The visited convolution's weights then biases into `out`.
+fn copy_weights(exec: &Executor, v: Visited, out: &mut [f32]) {
+    let w = &exec.params.values[v.weight];
+    out[..w.len()].copy_from_slice(w);
+    if let Some(b) = v.bias {
+        out[w.len()..].copy_from_slice(&exec.params.values[b]);
+    }
+}
+
+/// Recomputes channels `chans` of the convolution at plan index `act` from its input in
+/// `acts[act]`: the full-resolution output into `acts[act + 1]`, and through the pooling layers
+/// up to `acts[out_act]`.
+fn recompute_channels(
+    tmp: &mut Vec<f32>,
+    exec: &mut Executor,
+    act: usize,
+    out_act: usize,
+    v: Visited,
+    chans: &[usize],
+    n: usize,
+) {
+    let conv = v.conv;
+    let (hw, taps, c_out) = (conv.h * conv.w, conv.taps(), conv.c_out);
+    let one = Conv3x3 { c_out: 1, ..conv };
+    let buf = grown(tmp, 2 * n * hw, 0.0);
+    let (y, z) = buf.split_at_mut(n * hw);
+    for &c in chans {
+        let p = &exec.params.values;
+        let w = &p[v.weight][c * taps..(c + 1) * taps];
+        let b = v.bias.map(|b| &p[b][c..c + 1]);
+        let x = &exec.ws.acts[act][..n * conv.in_len()];
+        let task = |(t, y): (usize, &mut [f32])| {
+            let m = y.len() / hw;
+            conv3x3_forward(
+                &one,
+                m,
+                &x[t * CHUNK * conv.in_len()..][..m * conv.in_len()],
+                w,
+                b,
+                y,
+            );
+        };
+        if parallel(n * conv.macs() / c_out) {
+            y.par_chunks_mut(CHUNK * hw).enumerate().for_each(task);
+        } else {
+            y.chunks_mut(CHUNK * hw).enumerate().for_each(task);
+        }
+        // Write the channel's planes into the full-resolution output, then pool them layer by
+        // layer up to the kept activation.
+        let mut plane = hw;
+        for t in 0..n {
+            exec.ws.acts[act + 1][(t * c_out + c) * hw..][..hw].copy_from_slice(&y[t * hw..][..hw]);
+        }
+        for i in act + 1..out_act {
+            let out = match exec.plan[i].op {
+                Op::AvgPool { h, w, .. } => {
+                    avgpool2_forward(n, h, w, y, z);
+                    (h / 2) * (w / 2)
+                }
+                Op::MaxPool { h, w, .. } => {
+                    maxpool2_forward(n, h, w, y, z);
+                    (h / 2) * (w / 2)
+                }
+                _ => unreachable!("only pooling between a convolution and its kept output"),
+            };
+            plane = out;
+            for t in 0..n {
+                exec.ws.acts[i + 1][(t * c_out + c) * plane..][..plane]
+                    .copy_from_slice(&z[t * plane..][..plane]);
+            }
+            y[..n * plane].copy_from_slice(&z[..n * plane]);
+        }
+        let _ = plane;
+    }
+}
