@@ -36,28 +36,22 @@
 //! pre-activation unchanged), so a candidate that changes nothing for the batch (a zero input
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
 
-use crate::executor::{layer_forward, Executor, Op};
-use crate::incremental::util::{
-    add_shifted, changes, combine, for_chunks, grown, parallel, push_ce, with_scratch,
-    with_scratch_b, LogProd,
-};
+use super::conv_visit::{fold_now, ConvVisit, KChanges};
+use super::fold::fold;
+use crate::executor::{Executor, Op};
+use crate::incremental::util::{changes, combine, for_chunks, grown, parallel, LogProd};
 use crate::incremental::{Clock, Incremental, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
-use crate::simd::{prefetch, prefetch_slice};
-use rayon::prelude::*;
-use std::ops::Range;
 
 /// Samples per chunk of a visit (fixed: results do not depend on the thread count).
 const CHUNK: usize = 32;
-/// Samples per chunk of a fold.
-const FOLD_CHUNK: usize = 64;
 
 /// A channel-local layer between the convolution and the next parameter layer, with the plane
 /// shape of its input.
 #[derive(Clone, Copy, Debug)]
-enum Tail {
+pub(crate) enum Tail {
     Relu { hw: usize },
     Max { h: usize, w: usize },
     Avg { h: usize, w: usize },
@@ -81,7 +75,7 @@ impl Tail {
 }
 
 /// Runs the tail on `planes` planes of `x` into `out`, using `tmp` in between.
-fn run_tail(tail: &[Tail], planes: usize, x: &[f32], tmp: &mut [f32], out: &mut [f32]) {
+pub(crate) fn run_tail(tail: &[Tail], planes: usize, x: &[f32], tmp: &mut [f32], out: &mut [f32]) {
     let m = tail.len();
     if m == 0 {
         out.copy_from_slice(x);
@@ -100,7 +94,7 @@ fn run_tail(tail: &[Tail], planes: usize, x: &[f32], tmp: &mut [f32], out: &mut 
 
 /// The parameter layer after the convolution.
 #[derive(Clone, Copy, Debug)]
-enum Next {
+pub(crate) enum Next {
     /// The final dense layer (plan index, input length, weight array).
     Dense {
         layer: usize,
@@ -120,37 +114,35 @@ enum Next {
 pub(crate) struct ConvCache {
     /// Plan index of the convolution.
     pub(crate) layer: usize,
-    conv: Conv3x3,
-    weight: usize,
-    bias: Option<usize>,
-    tail: Vec<Tail>,
+    pub(crate) conv: Conv3x3,
+    pub(crate) weight: usize,
+    pub(crate) bias: Option<usize>,
+    pub(crate) tail: Vec<Tail>,
     /// Plane size after the tail.
-    hw_out: usize,
-    next: Next,
+    pub(crate) hw_out: usize,
+    pub(crate) next: Next,
     /// Clock tick of the snapshot: every other layer must be unchanged since.
-    created: u64,
-    w_snap: Vec<f32>,
-    b_snap: Vec<f32>,
+    pub(crate) created: u64,
+    pub(crate) w_snap: Vec<f32>,
+    pub(crate) b_snap: Vec<f32>,
     /// Dirty channels other than the visited one (reused buffer).
-    dirty: Vec<usize>,
+    pub(crate) dirty: Vec<usize>,
     /// The next convolution's weights of the dirty channels, `[c_out_next][dirty][9]`, and of
     /// channel `k`, `[c_out_next][9]`.
-    w_dirty: Vec<f32>,
-    w_k: Vec<f32>,
-    parts: Vec<[LogProd; 3]>,
+    pub(crate) w_dirty: Vec<f32>,
+    pub(crate) w_k: Vec<f32>,
+    pub(crate) parts: Vec<[LogProd; 3]>,
     /// Fold: logit changes `[N][classes]`.
-    dz: Vec<f64>,
+    pub(crate) dz: Vec<f64>,
     /// Whether the store holds this layer's output (valid at the snapshot), which folds then
     /// keep current.
-    own_out: bool,
-    /// Channel k's changes since the snapshot (reused buffer).
-    k_changes: Vec<(usize, f32)>,
+    pub(crate) own_out: bool,
+    /// Channel k's changes since the snapshot (reused buffers).
+    pub(crate) kc: KChanges,
     /// Next layer dense: its weights of the dirty channels then of channel `k`, per channel
     /// `[hwo][cp]` in f64 (`cp`: the classes rounded up to a multiple of 4, zero-padded), so
     /// that a sample's logit changes are one vectorised pass over its output plane.
-    wt: Vec<f64>,
-    /// Channel k's weight changes since the snapshot, `[ng][9]` (reused buffer).
-    dw: Vec<f32>,
+    pub(crate) wt: Vec<f64>,
 }
 
 impl ConvCache {
@@ -222,14 +214,13 @@ impl ConvCache {
             parts: Vec::new(),
             dz: Vec::new(),
             own_out: false,
-            k_changes: Vec::new(),
+            kc: KChanges::default(),
             wt: Vec::new(),
-            dw: Vec::new(),
         })
     }
 
     /// Plan index of the next parameter layer (`O` is activation `next_index`).
-    fn next_index(&self) -> usize {
+    pub(crate) fn next_index(&self) -> usize {
         match self.next {
             Next::Dense { layer, .. } | Next::Conv { layer, .. } => layer,
         }
@@ -253,7 +244,7 @@ impl ConvCache {
     }
 
     /// Makes the current weights of channels `chans` the snapshot's.
-    fn update_snapshot(&mut self, exec: &Executor, chans: &[usize]) {
+    pub(crate) fn update_snapshot(&mut self, exec: &Executor, chans: &[usize]) {
         let taps = self.conv.taps();
         for &c in chans {
             let w = &exec.params.values[self.weight][c * taps..(c + 1) * taps];
@@ -264,8 +255,60 @@ impl ConvCache {
         }
     }
 
+    /// The visits left in the layer's sweep after scalar `index` of array `param` (weights,
+    /// then biases).
+    fn remaining_visits(&self, exec: &Executor, param: usize, index: usize) -> usize {
+        let w_len = exec.params.values[self.weight].len();
+        let b_len = self.bias.map_or(0, |b| exec.params.values[b].len());
+        if param == self.weight {
+            w_len - index + b_len
+        } else {
+            b_len - index
+        }
+    }
+
+    /// The next layer's weights a visit reads: the next convolution's of the `dirty` channels
+    /// and of channel `k` (`w_dirty`, `w_k`), or the dense layer's of the same channels,
+    /// transposed and widened (`wt`).
+    fn prepare_next(&mut self, exec: &Executor, dirty: &[usize], k: usize) {
+        ConvCache::gather_next(exec, self.next, dirty, &mut self.w_dirty);
+        ConvCache::gather_next(exec, self.next, &[k], &mut self.w_k);
+        let Next::Dense { d_in, weight, .. } = self.next else {
+            return;
+        };
+        let (classes, hwo) = (exec.spec.classes, self.hw_out);
+        let cp = classes.div_ceil(4) * 4;
+        let wf = &exec.params.values[weight];
+        self.wt.clear();
+        self.wt.resize((dirty.len() + 1) * hwo * cp, 0.0);
+        for (q, &c) in dirty.iter().chain([k].iter()).enumerate() {
+            let dst = &mut self.wt[q * hwo * cp..(q + 1) * hwo * cp];
+            for cls in 0..classes {
+                let row = &wf[cls * d_in + c * hwo..][..hwo];
+                for (p, &v) in row.iter().enumerate() {
+                    dst[p * cp + cls] = f64::from(v);
+                }
+            }
+        }
+    }
+
+    /// Multiply-add equivalents per sample of a visit with `nd` dirty channels (for the
+    /// threading choice).
+    fn visit_work(&self, exec: &Executor, nd: usize) -> usize {
+        let conv = self.conv;
+        let plan = &exec.plan;
+        let next_work = match self.next {
+            Next::Dense { .. } => 3 * exec.spec.classes * self.hw_out * (nd + 1),
+            Next::Conv { layer, .. } => {
+                3 * plan[layer..].iter().map(|s| s.work).sum::<usize>() / conv.c_out.max(1)
+                    + plan[layer + 1..].iter().map(|s| s.work).sum::<usize>() * 3
+            }
+        };
+        (nd + 1) * conv.macs() / conv.c_out + 3 * conv.h * conv.w + next_work
+    }
+
     /// Collects the next convolution's weights of input channels `chans` as `[c_out][chans][9]`.
-    fn gather_next(exec: &Executor, next: Next, chans: &[usize], out: &mut Vec<f32>) {
+    pub(crate) fn gather_next(exec: &Executor, next: Next, chans: &[usize], out: &mut Vec<f32>) {
         let Next::Conv { conv, weight, .. } = next else {
             return;
         };
@@ -280,7 +323,14 @@ impl ConvCache {
 }
 
 /// Channel `c` of the convolution on `n` samples of `x` with the current weights: `[n][h·w]`.
-fn conv_channel(exec: &Executor, cache: &ConvCache, c: usize, n: usize, x: &[f32], y: &mut [f32]) {
+pub(crate) fn conv_channel(
+    exec: &Executor,
+    cache: &ConvCache,
+    c: usize,
+    n: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let s = Conv3x3 {
         c_out: 1,
         ..cache.conv
@@ -292,7 +342,7 @@ fn conv_channel(exec: &Executor, cache: &ConvCache, c: usize, n: usize, x: &[f32
 }
 
 /// The input rows of the convolution for the whole training set.
-fn inputs<'a>(exec: &'a Executor, store_in: &'a [f32], layer: usize) -> &'a [f32] {
+pub(crate) fn inputs<'a>(exec: &'a Executor, store_in: &'a [f32], layer: usize) -> &'a [f32] {
     if layer == 0 {
         &exec.train.images
     } else {
@@ -345,6 +395,9 @@ pub(crate) fn visit(
     Some(out)
 }
 
+/// The three losses for a scalar of the cached convolution: channel `k`'s changes since the
+/// snapshot, the fold decision for the other dirty channels, then [`ConvVisit::chunk`] over
+/// fixed chunks of the batch.
 fn visit_cached(
     inc: &mut Incremental,
     cache: &mut ConvCache,
@@ -367,660 +420,58 @@ fn visit_cached(
         (index, None)
     };
     let [dp, dm] = changes(exec.params.values[param][index], delta);
-    // Channel k's changes since the snapshot, `(tap, Δ)` (`tap == taps`: the bias). When the
-    // store keeps the layer's output at the snapshot and they are fewer than the taps, channel
-    // k's pre-activation is that output plus one shifted input plane per change, instead of a
-    // convolution over all taps.
-    let mut k_changes = std::mem::take(&mut cache.k_changes);
-    k_changes.clear();
-    {
-        let p = &exec.params.values;
-        let w = &p[cache.weight][k * taps..(k + 1) * taps];
-        for (t, (&a, &b)) in w.iter().zip(&cache.w_snap[k * taps..]).enumerate() {
-            if a.to_bits() != b.to_bits() {
-                k_changes.push((t, a - b));
-            }
-        }
-        if let Some(b) = cache.bias {
-            if p[b][k].to_bits() != cache.b_snap[k].to_bits() {
-                k_changes.push((taps, p[b][k] - cache.b_snap[k]));
-            }
-        }
-    }
     // Channel k from the snapshot: its stored pre-activation plus one convolution of the input
     // channels `..ng` with the weight changes (zero where unchanged) and the bias change: at
     // most the work of the convolution itself, usually much less (RSO visits the taps input
     // channel by input channel, so the changes since the snapshot cover the first few).
-    let ng = k_changes
-        .iter()
-        .filter(|&&(tp, _)| tp < taps)
-        .map(|&(tp, _)| tp / 9 + 1)
-        .max()
-        .unwrap_or(0);
-    let from_snapshot = cache.own_out && ng < conv.c_in;
-    let mut dw = std::mem::take(&mut cache.dw);
-    dw.clear();
-    dw.resize(ng * 9, 0.0);
-    let mut db = None;
-    for &(tp, d) in &k_changes {
-        if tp < taps {
-            dw[tp] = d;
-        } else {
-            db = Some(d);
-        }
-    }
+    let mut kc = std::mem::take(&mut cache.kc);
+    KChanges::of(cache, exec, k, &mut kc);
+    let from_snapshot = cache.own_out && kc.ng < conv.c_in;
     let mut dirty = std::mem::take(&mut cache.dirty);
     dirty.clear();
     dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(exec, c)));
-    if !dirty.is_empty() {
-        let w_len = exec.params.values[cache.weight].len();
-        let b_len = cache.bias.map_or(0, |b| exec.params.values[b].len());
-        let remaining = if param == cache.weight {
-            w_len - index + b_len
-        } else {
-            b_len - index
-        };
-        // Folding costs about N samples' worth of what keeping the channels dirty costs each
-        // later visit (B samples): fold when the visits left would cost more. With a
-        // convolution next, a fold also reads and writes the next convolution's whole output
-        // once, whatever the number of channels folded (about as much again per sample as
-        // the channels themselves): fold there when the dirty channels' extra cost pays for
-        // that too.
-        let rb = remaining.saturating_mul(batch.len());
-        let fold_now = match cache.next {
-            Next::Dense { .. } => rb >= n_train,
-            Next::Conv { .. } => {
-                rb >= n_train && dirty.len().saturating_mul(rb - n_train) >= 2 * n_train
-            }
-        };
-        if fold_now {
-            fold(inc, cache, exec, &dirty);
-            dirty.clear();
-        }
+    let next_conv = matches!(cache.next, Next::Conv { .. });
+    let remaining = cache.remaining_visits(exec, param, index);
+    if !dirty.is_empty() && fold_now(next_conv, dirty.len(), remaining, batch.len(), n_train) {
+        fold(inc, cache, exec, &dirty);
+        dirty.clear();
     }
-    ConvCache::gather_next(exec, cache.next, &dirty, &mut cache.w_dirty);
-    ConvCache::gather_next(exec, cache.next, &[k], &mut cache.w_k);
-
-    let (h, w) = (conv.h, conv.w);
-    let hw = h * w;
-    let in_len = conv.in_len();
-    let hwo = cache.hw_out;
-    let o_idx = cache.next_index();
-    let o_len = conv.c_out * hwo;
-    let nd = dirty.len();
-    let classes = exec.spec.classes;
-    let layers = exec.plan.len();
-    let exec: &Executor = exec;
-    let store = &inc.store;
-    let x_all = inputs(
-        exec,
-        store.acts.get(cache.layer).map_or(&[][..], |s| &s.data[..]),
-        cache.layer,
-    );
-    let o_all = &store.acts[o_idx].data;
-    let labels = &exec.train.labels;
-    let params = &exec.params.values;
-    let plan = &exec.plan;
+    cache.prepare_next(exec, &dirty, k);
     let mut parts = std::mem::take(&mut cache.parts);
-    let own_all: &[f32] = if from_snapshot {
-        &store.acts[cache.layer + 1].data
-    } else {
-        &[]
+    let store = &inc.store;
+    let ctx = ConvVisit {
+        exec,
+        cache,
+        store,
+        x_all: inputs(
+            exec,
+            store.acts.get(cache.layer).map_or(&[][..], |s| &s.data[..]),
+            cache.layer,
+        ),
+        own_all: if from_snapshot {
+            &store.acts[cache.layer + 1].data
+        } else {
+            &[]
+        },
+        dirty: &dirty,
+        kc: &kc,
+        from_snapshot,
+        k,
+        tap,
+        ds: [0.0, dp as f32, dm as f32],
     };
-    let cp = classes.div_ceil(4) * 4;
-    if let Next::Dense { d_in, weight, .. } = cache.next {
-        let wf = &params[weight];
-        cache.wt.clear();
-        cache.wt.resize((nd + 1) * hwo * cp, 0.0);
-        for (q, &c) in dirty.iter().chain([k].iter()).enumerate() {
-            let dst = &mut cache.wt[q * hwo * cp..(q + 1) * hwo * cp];
-            for cls in 0..classes {
-                let row = &wf[cls * d_in + c * hwo..][..hwo];
-                for (p, &v) in row.iter().enumerate() {
-                    dst[p * cp + cls] = f64::from(v);
-                }
-            }
-        }
-    }
-    let dw_ref = &dw[..];
-    let cache_ref = &*cache;
-    let dirty_ref = &dirty;
-    // Per-sample work, for the threading choice.
-    let next_work = match cache.next {
-        Next::Dense { .. } => 3 * classes * hwo * (nd + 1),
-        Next::Conv { layer, .. } => {
-            3 * plan[layer..].iter().map(|s| s.work).sum::<usize>() / conv.c_out.max(1)
-                + plan[layer + 1..].iter().map(|s| s.work).sum::<usize>() * 3
-        }
-    };
-    let work = batch.len() * ((nd + 1) * conv.macs() / conv.c_out + 3 * hw + next_work);
+    let work = batch.len() * cache.visit_work(exec, dirty.len());
     let chunks = batch.len().div_ceil(CHUNK);
     let parts_s = grown(&mut parts, chunks, Default::default());
     for_chunks(batch.len(), CHUNK, parallel(work), parts_s, |r, acc| {
         *acc = Default::default();
-        let idx = &batch[r];
-        let nc = idx.len();
-        // Scratch: pre | cand | tmp | dO | dK. The samples' inputs are read where they are
-        // (one convolution call per sample), not gathered: copying them was a third of the
-        // memory traffic of a visit.
-        let sizes = [nc * hw, nc * hw, nc * hw, nc * nd * hwo, 3 * nc * hwo];
-        let x_of = |t: usize| &x_all[idx[t] as usize * in_len..][..in_len];
-        let conv_rows = |c: usize, out: &mut [f32]| {
-            if in_len <= 1024 {
-                // Small inputs (the images): gathered, so one kernel call covers the chunk.
-                with_scratch_b(nc * in_len, |xg| {
-                    for (t, dst) in xg.chunks_exact_mut(in_len).enumerate() {
-                        dst.copy_from_slice(x_of(t));
-                    }
-                    conv_channel(exec, cache_ref, c, nc, xg, out);
-                });
-            } else {
-                for (t, y) in out.chunks_exact_mut(hw).enumerate() {
-                    if t + 2 < nc {
-                        prefetch_slice(x_of(t + 2));
-                    }
-                    conv_channel(exec, cache_ref, c, 1, x_of(t), y);
-                }
-            }
-        };
-        with_scratch(sizes.iter().sum(), |s| {
-            let (pre, s) = s.split_at_mut(sizes[0]);
-            let (cand, s) = s.split_at_mut(sizes[1]);
-            let (tmp, s) = s.split_at_mut(sizes[2]);
-            let (d_o, dk) = s.split_at_mut(sizes[3]);
-            // Dirty channels: current output minus snapshot, `[t][dirty][hwo]`.
-            for (q, &c) in dirty_ref.iter().enumerate() {
-                conv_rows(c, pre);
-                // The tail's output goes to `cand` (free until channel k).
-                run_tail(&cache_ref.tail, nc, pre, tmp, &mut cand[..nc * hwo]);
-                for (t, &i) in idx.iter().enumerate() {
-                    let snap = &o_all[i as usize * o_len + c * hwo..][..hwo];
-                    let dst = &mut d_o[(t * nd + q) * hwo..][..hwo];
-                    for ((d, &o), &s) in dst.iter_mut().zip(&cand[t * hwo..]).zip(snap) {
-                        *d = o - s;
-                    }
-                }
-            }
-            // Channel k at W, W + Δ, W − Δ: `[v][t][hwo]`.
-            if from_snapshot {
-                let own_len = conv.out_len();
-                let s = Conv3x3 {
-                    c_in: ng,
-                    c_out: 1,
-                    ..conv
-                };
-                // The samples' input channels `..ng` gathered (the rows of a sample two ahead
-                // prefetched: random rows of arrays far larger than the caches), then one
-                // convolution call for the chunk.
-                let gl = ng * hw;
-                with_scratch_b(nc * gl + nc * hw, |buf| {
-                    let (xg, y) = buf.split_at_mut(nc * gl);
-                    for (t, dst) in xg.chunks_exact_mut(gl.max(1)).enumerate().take(nc) {
-                        if let Some(&a) = idx.get(t + 2) {
-                            let a = a as usize;
-                            prefetch_slice(&own_all[a * own_len + k * hw..][..hw]);
-                            prefetch_slice(&x_all[a * in_len..][..gl]);
-                        }
-                        if gl > 0 {
-                            dst.copy_from_slice(&x_of(t)[..gl]);
-                        }
-                    }
-                    if ng > 0 {
-                        conv3x3_forward(&s, nc, xg, dw_ref, None, y);
-                    }
-                    for (t, out) in pre.chunks_exact_mut(hw).enumerate() {
-                        let i = idx[t] as usize;
-                        let own = &own_all[i * own_len + k * hw..][..hw];
-                        if ng > 0 {
-                            for ((o, &a), &b) in out.iter_mut().zip(own).zip(&y[t * hw..]) {
-                                *o = a + b;
-                            }
-                        } else {
-                            out.copy_from_slice(own);
-                        }
-                        if let Some(d) = db {
-                            out.iter_mut().for_each(|o| *o += d);
-                        }
-                    }
-                });
-            } else {
-                conv_rows(k, pre);
-            }
-            // The snapshot planes and logits the rest reads (random rows; see above).
-            for &i in idx {
-                let i = i as usize;
-                prefetch_slice(&o_all[i * o_len + k * hwo..][..hwo]);
-                if let Next::Dense { .. } = cache_ref.next {
-                    for cls in 0..classes {
-                        prefetch(&store.z.data[cls * n_train + i]);
-                    }
-                }
-            }
-            for v in 0..3 {
-                let d = [0.0, dp as f32, dm as f32][v];
-                match (v, tap) {
-                    (0, _) => cand.copy_from_slice(pre),
-                    (_, Some(tap)) => {
-                        let (ci, ky, kx) = (tap / 9, (tap % 9) / 3, tap % 3);
-                        for t in 0..nc {
-                            add_shifted(
-                                h,
-                                w,
-                                &pre[t * hw..],
-                                &x_of(t)[ci * hw..],
-                                ky,
-                                kx,
-                                d,
-                                &mut cand[t * hw..],
-                            );
-                        }
-                    }
-                    (_, None) => {
-                        for (c, &p) in cand.iter_mut().zip(pre.iter()) {
-                            *c = p + d;
-                        }
-                    }
-                }
-                let out = &mut dk[v * nc * hwo..(v + 1) * nc * hwo];
-                run_tail(&cache_ref.tail, nc, cand, tmp, out);
-                for (t, &i) in idx.iter().enumerate() {
-                    let snap = &o_all[i as usize * o_len + k * hwo..][..hwo];
-                    for (o, &s) in out[t * hwo..(t + 1) * hwo].iter_mut().zip(snap) {
-                        *o -= s;
-                    }
-                }
-            }
-            match cache_ref.next {
-                Next::Dense { .. } => {
-                    let z = &store.z.data;
-                    let wt = &cache_ref.wt;
-                    let blk = hwo * cp;
-                    let mut zb = [0.0f64; 64];
-                    let mut zv = [0.0f64; 64];
-                    for (t, &i) in idx.iter().enumerate() {
-                        let i = i as usize;
-                        for (cls, zb) in zb[..classes].iter_mut().enumerate() {
-                            *zb = z[cls * n_train + i];
-                        }
-                        for q in 0..nd {
-                            logit_changes(
-                                &wt[q * blk..(q + 1) * blk],
-                                &d_o[(t * nd + q) * hwo..][..hwo],
-                                &mut zb[..cp],
-                            );
-                        }
-                        let label = usize::from(labels[i]);
-                        for (v, a) in acc.iter_mut().enumerate() {
-                            zv[..cp].copy_from_slice(&zb[..cp]);
-                            logit_changes(
-                                &wt[nd * blk..(nd + 1) * blk],
-                                &dk[(v * nc + t) * hwo..][..hwo],
-                                &mut zv[..cp],
-                            );
-                            push_ce(a, &zv[..classes], label);
-                        }
-                    }
-                }
-                Next::Conv {
-                    layer: nl,
-                    conv: nconv,
-                    ..
-                } => {
-                    let p_all = &store.acts[nl + 1].data;
-                    let p_len = nconv.out_len();
-                    next_conv_losses(
-                        plan, params, cache_ref, nconv, p_all, p_len, nl, idx, nd, d_o, dk, labels,
-                        classes, layers, acc,
-                    );
-                }
-            }
-        });
+        ctx.chunk(&batch[r], acc);
     });
     let sums = combine(&parts[..chunks]);
     cache.parts = parts;
     cache.dirty = dirty;
-    cache.k_changes = k_changes;
-    cache.dw = dw;
+    cache.kc = kc;
     sums.map(|s| reduction.finish(s, batch.len()))
-}
-
-/// `z[c] += Σ_p w[p·cp + c]·d[p]` for every class slot `c < cp = z.len()` (a multiple of 4),
-/// in f64: two partial sums (even and odd `p`) added at the end (a fixed order; the AVX2 and
-/// the plain version round identically).
-fn logit_changes(w: &[f64], d: &[f32], z: &mut [f64]) {
-    let cp = z.len();
-    assert!(
-        cp.is_multiple_of(4) && w.len() >= d.len() * cp,
-        "logit_changes: shapes"
-    );
-    if crate::simd::logit_changes_avx2(w, d, z) {
-        return;
-    }
-    for c0 in (0..cp).step_by(4) {
-        let mut s = [[0.0f64; 4]; 2];
-        for (p, &dv) in d.iter().enumerate() {
-            let dv = f64::from(dv);
-            for l in 0..4 {
-                s[p % 2][l] += w[p * cp + c0 + l] * dv;
-            }
-        }
-        for l in 0..4 {
-            z[c0 + l] += s[0][l] + s[1][l];
-        }
-    }
-}
-
-/// `Σ a·b` in f64: four interleaved partial sums, added pairwise (a fixed order).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (a, b) in ca.zip(cb) {
-        for l in 0..4 {
-            acc[l] += f64::from(a[l]) * f64::from(b[l]);
-        }
-    }
-    for (l, (&a, &b)) in ra.iter().zip(rb).enumerate() {
-        acc[l] += f64::from(a) * f64::from(b);
-    }
-    (acc[0] + acc[2]) + (acc[1] + acc[3])
-}
-
-/// Next layer a convolution: its output for each variant is `P_snap + ΔP_dirty + ΔP_k`, after
-/// which the rest of the network runs on the `3·nc` samples.
-#[allow(clippy::too_many_arguments)]
-fn next_conv_losses(
-    plan: &[crate::executor::Step],
-    params: &[Vec<f32>],
-    cache: &ConvCache,
-    nconv: Conv3x3,
-    p_all: &[f32],
-    p_len: usize,
-    nl: usize,
-    idx: &[u32],
-    nd: usize,
-    d_o: &[f32],
-    dk: &[f32],
-    labels: &[u8],
-    classes: usize,
-    layers: usize,
-    acc: &mut [LogProd; 3],
-) {
-    let nc = idx.len();
-    let max_len = plan[nl..].iter().map(|s| s.out_len).max().unwrap_or(0);
-    // Scratch (this thread's second buffer): dPD | dPK | a | b.
-    let sizes = [nc * p_len, nc * p_len, 3 * nc * max_len, 3 * nc * max_len];
-    with_scratch_b(sizes.iter().sum(), |s| {
-        let (dpd, s) = s.split_at_mut(sizes[0]);
-        let (dpk, s) = s.split_at_mut(sizes[1]);
-        let (a, b) = s.split_at_mut(sizes[2]);
-        if nd > 0 {
-            let s = Conv3x3 { c_in: nd, ..nconv };
-            conv3x3_forward(
-                &s,
-                nc,
-                &d_o[..nc * nd * nconv.h * nconv.w],
-                &cache.w_dirty,
-                None,
-                dpd,
-            );
-        }
-        let s1 = Conv3x3 { c_in: 1, ..nconv };
-        let hwo = nconv.h * nconv.w;
-        for v in 0..3 {
-            conv3x3_forward(
-                &s1,
-                nc,
-                &dk[v * nc * hwo..(v + 1) * nc * hwo],
-                &cache.w_k,
-                None,
-                dpk,
-            );
-            for (t, &i) in idx.iter().enumerate() {
-                if v == 0 {
-                    if let Some(&a) = idx.get(t + 2) {
-                        prefetch_slice(&p_all[a as usize * p_len..][..p_len]);
-                    }
-                }
-                let snap = &p_all[i as usize * p_len..][..p_len];
-                let dst = &mut a[(v * nc + t) * p_len..][..p_len];
-                if nd > 0 {
-                    for (((d, &p), &x), &y) in dst
-                        .iter_mut()
-                        .zip(snap)
-                        .zip(&dpd[t * p_len..])
-                        .zip(&dpk[t * p_len..])
-                    {
-                        *d = (p + x) + y;
-                    }
-                } else {
-                    for ((d, &p), &y) in dst.iter_mut().zip(snap).zip(&dpk[t * p_len..]) {
-                        *d = p + y;
-                    }
-                }
-            }
-        }
-        // The rest of the network on 3·nc samples, ping-ponging between `a` and `b`.
-        let m = 3 * nc;
-        let mut in_a = true;
-        for step in &plan[nl + 1..layers] {
-            let (src, dst) = if in_a {
-                (&a[..m * step.in_len], &mut b[..m * step.out_len])
-            } else {
-                (&b[..m * step.in_len], &mut a[..m * step.out_len])
-            };
-            layer_forward(&step.op, params, &[], m, src, dst);
-            in_a = !in_a;
-        }
-        let logits = if in_a {
-            &a[..m * classes]
-        } else {
-            &b[..m * classes]
-        };
-        let mut z = [0.0f64; 64];
-        for (v, acc) in acc.iter_mut().enumerate() {
-            for (t, &i) in idx.iter().enumerate() {
-                let row = &logits[(v * nc + t) * classes..][..classes];
-                for (z, &l) in z.iter_mut().zip(row) {
-                    *z = f64::from(l);
-                }
-                push_ce(acc, &z[..classes], usize::from(labels[i as usize]));
-            }
-        }
-    });
-}
-
-/// What every chunk of a fold reads.
-struct FoldCtx<'a> {
-    exec: &'a Executor,
-    cache: &'a ConvCache,
-    /// The channels folded.
-    chans: &'a [usize],
-    /// The convolution's input rows for the whole training set.
-    x_all: &'a [f32],
-}
-
-/// One chunk of a fold: its samples and their rows of the arrays the fold updates.
-struct FoldChunk<'a> {
-    samples: Range<usize>,
-    /// Rows of `O`, the next parameter layer's input.
-    o: &'a mut [f32],
-    /// Rows of the layer's own output (pre-activation), when the store keeps it.
-    own: Option<&'a mut [f32]>,
-    next: NextRows<'a>,
-}
-
-/// A fold chunk's rows of what the next parameter layer computes.
-enum NextRows<'a> {
-    /// Next layer dense: the logit changes, `[nc][classes]`.
-    Logits(&'a mut [f64]),
-    /// Next layer a convolution: its output `P`, `[nc][p_len]`.
-    Conv(&'a mut [f32]),
-}
-
-impl FoldCtx<'_> {
-    /// New outputs of the folded channels for one chunk into its rows of `O` (and of the own
-    /// output), their changes since the snapshot into `d_o` (`[nc][chans][hwo]`).
-    fn channel_outputs(
-        &self,
-        samples: Range<usize>,
-        o: &mut [f32],
-        mut own: Option<&mut [f32]>,
-        d_o: &mut [f32],
-    ) {
-        let conv = self.cache.conv;
-        let (hw, in_len, hwo) = (conv.h * conv.w, conv.in_len(), self.cache.hw_out);
-        let (o_len, own_len, nd) = (conv.c_out * hwo, conv.out_len(), self.chans.len());
-        let nc = samples.len();
-        with_scratch(3 * nc * hw, |s| {
-            let (pre, s) = s.split_at_mut(nc * hw);
-            let (tmp, out) = s.split_at_mut(nc * hw);
-            let xs = &self.x_all[samples.start * in_len..samples.end * in_len];
-            for (q, &c) in self.chans.iter().enumerate() {
-                conv_channel(self.exec, self.cache, c, nc, xs, pre);
-                if let Some(own) = own.as_deref_mut() {
-                    for (t, p) in pre.chunks_exact(hw).enumerate() {
-                        own[t * own_len + c * hw..][..hw].copy_from_slice(p);
-                    }
-                }
-                run_tail(&self.cache.tail, nc, pre, tmp, &mut out[..nc * hwo]);
-                for t in 0..nc {
-                    let snap = &mut o[t * o_len + c * hwo..][..hwo];
-                    let d = &mut d_o[(t * nd + q) * hwo..][..hwo];
-                    for ((d, s), &v) in d.iter_mut().zip(snap.iter_mut()).zip(&out[t * hwo..]) {
-                        *d = v - *s;
-                        *s = v;
-                    }
-                }
-            }
-        });
-    }
-
-    /// Folds one chunk: new channel outputs, then their effect on the next layer.
-    fn run(&self, chunk: FoldChunk) {
-        let FoldChunk {
-            samples,
-            o,
-            own,
-            next,
-        } = chunk;
-        let nc = samples.len();
-        let (hwo, nd) = (self.cache.hw_out, self.chans.len());
-        match (self.cache.next, next) {
-            (Next::Dense { d_in, weight, .. }, NextRows::Logits(dz)) => {
-                with_scratch_b(nc * nd * hwo, |d_o| {
-                    self.channel_outputs(samples, o, own, d_o);
-                    let wf = &self.exec.params.values[weight];
-                    let classes = self.exec.spec.classes;
-                    for t in 0..nc {
-                        for cls in 0..classes {
-                            let row = &wf[cls * d_in..(cls + 1) * d_in];
-                            dz[t * classes + cls] = self
-                                .chans
-                                .iter()
-                                .enumerate()
-                                .map(|(q, &c)| {
-                                    dot(
-                                        &row[c * hwo..(c + 1) * hwo],
-                                        &d_o[(t * nd + q) * hwo..][..hwo],
-                                    )
-                                })
-                                .sum();
-                        }
-                    }
-                });
-            }
-            (Next::Conv { conv: nconv, .. }, NextRows::Conv(p)) => {
-                let p_len = nconv.out_len();
-                with_scratch_b(nc * nd * hwo + nc * p_len, |s| {
-                    let (d_o, dp) = s.split_at_mut(nc * nd * hwo);
-                    self.channel_outputs(samples, o, own, d_o);
-                    let s = Conv3x3 { c_in: nd, ..nconv };
-                    conv3x3_forward(&s, nc, d_o, &self.cache.w_dirty, None, dp);
-                    for (p, &d) in p.iter_mut().zip(dp.iter()) {
-                        *p += d;
-                    }
-                });
-            }
-            _ => unreachable!("a fold chunk's rows match the next layer"),
-        }
-    }
-}
-
-/// Brings the snapshot of channels `chans` up to date for the whole training set: `O` (and the
-/// layer's own output, when kept), then the logits or the next convolution's output `P`.
-fn fold(inc: &mut Incremental, cache: &mut ConvCache, exec: &Executor, chans: &[usize]) {
-    if chans.is_empty() {
-        return;
-    }
-    let conv = cache.conv;
-    let n = exec.train.len();
-    let classes = exec.spec.classes;
-    ConvCache::gather_next(exec, cache.next, chans, &mut cache.w_dirty);
-    // The arrays the fold writes leave the store while the chunks hold their rows; the input
-    // (an earlier activation) stays and is read in place.
-    let o_idx = cache.next_index();
-    let own_idx = (cache.own_out && cache.layer + 1 != o_idx).then_some(cache.layer + 1);
-    let p_idx = match cache.next {
-        Next::Conv { layer, .. } => Some(layer + 1),
-        Next::Dense { .. } => None,
-    };
-    let acts = &mut inc.store.acts;
-    let mut take =
-        |i: Option<usize>| i.map_or_else(Vec::new, |i| std::mem::take(&mut acts[i].data));
-    let (mut o_all, mut own_all, mut p_all) = (take(Some(o_idx)), take(own_idx), take(p_idx));
-    let mut dz = std::mem::take(&mut cache.dz);
-    let o_len = conv.c_out * cache.hw_out;
-    let nexts: Vec<NextRows> = match cache.next {
-        Next::Dense { .. } => grown(&mut dz, n * classes, 0.0)
-            .chunks_mut(FOLD_CHUNK * classes)
-            .map(NextRows::Logits)
-            .collect(),
-        Next::Conv { conv: nconv, .. } => p_all[..n * nconv.out_len()]
-            .chunks_mut(FOLD_CHUNK * nconv.out_len())
-            .map(NextRows::Conv)
-            .collect(),
-    };
-    let mut os = o_all[..n * o_len].chunks_mut(FOLD_CHUNK * o_len);
-    let mut owns = own_all.chunks_mut(FOLD_CHUNK * conv.out_len());
-    let chunks: Vec<FoldChunk> = nexts
-        .into_iter()
-        .enumerate()
-        .map(|(c, next)| FoldChunk {
-            samples: c * FOLD_CHUNK..((c + 1) * FOLD_CHUNK).min(n),
-            o: os.next().expect("an O chunk per fold chunk"),
-            own: owns.next(),
-            next,
-        })
-        .collect();
-    let store_in = inc
-        .store
-        .acts
-        .get(cache.layer)
-        .map_or(&[][..], |s| &s.data[..]);
-    let ctx = FoldCtx {
-        exec,
-        cache,
-        chans,
-        x_all: inputs(exec, store_in, cache.layer),
-    };
-    if parallel(n * chans.len() * conv.macs() / conv.c_out) {
-        chunks.into_par_iter().for_each(|c| ctx.run(c));
-    } else {
-        chunks.into_iter().for_each(|c| ctx.run(c));
-    }
-    let acts = &mut inc.store.acts;
-    acts[o_idx].data = o_all;
-    if let Some(i) = own_idx {
-        acts[i].data = own_all;
-    }
-    match p_idx {
-        Some(i) => acts[i].data = p_all,
-        None => inc.store.add_logits(&dz[..n * classes], classes),
-    }
-    cache.dz = dz;
-    cache.update_snapshot(exec, chans);
 }
 
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are
