@@ -141,24 +141,35 @@ impl Executor {
                     });
                 }
             }
-            _ if !need_dx => {}
-            Op::Relu => par_samples(split, n, dx, |r, dx| relu_backward(xs(&r), dys(&r), dx)),
-            Op::MaxPool { c, h, w } => {
-                par_samples(split, n, dx, |r, dx| {
-                    maxpool2_backward(r.len() * c, h, w, xs(&r), dys(&r), dx)
-                });
-            }
-            Op::AvgPool { c, h, w } => {
-                par_samples(split, n, dx, |r, dx| {
-                    avgpool2_backward(r.len() * c, h, w, dys(&r), dx)
-                });
-            }
-            Op::GlobalAvgPool { c, hw } => {
-                par_samples(split, n, dx, |r, dx| {
-                    global_avgpool_backward(r.len() * c, hw, dys(&r), dx)
-                });
+            Op::Relu | Op::MaxPool { .. } | Op::AvgPool { .. } | Op::GlobalAvgPool { .. } => {
+                if need_dx {
+                    parameterless_backward(&step.op, split, n, x, dy, dx);
+                }
             }
         }
+    }
+}
+
+/// Input gradient `dx` of a parameterless layer from `dy`, for `n` samples of its input `x`.
+fn parameterless_backward(op: &Op, split: bool, n: usize, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    if n == 0 {
+        return;
+    }
+    let (in_len, out_len) = (x.len() / n, dy.len() / n);
+    let xs = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
+    let dys = |r: &Range<usize>| &dy[r.start * out_len..r.end * out_len];
+    match *op {
+        Op::Relu => par_samples(split, n, dx, |r, dx| relu_backward(xs(&r), dys(&r), dx)),
+        Op::MaxPool { c, h, w } => par_samples(split, n, dx, |r, dx| {
+            maxpool2_backward(r.len() * c, h, w, xs(&r), dys(&r), dx)
+        }),
+        Op::AvgPool { c, h, w } => par_samples(split, n, dx, |r, dx| {
+            avgpool2_backward(r.len() * c, h, w, dys(&r), dx)
+        }),
+        Op::GlobalAvgPool { c, hw } => par_samples(split, n, dx, |r, dx| {
+            global_avgpool_backward(r.len() * c, hw, dys(&r), dx)
+        }),
+        _ => unreachable!("a layer with parameters"),
     }
 }
 

@@ -300,7 +300,7 @@ fn par_samples<T: Send>(
 }
 
 /// The first `len` values of `buf`, growing it (with `fill`) if it is shorter.
-fn grown<T: Clone>(buf: &mut Vec<T>, len: usize, fill: T) -> &mut [T] {
+pub(crate) fn grown<T: Clone>(buf: &mut Vec<T>, len: usize, fill: T) -> &mut [T] {
     if buf.len() < len {
         buf.resize(len, fill);
     }

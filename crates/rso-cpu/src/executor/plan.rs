@@ -63,90 +63,21 @@ pub(super) fn build_plan(spec: &ModelSpec) -> Result<Vec<Step>, EngineError> {
             reason,
         })
     };
-    let [mut c, mut h, mut w] = spec.input;
+    let [c, h, w] = spec.input;
+    let mut at = Cursor {
+        c,
+        h,
+        w,
+        param: 0,
+        slot: 0,
+    };
     let mut plan = Vec::with_capacity(spec.layers.len());
-    let (mut param, mut slot) = (0, 0);
     for (i, layer) in spec.layers.iter().enumerate() {
-        let in_len = c * h * w;
-        let op = match layer {
-            Layer::Conv {
-                c_in, c_out, bias, ..
-            } => {
-                if *c_in != c {
-                    return Err(bad(format!(
-                        "layer {i}: conv expects {c_in} channels, gets {c}"
-                    )));
-                }
-                let conv = Conv3x3 {
-                    c_in: c,
-                    c_out: *c_out,
-                    h,
-                    w,
-                };
-                let op = Op::Conv {
-                    conv,
-                    weight: param,
-                    bias: bias.then_some(param + 1),
-                };
-                param += 1 + usize::from(*bias);
-                c = *c_out;
-                op
-            }
-            Layer::Relu => Op::Relu,
-            Layer::MaxPool2 | Layer::AvgPool2 => {
-                if h < 2 || w < 2 {
-                    return Err(bad(format!("layer {i}: cannot pool a {h}×{w} plane")));
-                }
-                let op = if matches!(layer, Layer::MaxPool2) {
-                    Op::MaxPool { c, h, w }
-                } else {
-                    Op::AvgPool { c, h, w }
-                };
-                (h, w) = (h / 2, w / 2);
-                op
-            }
-            Layer::BatchNorm { channels, .. } => {
-                if *channels != c {
-                    return Err(bad(format!(
-                        "layer {i}: batch norm over {channels} channels, gets {c}"
-                    )));
-                }
-                let op = Op::BatchNorm {
-                    c,
-                    hw: h * w,
-                    gamma: param,
-                    beta: param + 1,
-                    slot,
-                };
-                param += 2;
-                slot += 1;
-                op
-            }
-            Layer::GlobalAvgPool => {
-                let op = Op::GlobalAvgPool { c, hw: h * w };
-                (h, w) = (1, 1);
-                op
-            }
-            Layer::Dense {
-                d_in, d_out, bias, ..
-            } => {
-                if *d_in != in_len {
-                    return Err(bad(format!(
-                        "layer {i}: dense expects {d_in} inputs, gets {c}×{h}×{w}"
-                    )));
-                }
-                let op = Op::Dense {
-                    d_in: *d_in,
-                    d_out: *d_out,
-                    weight: param,
-                    bias: bias.then_some(param + 1),
-                };
-                param += 1 + usize::from(*bias);
-                (c, h, w) = (*d_out, 1, 1);
-                op
-            }
-        };
-        let out_len = c * h * w;
+        let in_len = at.c * at.h * at.w;
+        let op = at
+            .resolve(layer)
+            .map_err(|e| bad(format!("layer {i}: {e}")))?;
+        let out_len = at.c * at.h * at.w;
         if out_len == 0 {
             return Err(bad(format!("layer {i}: empty output")));
         }
@@ -163,6 +94,7 @@ pub(super) fn build_plan(spec: &ModelSpec) -> Result<Vec<Step>, EngineError> {
             work,
         });
     }
+    let Cursor { c, h, w, .. } = at;
     if plan.is_empty() || c * h * w != spec.classes {
         return Err(bad(format!(
             "the last layer gives {c}×{h}×{w} values, not {} logits",
@@ -170,6 +102,99 @@ pub(super) fn build_plan(spec: &ModelSpec) -> Result<Vec<Step>, EngineError> {
         )));
     }
     Ok(plan)
+}
+
+/// Where [`build_plan`] is: the activation shape so far, and the next parameter array and
+/// BatchNorm statistics slot.
+struct Cursor {
+    c: usize,
+    h: usize,
+    w: usize,
+    param: usize,
+    slot: usize,
+}
+
+impl Cursor {
+    /// The operation of `layer` on the current shape, moving past it; the error says why the
+    /// shapes do not chain.
+    fn resolve(&mut self, layer: &Layer) -> Result<Op, String> {
+        let Cursor { c, h, w, .. } = *self;
+        let op = match layer {
+            Layer::Conv {
+                c_in, c_out, bias, ..
+            } => {
+                if *c_in != c {
+                    return Err(format!("conv expects {c_in} channels, gets {c}"));
+                }
+                let conv = Conv3x3 {
+                    c_in: c,
+                    c_out: *c_out,
+                    h,
+                    w,
+                };
+                self.c = *c_out;
+                self.arrays(Op::Conv {
+                    conv,
+                    weight: self.param,
+                    bias: bias.then_some(self.param + 1),
+                })
+            }
+            Layer::Relu => Op::Relu,
+            Layer::MaxPool2 | Layer::AvgPool2 => {
+                if h < 2 || w < 2 {
+                    return Err(format!("cannot pool a {h}×{w} plane"));
+                }
+                (self.h, self.w) = (h / 2, w / 2);
+                if matches!(layer, Layer::MaxPool2) {
+                    Op::MaxPool { c, h, w }
+                } else {
+                    Op::AvgPool { c, h, w }
+                }
+            }
+            Layer::BatchNorm { channels, .. } => {
+                if *channels != c {
+                    return Err(format!("batch norm over {channels} channels, gets {c}"));
+                }
+                self.slot += 1;
+                self.arrays(Op::BatchNorm {
+                    c,
+                    hw: h * w,
+                    gamma: self.param,
+                    beta: self.param + 1,
+                    slot: self.slot - 1,
+                })
+            }
+            Layer::GlobalAvgPool => {
+                (self.h, self.w) = (1, 1);
+                Op::GlobalAvgPool { c, hw: h * w }
+            }
+            Layer::Dense {
+                d_in, d_out, bias, ..
+            } => {
+                if *d_in != c * h * w {
+                    return Err(format!("dense expects {d_in} inputs, gets {c}×{h}×{w}"));
+                }
+                (self.c, self.h, self.w) = (*d_out, 1, 1);
+                self.arrays(Op::Dense {
+                    d_in: *d_in,
+                    d_out: *d_out,
+                    weight: self.param,
+                    bias: bias.then_some(self.param + 1),
+                })
+            }
+        };
+        Ok(op)
+    }
+
+    /// Moves the parameter cursor past `op`'s arrays; returns `op`.
+    fn arrays(&mut self, op: Op) -> Op {
+        self.param += match op {
+            Op::Conv { bias, .. } | Op::Dense { bias, .. } => 1 + usize::from(bias.is_some()),
+            Op::BatchNorm { .. } => 2,
+            _ => 0,
+        };
+        op
+    }
 }
 
 /// Checks that a resident set fits the model: image shape, pixel count, finite pixels, labels.

@@ -178,13 +178,7 @@ pub(super) fn with_scratch_b<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> 
     })
 }
 
-/// The first `len` values of `buf`, grown (with `fill`) if shorter.
-pub(super) fn grown<T: Clone>(buf: &mut Vec<T>, len: usize, fill: T) -> &mut [T] {
-    if buf.len() < len {
-        buf.resize(len, fill);
-    }
-    &mut buf[..len]
-}
+pub(super) use crate::executor::grown;
 
 /// `out = plane + d · shift(src)` for one `h × w` plane, where `shift` is the input plane as a
 /// 3×3 tap `(ky, kx)` of a padding-1 convolution sees it: `src[y + ky − 1, x + kx − 1]`, zero

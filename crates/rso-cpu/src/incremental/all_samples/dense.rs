@@ -31,8 +31,8 @@
 use super::store::{pending_sum, Layout, FB};
 use crate::executor::Executor;
 use crate::incremental::util::{
-    changes, combine, exp_kernel, for_chunks, parallel, push_ce, with_scratch, with_scratch64,
-    LogProd,
+    changes, combine, exp_kernel, for_chunks, grown, parallel, push_ce, with_scratch,
+    with_scratch64, LogProd,
 };
 use crate::incremental::{dense_shape, dense_target, Incremental, Visit, MAX_CLASSES};
 use crate::simd::{prefetch, simd_dispatch};
@@ -155,9 +155,60 @@ pub(crate) fn cached(
         delta,
         reduction,
     } = v;
-    let classes = exec.spec.classes;
     let n = exec.train.len();
     let (k, j) = dense_target(exec, layer, param, index);
+    prepare(inc, exec, layer, batch, k, j);
+    let [dp, dm] = changes(exec.params.values[param][index], delta);
+    // The block of x_j, and where x_j sits in a sample's line of it.
+    let (xb, stride, f) = match j {
+        Some(j) => {
+            let (lines, stride) = inc.store.lines(j / FB, n);
+            (Some(lines), stride, j % FB)
+        }
+        None => (None, FB, 0),
+    };
+    let layout = inc.store.layout.as_ref();
+    let ctx = DenseVisit {
+        z: &inc.store.z.data,
+        n,
+        k,
+        classes: exec.spec.classes,
+        // Bias visits compute their row constants on the spot.
+        rows: j.and(inc.dense.rows.as_ref()),
+        xb,
+        stride,
+        f,
+        pending: &inc.store.pending,
+        labels: &exec.train.labels,
+        run: layout.and_then(|_| inc.dense.slots.find(batch)),
+        inv: layout.map(|l| &l.inv[..]),
+        ds: [0.0, dp, dm],
+    };
+    let chunks = batch.len().div_ceil(CHUNK);
+    let parts = grown(&mut inc.dense.parts, chunks, Default::default());
+    let par = batch.len() >= PAR_BATCH && parallel(1 << 20);
+    for_chunks(batch.len(), CHUNK, par, parts, |r, acc| {
+        *acc = Default::default();
+        if !ctx.chunk(r.start, &batch[r.clone()], acc) {
+            *acc = Default::default();
+            ctx.exact_chunk(r.start, &batch[r], acc);
+        }
+    });
+    let sums = combine(&parts[..chunks]);
+    sums.map(|s| reduction.finish(s, batch.len()))
+}
+
+/// Makes what a visit of row `k` (input `j`, `None` for the bias) reads current: the store's
+/// logits and blocked input, the batches' layout, the pending changes, the row constants.
+fn prepare(
+    inc: &mut Incremental,
+    exec: &mut Executor,
+    layer: usize,
+    batch: &[u32],
+    k: usize,
+    j: Option<usize>,
+) {
+    let n = exec.train.len();
     inc.store.ensure(exec, &inc.clock, &[layer], true);
     if j.is_none() {
         // Bias visits (one per row, after the weights) compute their row constants on the
@@ -185,7 +236,6 @@ pub(crate) fn cached(
     let (d_in, d_out, _, _) = dense_shape(exec, layer);
     let layout_soon = 8.0 * m * (m.ln() + 1.0) <= (d_in * d_out) as f64;
     inc.store.ensure_xb(exec, &inc.clock, layer, layout_soon);
-    let [dp, dm] = changes(exec.params.values[param][index], delta);
     // Pending changes of another row or block are added to the logits first.
     let store = &mut inc.store;
     if store.has_pending
@@ -193,8 +243,7 @@ pub(crate) fn cached(
     {
         store.flush_pending();
     }
-    // Row constants: computed once per row of a weight sweep; a bias visit (one per row)
-    // computes them for its batch only.
+    // Row constants: computed once per row of a weight sweep.
     if j.is_some() {
         let fresh = inc.dense.rows.as_ref().is_some_and(|r| {
             r.k == k
@@ -213,7 +262,7 @@ pub(crate) fn cached(
             let rows = row_constants(
                 &inc.store.z.data,
                 labels,
-                classes,
+                exec.spec.classes,
                 k,
                 &inc.store.z_gen,
                 &mut inc.dense.rows,
@@ -221,135 +270,151 @@ pub(crate) fn cached(
             inc.dense.rows = Some(rows);
         }
     }
-    let rows = if j.is_some() {
-        inc.dense.rows.as_ref()
-    } else {
-        None
-    };
-    let z = &inc.store.z.data;
-    // The block of x_j, and where x_j sits in a sample's line of it.
-    let (xb, stride, f) = match j {
-        Some(j) => {
-            let (lines, stride) = inc.store.lines(j / FB, n);
-            (Some(lines), stride, j % FB)
-        }
-        None => (None, FB, 0),
-    };
-    let pending = &inc.store.pending;
-    let labels = &exec.train.labels;
-    // Where the logits, lines and row constants of the batch's `t`-th sample `i` are: one
-    // contiguous run of positions from `run` when the batch is one of the layout's, else
-    // position `inv[i]` (sample `i` without a layout). Same values either way.
-    let layout = inc.store.layout.as_ref();
-    let run = layout.and_then(|_| inc.dense.slots.find(batch));
-    let inv = layout.map(|l| &l.inv[..]);
-    let pos = |t: usize, i: u32| -> usize {
-        match (run, inv) {
+}
+
+/// What every chunk of a dense visit reads.
+struct DenseVisit<'a> {
+    /// The all-samples logits (class-major, by position).
+    z: &'a [f64],
+    /// Training samples.
+    n: usize,
+    /// The visited logit row.
+    k: usize,
+    classes: usize,
+    /// Row `k`'s constants (weight visits); `None`: computed per sample (bias visits).
+    rows: Option<&'a Rows>,
+    /// The lines of `x_j`'s block (`None` for a bias), line `p` at `xb[p·stride..][..FB]`, and
+    /// `x_j`'s place `f` in a line.
+    xb: Option<&'a [f32]>,
+    stride: usize,
+    f: usize,
+    pending: &'a [f64; FB],
+    labels: &'a [u8],
+    /// Where the batch's samples are: one contiguous run of positions from `run` when the
+    /// batch is one of the layout's, else position `inv[i]` (sample `i` without a layout).
+    run: Option<usize>,
+    inv: Option<&'a [u32]>,
+    /// The candidates' changes `[0, Δ₊, Δ₋]`.
+    ds: [f64; 3],
+}
+
+impl DenseVisit<'_> {
+    /// Position of the batch's `t`-th sample `i` (same values either way).
+    fn pos(&self, t: usize, i: u32) -> usize {
+        match (self.run, self.inv) {
             (Some(p0), _) => p0 + t,
             (None, Some(inv)) => inv[i as usize] as usize,
             (None, None) => i as usize,
         }
-    };
-    // Logit k and x_j at position p.
-    let logit_and_x = |p: usize| -> (f64, f64) {
-        match xb {
+    }
+
+    /// Logit `k` (with the pending changes) and `x_j` at position `p`.
+    fn logit_and_x(&self, p: usize) -> (f64, f64) {
+        let zk = self.z[self.k * self.n + p];
+        match self.xb {
             Some(xb) => {
-                let line = &xb[p * stride..][..FB];
+                let line = &xb[p * self.stride..][..FB];
                 (
-                    z[k * n + p] + pending_sum(pending, line),
-                    f64::from(line[f]),
+                    zk + pending_sum(self.pending, line),
+                    f64::from(line[self.f]),
                 )
             }
-            None => (z[k * n + p], 1.0),
+            None => (zk, 1.0),
         }
-    };
-    let chunks = batch.len().div_ceil(CHUNK);
-    let parts = crate::incremental::util::grown(&mut inc.dense.parts, chunks, Default::default());
-    let ds = [0.0, dp, dm];
-    let par = batch.len() >= PAR_BATCH && parallel(1 << 20);
-    for_chunks(batch.len(), CHUNK, par, parts, |r, acc| {
-        *acc = Default::default();
-        let t0 = r.start;
-        let idx = &batch[r];
+    }
+
+    /// Adds the chunk's cross-entropies (samples `idx`, the batch's from `t0`) to `acc`
+    /// through the row constants and the vectorised exponential; false when a value is out
+    /// of its range (the caller then takes [`DenseVisit::exact_chunk`]).
+    fn chunk(&self, t0: usize, idx: &[u32], acc: &mut [LogProd; 3]) -> bool {
         let len = idx.len();
-        let fast = with_scratch64(6 * len, |buf| {
+        with_scratch64(6 * len, |buf| {
             let (zk, buf) = buf.split_at_mut(len);
             let (x, buf) = buf.split_at_mut(len);
             let (m, buf) = buf.split_at_mut(len);
             let (s, buf) = buf.split_at_mut(len);
             let (zl, isk) = buf.split_at_mut(len);
-            match (run, rows) {
-                (Some(p0), Some(rows)) => {
-                    // Contiguous: plain copies.
-                    let p0 = p0 + t0;
-                    for (t, c) in rows.c[p0..p0 + len].iter().enumerate() {
-                        [m[t], s[t], zl[t], isk[t]] = *c;
-                    }
-                    zk.copy_from_slice(&z[k * n + p0..][..len]);
-                }
-                _ => {
-                    // Gather first (loads only, a few samples ahead prefetched, so that many
-                    // cache misses are in flight at once), then compute.
-                    const AHEAD: usize = 16;
-                    for (t, &i) in idx.iter().enumerate() {
-                        if let Some(&a) = idx.get(t + AHEAD) {
-                            let a = pos(t0 + t + AHEAD, a);
-                            if let Some(rows) = rows {
-                                prefetch(&rows.c[a]);
-                            }
-                            prefetch(&z[k * n + a]);
-                            if let Some(xb) = xb {
-                                prefetch(&xb[a * stride]);
-                            }
-                        }
-                        let p = pos(t0 + t, i);
-                        [m[t], s[t], zl[t], isk[t]] = match rows {
-                            Some(rows) => rows.c[p],
-                            None => constants(z, n, classes, k, p, usize::from(labels[i as usize])),
-                        };
-                        zk[t] = z[k * n + p];
-                    }
-                }
-            }
-            match (xb, run) {
-                (Some(xb), Some(p0)) if stride == FB => {
-                    add_lines(pending, f, &xb[(p0 + t0) * FB..][..len * FB], zk, x);
-                }
-                (Some(xb), _) => with_scratch(len * FB, |lines| {
-                    for (t, (dst, &i)) in lines.chunks_exact_mut(FB).zip(idx).enumerate() {
-                        dst.copy_from_slice(&xb[pos(t0 + t, i) * stride..][..FB]);
-                    }
-                    add_lines(pending, f, lines, zk, x);
-                }),
-                (None, _) => x.fill(1.0),
-            }
+            self.gather(t0, idx, [zk, m, s, zl, isk]);
+            self.add_lines(t0, idx, zk, x);
             let mut ok = true;
-            for (a, &d) in acc.iter_mut().zip(&ds) {
+            for (a, &d) in acc.iter_mut().zip(&self.ds) {
                 ok &= lanes(zk, x, m, s, zl, isk, d, a);
             }
             ok
-        });
-        if !fast {
-            // An overflowing exponential or non-finite logits: the plain per-sample
-            // log-sum-exp over all logits, for the whole chunk.
-            *acc = Default::default();
-            let mut zrow = [0.0f64; MAX_CLASSES];
-            for (t, &i) in idx.iter().enumerate() {
-                let p = pos(t0 + t, i);
-                let label = usize::from(labels[i as usize]);
-                let (zk, x) = logit_and_x(p);
-                for (a, &d) in acc.iter_mut().zip(&ds) {
-                    for (c, zc) in zrow[..classes].iter_mut().enumerate() {
-                        *zc = z[c * n + p];
-                    }
-                    zrow[k] = zk + d * x;
-                    push_ce(a, &zrow[..classes], label);
+        })
+    }
+
+    /// Logit `k` and the row constants `[m, s, z_label, label == k]` of the chunk's samples.
+    fn gather(&self, t0: usize, idx: &[u32], [zk, m, s, zl, isk]: [&mut [f64]; 5]) {
+        let (z, n, k) = (self.z, self.n, self.k);
+        if let (Some(p0), Some(rows)) = (self.run, self.rows) {
+            // Contiguous: plain copies.
+            let p0 = p0 + t0;
+            for (t, c) in rows.c[p0..p0 + idx.len()].iter().enumerate() {
+                [m[t], s[t], zl[t], isk[t]] = *c;
+            }
+            zk.copy_from_slice(&z[k * n + p0..][..idx.len()]);
+            return;
+        }
+        // Gather first (loads only, a few samples ahead prefetched, so that many cache
+        // misses are in flight at once), then compute.
+        const AHEAD: usize = 16;
+        for (t, &i) in idx.iter().enumerate() {
+            if let Some(&a) = idx.get(t + AHEAD) {
+                let a = self.pos(t0 + t + AHEAD, a);
+                if let Some(rows) = self.rows {
+                    prefetch(&rows.c[a]);
+                }
+                prefetch(&z[k * n + a]);
+                if let Some(xb) = self.xb {
+                    prefetch(&xb[a * self.stride]);
                 }
             }
+            let p = self.pos(t0 + t, i);
+            let label = usize::from(self.labels[i as usize]);
+            [m[t], s[t], zl[t], isk[t]] = match self.rows {
+                Some(rows) => rows.c[p],
+                None => constants(z, n, self.classes, k, p, label),
+            };
+            zk[t] = z[k * n + p];
         }
-    });
-    let sums = combine(&parts[..chunks]);
-    sums.map(|s| reduction.finish(s, batch.len()))
+    }
+
+    /// `zk += pending changes` and `x = x_j` of the chunk's samples (1 for a bias).
+    fn add_lines(&self, t0: usize, idx: &[u32], zk: &mut [f64], x: &mut [f64]) {
+        let (pending, f, len) = (self.pending, self.f, idx.len());
+        match (self.xb, self.run) {
+            (Some(xb), Some(p0)) if self.stride == FB => {
+                add_lines(pending, f, &xb[(p0 + t0) * FB..][..len * FB], zk, x);
+            }
+            (Some(xb), _) => with_scratch(len * FB, |lines| {
+                for (t, (dst, &i)) in lines.chunks_exact_mut(FB).zip(idx).enumerate() {
+                    dst.copy_from_slice(&xb[self.pos(t0 + t, i) * self.stride..][..FB]);
+                }
+                add_lines(pending, f, lines, zk, x);
+            }),
+            (None, _) => x.fill(1.0),
+        }
+    }
+
+    /// [`DenseVisit::chunk`] by the plain per-sample log-sum-exp over all logits: for an
+    /// overflowing exponential or non-finite logits.
+    fn exact_chunk(&self, t0: usize, idx: &[u32], acc: &mut [LogProd; 3]) {
+        let (z, n, k, classes) = (self.z, self.n, self.k, self.classes);
+        let mut zrow = [0.0f64; MAX_CLASSES];
+        for (t, &i) in idx.iter().enumerate() {
+            let p = self.pos(t0 + t, i);
+            let label = usize::from(self.labels[i as usize]);
+            let (zk, x) = self.logit_and_x(p);
+            for (a, &d) in acc.iter_mut().zip(&self.ds) {
+                for (c, zc) in zrow[..classes].iter_mut().enumerate() {
+                    *zc = z[c * n + p];
+                }
+                zrow[k] = zk + d * x;
+                push_ce(a, &zrow[..classes], label);
+            }
+        }
+    }
 }
 
 /// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for consecutive lines of 16 f32.

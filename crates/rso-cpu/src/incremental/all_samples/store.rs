@@ -90,14 +90,44 @@ impl Store {
         if self.acts.len() < layers {
             self.acts.resize_with(layers, Stamped::default);
         }
-        let mut invalid: Vec<usize> = want
+        let logits = logits && !self.z.valid(clock, layers);
+        let Some((start, end, keep)) = self.refresh_range(exec, clock, want, logits) else {
+            return;
+        };
+        self.forward_into(exec, start, end, &keep, logits);
+        for &a in &keep {
+            self.acts[a].tick = Some(clock.now());
+        }
+        if logits {
+            // Computed from the current weights, in sample order: nothing is pending any more.
+            if self.layout.take().is_some() {
+                self.xb.tick = None;
+            }
+            self.z.tick = Some(clock.now());
+            self.bump_all_rows(exec.spec.classes);
+            self.pending = [0.0; FB];
+            self.has_pending = false;
+        }
+    }
+
+    /// What [`Store::ensure`] recomputes: `None` when everything is valid, else the stored
+    /// activation the forward passes start from (0: the images), the last activation they
+    /// reach, and the activations in between to keep.
+    fn refresh_range(
+        &self,
+        exec: &Executor,
+        clock: &Clock,
+        want: &[usize],
+        logits: bool,
+    ) -> Option<(usize, usize, Vec<usize>)> {
+        let layers = exec.plan.len();
+        let invalid: Vec<usize> = want
             .iter()
             .copied()
             .filter(|&a| !self.acts[a].valid(clock, a))
             .collect();
-        let logits = logits && !self.z.valid(clock, layers);
         if invalid.is_empty() && !logits {
-            return;
+            return None;
         }
         let first = invalid.iter().copied().min().unwrap_or(layers);
         let start = (1..first)
@@ -112,19 +142,32 @@ impl Store {
         // Also refresh wanted arrays that were valid but lie inside the recomputed range (cheap,
         // and keeps the bookkeeping simple), and keep the arrays later sweeps of the round will
         // want, while they are computed anyway.
-        invalid = want
+        let mut keep: Vec<usize> = want
             .iter()
             .copied()
             .filter(|&a| a > start && a <= end)
             .collect();
         for a in useful(exec) {
-            if a > start && a <= end && !invalid.contains(&a) {
-                invalid.push(a);
+            if a > start && a <= end && !keep.contains(&a) {
+                keep.push(a);
             }
         }
+        Some((start, end, keep))
+    }
+
+    /// Runs the training set from activation `start` to `end` in chunks, copying activations
+    /// `keep` (and the logits when `logits`) into the store.
+    fn forward_into(
+        &mut self,
+        exec: &mut Executor,
+        start: usize,
+        end: usize,
+        keep: &[usize],
+        logits: bool,
+    ) {
         let n = exec.train.len();
         let classes = exec.spec.classes;
-        for &a in &invalid {
+        for &a in keep {
             let len = n * act_len(exec, a);
             let s = &mut self.acts[a];
             if s.data.len() != len {
@@ -134,7 +177,7 @@ impl Store {
         if logits && self.z.data.len() != n * classes {
             self.z.data = vec![0.0; n * classes];
         }
-        let mut cuts: Vec<usize> = invalid.iter().copied().filter(|&a| a < end).collect();
+        let mut cuts: Vec<usize> = keep.iter().copied().filter(|&a| a < end).collect();
         cuts.push(end);
         cuts.sort_unstable();
         cuts.dedup();
@@ -156,42 +199,36 @@ impl Store {
                 exec.forward_segment(from..to, m, Mode::Train, false);
                 from = to;
             }
-            for &a in &invalid {
-                let len = act_len(exec, a);
-                let dst = &mut self.acts[a].data[c0 * len..(c0 + m) * len];
-                let src = &exec.ws.acts[a][..m * len];
-                // Over the threads when large: the first round's copies also fault the
-                // stored arrays' pages in.
-                const PIECE: usize = 1 << 16;
-                if rayon::current_num_threads() > 1 && dst.len() >= 2 * PIECE {
-                    dst.par_chunks_mut(PIECE)
-                        .zip(src.par_chunks(PIECE))
-                        .for_each(|(d, s)| d.copy_from_slice(s));
-                } else {
-                    dst.copy_from_slice(src);
-                }
-            }
-            if logits {
-                let out = &exec.ws.acts[layers][..m * classes];
-                for (i, row) in out.chunks_exact(classes).enumerate() {
-                    for (k, &v) in row.iter().enumerate() {
-                        self.z.data[k * n + c0 + i] = f64::from(v);
-                    }
-                }
-            }
+            self.copy_chunk(exec, c0, m, keep, logits);
         }
-        for &a in &invalid {
-            self.acts[a].tick = Some(clock.now());
+    }
+
+    /// Copies activations `keep` (and the logits) of the `m` samples from `c0` out of the
+    /// executor's buffers into the store.
+    fn copy_chunk(&mut self, exec: &Executor, c0: usize, m: usize, keep: &[usize], logits: bool) {
+        for &a in keep {
+            let len = act_len(exec, a);
+            let dst = &mut self.acts[a].data[c0 * len..(c0 + m) * len];
+            let src = &exec.ws.acts[a][..m * len];
+            // Over the threads when large: the first round's copies also fault the stored
+            // arrays' pages in.
+            const PIECE: usize = 1 << 16;
+            if rayon::current_num_threads() > 1 && dst.len() >= 2 * PIECE {
+                dst.par_chunks_mut(PIECE)
+                    .zip(src.par_chunks(PIECE))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+            } else {
+                dst.copy_from_slice(src);
+            }
         }
         if logits {
-            // Computed from the current weights, in sample order: nothing is pending any more.
-            if self.layout.take().is_some() {
-                self.xb.tick = None;
+            let (n, classes) = (exec.train.len(), exec.spec.classes);
+            let out = &exec.ws.acts[exec.plan.len()][..m * classes];
+            for (i, row) in out.chunks_exact(classes).enumerate() {
+                for (k, &v) in row.iter().enumerate() {
+                    self.z.data[k * n + c0 + i] = f64::from(v);
+                }
             }
-            self.z.tick = Some(clock.now());
-            self.bump_all_rows(classes);
-            self.pending = [0.0; FB];
-            self.has_pending = false;
         }
     }
 

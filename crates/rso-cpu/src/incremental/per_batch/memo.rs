@@ -119,8 +119,44 @@ pub(crate) fn forward(
     visited: Option<Visited>,
 ) -> f64 {
     let n = batch.len();
-    let n_train = exec.train.len();
     exec.load_batch(batch);
+    let shape = kept_shape(exec, act, visited);
+    if shape == (0, 0, 0, 0) {
+        exec.forward_from(0, n, Mode::Train, true);
+        return reduction.finish(exec.loss_sum(n), n);
+    }
+    let same = memo.active
+        && memo.act == act
+        && (memo.in_len, memo.out_act, memo.out_len, memo.w_len) == shape
+        && clock.unchanged_since(memo.tick, 0..act);
+    if !same {
+        memo.reset(act, clock.now(), shape, exec.train.len(), n);
+    }
+    let h = batch_hash(batch);
+    let hit = memo
+        .index
+        .get(&h)
+        .copied()
+        .filter(|&e| memo.batches[memo.entries[e].batch.clone()] == batch[..]);
+    match hit {
+        Some(e) => memo.replay(exec, e, n, visited),
+        None => {
+            exec.forward_from(0, n, Mode::Train, true);
+            memo.record(exec, batch, h, visited);
+        }
+    }
+    reduction.finish(exec.loss_sum(n), n)
+}
+
+/// What the memo keeps for visited layer `act` (see [`ActivationMemo`]): values per sample of
+/// its input (0: not kept), the activation index and values per sample of the convolution's
+/// output (0: not kept), values of the convolution's weights and biases.
+fn kept_shape(
+    exec: &Executor,
+    act: usize,
+    visited: Option<Visited>,
+) -> (usize, usize, usize, usize) {
+    let n_train = exec.train.len();
     let prefix: usize = exec.plan[..act].iter().map(|s| s.work).sum();
     let total: usize = exec.plan.iter().map(|s| s.work).sum();
     let fits = |len: usize| n_train * len * 4 <= MEMO_BUDGET;
@@ -130,148 +166,146 @@ pub(crate) fn forward(
         0
     };
     // The output kept: after the convolution and the pooling right after it.
-    let (out_act, out_len, w_len) = match visited {
-        Some(v) => {
-            let mut o = act + 1;
-            while matches!(exec.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
-                o += 1;
-            }
-            let len = exec.plan[o - 1].out_len;
-            let w_len = exec.params.values[v.weight].len()
-                + v.bias.map_or(0, |b| exec.params.values[b].len());
-            if fits(len) {
-                (o, len, w_len)
-            } else {
-                (0, 0, 0)
-            }
-        }
-        None => (0, 0, 0),
+    let Some(v) = visited else {
+        return (in_len, 0, 0, 0);
     };
-    if in_len == 0 && out_act == 0 {
-        exec.forward_from(0, n, Mode::Train, true);
-        return reduction.finish(exec.loss_sum(n), n);
+    let mut o = act + 1;
+    while matches!(exec.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
+        o += 1;
     }
-    let same = memo.active
-        && memo.act == act
-        && (memo.in_len, memo.out_act, memo.out_len, memo.w_len)
-            == (in_len, out_act, out_len, w_len)
-        && clock.unchanged_since(memo.tick, 0..act);
-    if !same {
-        // Start afresh, keeping the buffers, with room for every batch of a partition twice
-        // (so that visits allocate nothing once the memo is set up).
+    let len = exec.plan[o - 1].out_len;
+    let w_len =
+        exec.params.values[v.weight].len() + v.bias.map_or(0, |b| exec.params.values[b].len());
+    if fits(len) {
+        (in_len, o, len, w_len)
+    } else {
+        (in_len, 0, 0, 0)
+    }
+}
+
+impl ActivationMemo {
+    /// Starts afresh for layer `act` at clock tick `tick`, keeping the buffers, with room for
+    /// every batch (of `n` samples) of a partition of `n_train` samples twice (so that visits
+    /// allocate nothing once the memo is set up).
+    fn reset(
+        &mut self,
+        act: usize,
+        tick: u64,
+        shape: (usize, usize, usize, usize),
+        n_train: usize,
+        n: usize,
+    ) {
         let slots = 2 * n_train.div_ceil(n);
-        memo.act = act;
-        memo.tick = clock.now();
-        memo.active = true;
-        (memo.in_len, memo.out_act, memo.out_len, memo.w_len) = (in_len, out_act, out_len, w_len);
-        memo.index.clear();
-        memo.index.reserve(slots);
-        memo.entries.clear();
-        memo.entries.reserve(slots);
-        memo.batches.clear();
-        memo.batches.reserve(2 * n_train + n);
-        memo.input.clear();
-        memo.input.reserve(n_train * in_len + n * in_len);
-        memo.output.clear();
-        memo.output.reserve(n_train * out_len + n * out_len);
-        memo.weights.clear();
-        memo.weights.reserve(slots * w_len);
-        memo.chans.reserve(64);
-        (memo.in_used, memo.out_used, memo.hits) = (0, 0, 0);
+        self.act = act;
+        self.tick = tick;
+        self.active = true;
+        (self.in_len, self.out_act, self.out_len, self.w_len) = shape;
+        let (in_len, out_len, w_len) = (self.in_len, self.out_len, self.w_len);
+        self.index.clear();
+        self.index.reserve(slots);
+        self.entries.clear();
+        self.entries.reserve(slots);
+        self.batches.clear();
+        self.batches.reserve(2 * n_train + n);
+        self.input.clear();
+        self.input.reserve(n_train * in_len + n * in_len);
+        self.output.clear();
+        self.output.reserve(n_train * out_len + n * out_len);
+        self.weights.clear();
+        self.weights.reserve(slots * w_len);
+        self.chans.reserve(64);
+        (self.in_used, self.out_used, self.hits) = (0, 0, 0);
     }
-    let h = batch_hash(batch);
-    let hit = memo
-        .index
-        .get(&h)
-        .copied()
-        .filter(|&e| memo.batches[memo.entries[e].batch.clone()] == batch[..]);
-    match hit {
-        Some(e) => {
-            memo.hits += 1;
-            let (input, output) = (memo.entries[e].input, memo.entries[e].output);
-            // Channels whose weights changed since the entry was made, and channel k.
-            let mut chans = std::mem::take(&mut memo.chans);
-            chans.clear();
-            if let (Some((_, w_off)), Some(v)) = (output, visited) {
-                let p = &exec.params.values;
-                let taps = v.conv.taps();
-                let w = &memo.weights[w_off..w_off + w_len];
-                let wl = p[v.weight].len();
-                let differs =
-                    |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(a, b)| a.to_bits() != b.to_bits());
-                chans.extend((0..v.conv.c_out).filter(|&c| {
-                    c == v.k
-                        || differs(&p[v.weight][c * taps..(c + 1) * taps], &w[c * taps..])
-                        || v.bias
-                            .is_some_and(|b| differs(&p[b][c..c + 1], &w[wl + c..]))
-                }));
+
+    /// The forward pass of the loaded batch of entry `e` from what the entry keeps: its input
+    /// to the visited layer, and its convolution output with the channels whose weights
+    /// changed since (and channel `k`) recomputed; the entry is brought up to date.
+    fn replay(&mut self, exec: &mut Executor, e: usize, n: usize, visited: Option<Visited>) {
+        self.hits += 1;
+        let (act, in_len, out_act, out_len) = (self.act, self.in_len, self.out_act, self.out_len);
+        let (input, output) = (self.entries[e].input, self.entries[e].output);
+        match input {
+            Some(off) => {
+                exec.ws.acts[act][..n * in_len].copy_from_slice(&self.input[off..off + n * in_len])
             }
-            match input {
-                Some(off) => exec.ws.acts[act][..n * in_len]
-                    .copy_from_slice(&memo.input[off..off + n * in_len]),
-                None => forward_prefix(exec, n, act),
-            }
-            match (output, visited) {
-                (Some((off, w_off)), Some(v)) => {
-                    exec.ws.acts[out_act][..n * out_len]
-                        .copy_from_slice(&memo.output[off..off + n * out_len]);
-                    recompute_channels(&mut memo.tmp, exec, act, out_act, v, &chans, n);
-                    exec.forward_from(out_act, n, Mode::Train, true);
-                    // Keep the entry current, so that the next hit recomputes only what
-                    // changes until then.
-                    memo.output[off..off + n * out_len]
-                        .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
-                    copy_weights(exec, v, &mut memo.weights[w_off..w_off + w_len]);
-                }
-                _ => exec.forward_from(act, n, Mode::Train, true),
-            }
-            memo.chans = chans;
+            None => forward_prefix(exec, n, act),
         }
-        None => {
-            exec.forward_from(0, n, Mode::Train, true);
-            // Store while within budget, unless batches evidently do not recur.
-            let recurs = memo.hits > 0 || memo.entries.len() < 2 * n_train.div_ceil(n);
-            let room = memo.batches.len() + n <= memo.batches.capacity()
-                && memo.entries.len() < memo.entries.capacity();
-            if recurs && room && !memo.index.contains_key(&h) {
-                // Within the room reserved when the memo was set up: no reallocation.
-                let input = (in_len > 0 && memo.in_used + n * in_len <= memo.input.capacity())
-                    .then(|| {
-                        let off = memo.in_used;
-                        grown(&mut memo.input, off + n * in_len, 0.0)[off..]
-                            .copy_from_slice(&exec.ws.acts[act][..n * in_len]);
-                        memo.in_used += n * in_len;
-                        off
-                    });
-                let output = match visited {
-                    Some(v)
-                        if out_act > 0 && memo.out_used + n * out_len <= memo.output.capacity() =>
-                    {
-                        let off = memo.out_used;
-                        grown(&mut memo.output, off + n * out_len, 0.0)[off..]
-                            .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
-                        memo.out_used += n * out_len;
-                        let w_off = memo.entries.len() * w_len;
-                        let w = grown(&mut memo.weights, w_off + w_len, 0.0);
-                        copy_weights(exec, v, &mut w[w_off..]);
-                        Some((off, w_off))
-                    }
-                    _ => None,
-                };
-                if input.is_some() || output.is_some() {
-                    memo.index.insert(h, memo.entries.len());
-                    let start = memo.batches.len();
-                    memo.batches.extend_from_slice(batch);
-                    memo.entries.push(Entry {
-                        batch: start..start + n,
-                        input,
-                        output,
-                    });
-                }
+        let (Some((off, w_off)), Some(v)) = (output, visited) else {
+            exec.forward_from(act, n, Mode::Train, true);
+            return;
+        };
+        let mut chans = std::mem::take(&mut self.chans);
+        self.changed_channels(exec, v, w_off, &mut chans);
+        exec.ws.acts[out_act][..n * out_len].copy_from_slice(&self.output[off..off + n * out_len]);
+        recompute_channels(&mut self.tmp, exec, act, out_act, v, &chans, n);
+        exec.forward_from(out_act, n, Mode::Train, true);
+        // Keep the entry current, so that the next hit recomputes only what changes until then.
+        self.output[off..off + n * out_len].copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+        copy_weights(exec, v, &mut self.weights[w_off..w_off + self.w_len]);
+        self.chans = chans;
+    }
+
+    /// Into `chans`: channel `k` and the channels whose weights differ from the entry's copy at
+    /// `w_off`.
+    fn changed_channels(&self, exec: &Executor, v: Visited, w_off: usize, chans: &mut Vec<usize>) {
+        let p = &exec.params.values;
+        let taps = v.conv.taps();
+        let w = &self.weights[w_off..w_off + self.w_len];
+        let wl = p[v.weight].len();
+        let differs =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(a, b)| a.to_bits() != b.to_bits());
+        chans.clear();
+        chans.extend((0..v.conv.c_out).filter(|&c| {
+            c == v.k
+                || differs(&p[v.weight][c * taps..(c + 1) * taps], &w[c * taps..])
+                || v.bias
+                    .is_some_and(|b| differs(&p[b][c..c + 1], &w[wl + c..]))
+        }));
+    }
+
+    /// Stores the loaded batch's activations (just computed) under hash `h`, while within the
+    /// room reserved at [`ActivationMemo::reset`] (no reallocation) and unless batches
+    /// evidently do not recur.
+    fn record(&mut self, exec: &Executor, batch: &[u32], h: u64, visited: Option<Visited>) {
+        let n = batch.len();
+        let recurs = self.hits > 0 || self.entries.len() < 2 * exec.train.len().div_ceil(n);
+        let room = self.batches.len() + n <= self.batches.capacity()
+            && self.entries.len() < self.entries.capacity();
+        if !recurs || !room || self.index.contains_key(&h) {
+            return;
+        }
+        let (act, in_len, out_act, out_len) = (self.act, self.in_len, self.out_act, self.out_len);
+        let input = (in_len > 0 && self.in_used + n * in_len <= self.input.capacity()).then(|| {
+            let off = self.in_used;
+            grown(&mut self.input, off + n * in_len, 0.0)[off..]
+                .copy_from_slice(&exec.ws.acts[act][..n * in_len]);
+            self.in_used += n * in_len;
+            off
+        });
+        let output = match visited {
+            Some(v) if out_act > 0 && self.out_used + n * out_len <= self.output.capacity() => {
+                let off = self.out_used;
+                grown(&mut self.output, off + n * out_len, 0.0)[off..]
+                    .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+                self.out_used += n * out_len;
+                let w_off = self.entries.len() * self.w_len;
+                let w = grown(&mut self.weights, w_off + self.w_len, 0.0);
+                copy_weights(exec, v, &mut w[w_off..]);
+                Some((off, w_off))
             }
+            _ => None,
+        };
+        if input.is_some() || output.is_some() {
+            self.index.insert(h, self.entries.len());
+            let start = self.batches.len();
+            self.batches.extend_from_slice(batch);
+            self.entries.push(Entry {
+                batch: start..start + n,
+                input,
+                output,
+            });
         }
     }
-    reduction.finish(exec.loss_sum(n), n)
 }
 
 /// The visited convolution's weights then biases into `out`.
