@@ -28,16 +28,16 @@
 //! [`Store::settle`](super::store::Store::settle) returns to sample order for every other
 //! reader of the logits.
 
-use super::store::{pending_sum, Layout, FB};
+use super::dense_rows::{constants, lanes, row_constants, Rows};
+use super::pending::pending_sum;
+use super::slots::Slots;
+use super::store::{Layout, FB};
 use crate::executor::Executor;
 use crate::incremental::util::{
-    changes, combine, exp_kernel, for_chunks, grown, parallel, push_ce, with_scratch,
-    with_scratch64, LogProd,
+    changes, combine, for_chunks, grown, parallel, push_ce, with_scratch, with_scratch64, LogProd,
 };
 use crate::incremental::{dense_shape, dense_target, Incremental, Visit, MAX_CLASSES};
-use crate::simd::{prefetch, simd_dispatch};
-use rayon::prelude::*;
-use std::collections::HashMap;
+use crate::simd::prefetch;
 
 /// Samples per chunk of a candidate evaluation (fixed: results do not depend on threads).
 const CHUNK: usize = 256;
@@ -46,74 +46,6 @@ const CHUNK: usize = 256;
 /// samples takes tens of microseconds; splitting it measured slower than not (waking the
 /// second thread costs about as much), so in practice visits stay on one thread.
 const PAR_BATCH: usize = 1 << 20;
-
-/// Per-sample constants of one logit row `k`: `[m, s, z_label, label == k]` with
-/// `m = max_{c≠k} z_c`, `s = Σ_{c≠k} exp(z_c − m)`, `z_label` the label's logit when it is not
-/// `k` (else 0) and the last entry 1 when the label is `k` (else 0).
-#[derive(Debug)]
-struct Rows {
-    k: usize,
-    /// `Store::z_gen` when computed (valid while no row other than `k` has changed).
-    gens: Vec<u64>,
-    c: Vec<[f64; 4]>,
-}
-
-/// The distinct batches seen by the weight visits since the caches were dropped, while they
-/// are disjoint (see [`Slots::register`]).
-#[derive(Debug, Default)]
-struct Slots {
-    /// The batches' samples, concatenated in the order first seen.
-    flat: Vec<u32>,
-    /// Start of each batch in `flat`.
-    starts: Vec<usize>,
-    /// Batches by [`Slots::key`].
-    by_key: HashMap<[u32; 4], Vec<usize>>,
-    /// Per sample: whether it is in a batch already.
-    owned: Vec<bool>,
-    /// Two batches overlapped (or one repeated a sample): no layout until the caches drop.
-    broken: bool,
-}
-
-impl Slots {
-    /// A cheap key of a batch (a lookup compares the whole batch).
-    fn key(batch: &[u32]) -> [u32; 4] {
-        let n = batch.len();
-        [n as u32, batch[0], batch[n / 2], batch[n - 1]]
-    }
-
-    /// Start in `flat` (the position range, once the layout is built) of a known batch.
-    fn find(&self, batch: &[u32]) -> Option<usize> {
-        let slots = self.by_key.get(&Slots::key(batch))?;
-        slots.iter().find_map(|&s| {
-            let start = self.starts[s];
-            (self.flat.get(start..start + batch.len()) == Some(batch)).then_some(start)
-        })
-    }
-
-    /// Records a batch not seen before; returns true when the batches seen so far are disjoint
-    /// and cover all `n` samples (they then form a partition: the layout can be built).
-    fn register(&mut self, batch: &[u32], n: usize) -> bool {
-        if self.broken || self.find(batch).is_some() {
-            return false;
-        }
-        if self.owned.len() != n {
-            self.owned = vec![false; n];
-        }
-        for &i in batch {
-            let owned = &mut self.owned[i as usize];
-            if *owned {
-                self.broken = true;
-                return false;
-            }
-            *owned = true;
-        }
-        let s = self.starts.len();
-        self.starts.push(self.flat.len());
-        self.flat.extend_from_slice(batch);
-        self.by_key.entry(Slots::key(batch)).or_default().push(s);
-        self.flat.len() == n
-    }
-}
 
 /// State of the dense path.
 #[derive(Debug, Default)]
@@ -419,170 +351,7 @@ impl DenseVisit<'_> {
 
 /// `zk[t] += pending_sum(line t)` and `x[t] = line t[f]` for consecutive lines of 16 f32.
 fn add_lines(pending: &[f64; FB], f: usize, lines: &[f32], zk: &mut [f64], x: &mut [f64]) {
-    super::store::add_pending(pending, lines, FB, zk, Some((x, f)));
-}
-
-simd_dispatch! {
-    /// Adds the cross-entropies `m − z_label + ln(s + exp(zk + d·x − m))` of a chunk's samples
-    /// (with `z_label = zk + d·x` where `isk` is 1) to `acc`, in four interleaved lanes merged in
-    /// lane order. Returns false (leaving `acc` unspecified) if an exponent exceeds 709 or a
-    /// value is not finite; the caller then recomputes the chunk.
-    fn lanes(
-        zk: &[f64],
-        x: &[f64],
-        m: &[f64],
-        s: &[f64],
-        zl: &[f64],
-        isk: &[f64],
-        d: f64,
-        acc: &mut LogProd,
-    ) -> bool => lanes_body
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn lanes_body(
-    zk: &[f64],
-    x: &[f64],
-    m: &[f64],
-    s: &[f64],
-    zl: &[f64],
-    isk: &[f64],
-    d: f64,
-    acc: &mut LogProd,
-) -> bool {
-    const L: usize = 4;
-    const FRAC: u64 = (1 << 52) - 1;
-    let mut lin = [0.0f64; L];
-    let mut mant = [1.0f64; L];
-    let mut ex = [0i64; L];
-    let mut bad = [0u64; L];
-    let n = zk.len();
-    let full = n / L * L;
-    let lane = |v: &[f64], t0: usize| -> [f64; L] { v[t0..t0 + L].try_into().expect("lane") };
-    let mut t0 = 0;
-    while t0 < full {
-        let (zk4, x4, m4, s4, zl4, isk4) = (
-            lane(zk, t0),
-            lane(x, t0),
-            lane(m, t0),
-            lane(s, t0),
-            lane(zl, t0),
-            lane(isk, t0),
-        );
-        for l in 0..L {
-            let z2 = zk4[l] + d * x4[l];
-            let arg = z2 - m4[l];
-            let a = s4[l] + exp_kernel(arg);
-            bad[l] |= u64::from(!(arg <= 709.0 && a < 1e300));
-            lin[l] += m4[l] - if isk4[l] != 0.0 { z2 } else { zl4[l] };
-            let b = (mant[l] * a).to_bits();
-            ex[l] += ((b >> 52) & 0x7ff) as i64 - 1023;
-            mant[l] = f64::from_bits((b & FRAC) | (1023 << 52));
-        }
-        t0 += L;
-    }
-    for t in full..n {
-        let l = t - full;
-        let z2 = zk[t] + d * x[t];
-        let arg = z2 - m[t];
-        let a = s[t] + exp_kernel(arg);
-        bad[l] |= u64::from(!(arg <= 709.0 && a < 1e300));
-        lin[l] += m[t] - if isk[t] != 0.0 { z2 } else { zl[t] };
-        let b = (mant[l] * a).to_bits();
-        ex[l] += ((b >> 52) & 0x7ff) as i64 - 1023;
-        mant[l] = f64::from_bits((b & FRAC) | (1023 << 52));
-    }
-    if bad.iter().any(|&b| b != 0) {
-        return false;
-    }
-    for l in 0..L {
-        acc.merge(&LogProd::from_parts(lin[l], mant[l], ex[l]));
-    }
-    true
-}
-
-/// The [`Rows`] entry of sample `i` computed on the spot (bias visits, one per row).
-#[inline(always)]
-fn constants(z: &[f64], n: usize, classes: usize, k: usize, i: usize, label: usize) -> [f64; 4] {
-    let mut m = f64::NEG_INFINITY;
-    for c in (0..classes).filter(|&c| c != k) {
-        m = m.max(z[c * n + i]);
-    }
-    let mut s = 0.0;
-    for c in (0..classes).filter(|&c| c != k) {
-        s += (z[c * n + i] - m).exp();
-    }
-    if label == k {
-        [m, s, 0.0, 1.0]
-    } else {
-        [m, s, z[label * n + i], 0.0]
-    }
-}
-
-/// [`Rows`] of row `k` for every sample, reusing the buffer of `old`. Class by class over
-/// contiguous rows of the logits, so the loops vectorise.
-fn row_constants(
-    z: &[f64],
-    labels: &[u8],
-    classes: usize,
-    k: usize,
-    gens: &[u64],
-    old: &mut Option<Rows>,
-) -> Rows {
-    let n = labels.len();
-    let mut c = old.take().map(|r| r.c).unwrap_or_default();
-    c.resize(n, [0.0; 4]);
-    const C: usize = 2048;
-    let task = |(b, c): (usize, &mut [[f64; 4]])| {
-        let i0 = b * C;
-        let len = c.len();
-        with_scratch64(2 * len, |buf| {
-            let (m, s) = buf.split_at_mut(len);
-            m.fill(f64::NEG_INFINITY);
-            s.fill(0.0);
-            for cl in (0..classes).filter(|&cl| cl != k) {
-                for (m, &v) in m.iter_mut().zip(&z[cl * n + i0..][..len]) {
-                    *m = m.max(v);
-                }
-            }
-            for cl in (0..classes).filter(|&cl| cl != k) {
-                exp_sum(&z[cl * n + i0..][..len], m, s);
-            }
-            for (t, c) in c.iter_mut().enumerate() {
-                let label = usize::from(labels[i0 + t]);
-                *c = if label == k {
-                    [m[t], s[t], 0.0, 1.0]
-                } else {
-                    [m[t], s[t], z[label * n + i0 + t], 0.0]
-                };
-            }
-        });
-    };
-    if parallel(n * classes * 20) {
-        c.par_chunks_mut(C).enumerate().for_each(task);
-    } else {
-        c.chunks_mut(C).enumerate().for_each(task);
-    }
-    Rows {
-        k,
-        gens: gens.to_vec(),
-        c,
-    }
-}
-
-simd_dispatch! {
-    /// `s += exp(z − m)` elementwise (NaN where `z − m` is not at most 709, so that the
-    /// visit's check takes the exact per-sample path).
-    fn exp_sum(z: &[f64], m: &[f64], s: &mut [f64]) => exp_sum_body
-}
-
-#[inline(always)]
-fn exp_sum_body(z: &[f64], m: &[f64], s: &mut [f64]) {
-    for ((s, &z), &m) in s.iter_mut().zip(z).zip(m) {
-        let a = z - m;
-        *s += if a <= 709.0 { exp_kernel(a) } else { f64::NAN };
-    }
+    super::pending::add_pending(pending, lines, FB, zk, Some((x, f)));
 }
 
 /// Keeps the all-samples logits current after scalar `index` of array `param` (of the dense
