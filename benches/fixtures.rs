@@ -1,11 +1,12 @@
 //! Fixtures shared by the criterion benches in `benches/`: data, networks and optimizers set up
 //! the way `rso train` sets them up.
 
-use rand::{Rng, SeedableRng};
-use rso_data::{Dataset, Split};
+use rand::Rng;
+use rso_data::Split;
 use rso_models::network::reference_candidate_losses;
 use rso_models::{init_params, ModelKind, Network, Preset};
 use rso_optim::{choose, Choice, Rso, RsoEval};
+use rso_testkit::{rng, Labels, RandomData};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -23,19 +24,9 @@ pub fn mnist_or_synthetic(preset: Preset, train: usize, test: usize) -> Split {
         return split;
     }
     eprintln!("bench: {} not found, using random images", dir.display());
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let mut set = |n: usize| Dataset {
-        images: (0..n * 784).map(|_| rng.random::<f32>()).collect(),
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
-    Split {
-        train: set(train),
-        test: set(test),
-    }
+    RandomData::mnist()
+        .labels(Labels::Cyclic)
+        .split(train, test, &mut rng(5))
 }
 
 /// The first `⌈fraction·N⌉` training samples of `split` (at least `min`), for
@@ -86,7 +77,7 @@ pub fn extrapolated_round<N: Network + ?Sized>(
     seed: u64,
     sync: impl Fn(&N),
 ) -> Duration {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut rng = rng(seed);
     let n = net.train_len();
     let batch = rso.config().batch_size.min(n);
     let reduction = rso.config().reduction;

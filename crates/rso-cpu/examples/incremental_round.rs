@@ -16,14 +16,14 @@
 //!
 //! MNIST is read from `data/mnist` (60 000 training images) when present, else random images.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use rso_cpu::CpuNetwork;
-use rso_data::{Dataset, Split};
+use rso_data::Split;
 use rso_models::network::reference_candidate_losses;
 use rso_models::{init_params, ModelKind, Network, Preset, Reduction};
 use rso_optim::{choose, Choice, Optimizer, Rso, RsoConfig};
+use rso_testkit::{rng, Labels, RandomData};
 use std::path::Path;
 use std::time::Instant;
 
@@ -32,20 +32,10 @@ fn data() -> (Split, &'static str) {
     if let Ok(split) = rso_data::load_mnist(&dir, Preset::Seed.normalization()) {
         return (split, "MNIST");
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut set = |n: usize| Dataset {
-        images: (0..n * 784).map(|_| rng.random::<f32>()).collect(),
-        labels: (0..n).map(|i| (i % 10) as u8).collect(),
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    };
     (
-        Split {
-            train: set(60_000),
-            test: set(100),
-        },
+        RandomData::mnist()
+            .labels(Labels::Cyclic)
+            .split(60_000, 100, &mut rng(5)),
         "random images",
     )
 }
@@ -60,7 +50,7 @@ fn partial_round(
     fraction: f64,
     reference: bool,
 ) -> (f64, Vec<(String, f64, usize)>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut rng = rng(9);
     let n = net.train_len();
     let order: Vec<u32> = rso_optim::shuffled(n, &mut rng);
     let batches = n.div_ceil(batch);

@@ -8,24 +8,13 @@
 //! `cargo run --release -p rso-cpu --example reference_round [model:batch ...]`, e.g.
 //! `one-conv:32 paper:256`; without arguments it runs the configurations of DESIGN §6.
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rso_cpu::CpuNetwork;
-use rso_data::{Dataset, Split};
 use rso_models::network::reference_candidate_losses;
 use rso_models::{init_params, Init, ModelKind, Reduction};
+use rso_testkit::{random_batch, rng, RandomData};
 use std::time::{Duration, Instant};
-
-fn random_set(n: usize, rng: &mut ChaCha8Rng) -> Dataset {
-    Dataset {
-        images: (0..n * 784).map(|_| rng.random::<f32>()).collect(),
-        labels: (0..n).map(|_| rng.random_range(0..10u8)).collect(),
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    }
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,25 +36,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect::<Result<_, String>>()?
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut rng = rng(7);
     let train_len = 4096;
     println!("threads: {}", rayon::current_num_threads());
     for (kind, b) in configs {
         let spec = kind.mnist();
         let params = init_params(&spec, Init::He, &mut rng);
-        let split = Split {
-            train: random_set(train_len, &mut rng),
-            test: random_set(16, &mut rng),
-        };
+        let split = RandomData::mnist().split(train_len, 16, &mut rng);
         let mut net = CpuNetwork::new(&spec, &params, split)?;
         let weights = spec.param_count();
         let arrays = params.values.len();
         // A new random minibatch for every step, as the `seed` preset does, and weights drawn
         // from every array.
         let mut step = |rng: &mut ChaCha8Rng| {
-            let batch: Vec<u32> = (0..b)
-                .map(|_| rng.random_range(0..train_len as u32))
-                .collect();
+            let batch = random_batch(rng, train_len, b);
             let param = rng.random_range(0..arrays);
             let index = rng.random_range(0..params.values[param].len());
             let t = Instant::now();

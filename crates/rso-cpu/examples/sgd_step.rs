@@ -3,23 +3,10 @@
 //! `cargo run --release -p rso-cpu --example sgd_step [model:batch ...]` (default `one-conv:32
 //! two-conv:32 paper:256`).
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rso_cpu::CpuNetwork;
-use rso_data::{Dataset, Split};
 use rso_models::{init_params, Init, ModelKind, Network};
+use rso_testkit::{random_batch, rng, RandomData};
 use std::time::Instant;
-
-fn random_set(n: usize, rng: &mut ChaCha8Rng) -> Dataset {
-    Dataset {
-        images: (0..n * 784).map(|_| rng.random::<f32>()).collect(),
-        labels: (0..n).map(|_| rng.random_range(0..10u8)).collect(),
-        channels: 1,
-        height: 28,
-        width: 28,
-        classes: 10,
-    }
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,23 +19,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         args
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let mut rng = rng(8);
     let train_len = 4096;
     for a in &args {
         let (m, b) = a.split_once(':').ok_or("expected model:batch")?;
         let (kind, b): (ModelKind, usize) = (m.parse()?, b.parse()?);
         let spec = kind.mnist();
         let params = init_params(&spec, Init::GlorotUniform, &mut rng);
-        let split = Split {
-            train: random_set(train_len, &mut rng),
-            test: random_set(16, &mut rng),
-        };
+        let split = RandomData::mnist().split(train_len, 16, &mut rng);
         let mut net = CpuNetwork::new(&spec, &params, split)?;
         let mut times = Vec::new();
         for _ in 0..60 {
-            let batch: Vec<u32> = (0..b)
-                .map(|_| rng.random_range(0..train_len as u32))
-                .collect();
+            let batch = random_batch(&mut rng, train_len, b);
             let t = Instant::now();
             std::hint::black_box(net.sgd_step(&batch, 0.01));
             times.push(t.elapsed().as_secs_f64());

@@ -1,24 +1,25 @@
-//! Test helpers: the tolerance check, seeded data, finite differences, and naive f64 loop
-//! implementations of every layer (the oracle of the kernels and of the whole network).
+//! Test helpers of this crate's unit tests: what they share with the rest of the workspace
+//! comes from `rso-testkit` (the tolerance, seeded data, the proptest set-up); here are the
+//! pieces only this engine's tests need: finite differences and naive f64 loop implementations
+//! of every layer (the oracle of the kernels and of the whole network).
 
-use proptest::test_runner::{Config, RngSeed};
-use rand::{Rng, SeedableRng};
+use proptest::test_runner::Config;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rso_models::spec::BN_EPS;
 use rso_models::{Layer, ModelSpec};
+use rso_testkit::Tol;
+
+pub use rso_testkit::{rng, uniform, wide};
 
 /// The proptest configuration of this crate: `cases` cases from a fixed seed, no persistence.
 pub fn config(cases: u32) -> Config {
-    Config {
-        cases,
-        rng_seed: RngSeed::Fixed(0x5e_ed),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    rso_testkit::proptest_config(cases, 0x5e_ed)
 }
 
 /// Asserts `|actual − expected| ≤ atol + rtol·|expected|` elementwise (NaN fails), naming the
-/// first offending element.
+/// first offending element: [`Tol::assert_close`].
+#[track_caller]
 pub fn assert_close<A: Copy + Into<f64>>(
     actual: &[A],
     expected: &[f64],
@@ -26,35 +27,12 @@ pub fn assert_close<A: Copy + Into<f64>>(
     atol: f64,
     what: &str,
 ) {
-    assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
-    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-        let a: f64 = a.into();
-        let ok = (a - e).abs() <= atol + rtol * e.abs();
-        assert!(
-            ok,
-            "{what}[{i}]: got {a}, expected {e} (rtol {rtol}, atol {atol})"
-        );
-    }
-}
-
-/// A seeded generator.
-pub fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// `len` values uniform in `[-a, a)`.
-pub fn uniform(rng: &mut ChaCha8Rng, len: usize, a: f32) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-a..a)).collect()
+    Tol { rtol, atol }.assert_close(what, actual, expected);
 }
 
 /// `len` integers in `[-a, a]`, as f32.
 pub fn integers(rng: &mut ChaCha8Rng, len: usize, a: i32) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-a..=a) as f32).collect()
-}
-
-/// Widens to f64.
-pub fn wide(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| f64::from(x)).collect()
 }
 
 /// `Σ r·y`, the scalar a gradient check differentiates.

@@ -1,97 +1,27 @@
 //! The incremental RSO path of the CPU engine (`CpuNetwork::candidate_losses`) against the
 //! reference path (`reference_candidate_losses`, three full forward passes): the same three
-//! losses within [`RTOL`] for random models, weights, batches and both reductions — also after
+//! losses within [`Tol::losses`] for random models, weights, batches and both reductions — also after
 //! accepted changes, weight decay, `set_params` and sweeps in RSO's order — and a seeded RSO
 //! round that takes the same decisions on both paths.
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use proptest::test_runner::Config;
+use rand::Rng;
 use rso_cpu::CpuNetwork;
-use rso_data::{Dataset, Split};
 use rso_models::network::reference_candidate_losses;
-use rso_models::{
-    init_params, random_visits, Layer, ModelKind, ModelSpec, Network, ParamKind, Params, Preset,
-    Recorder, Reduction,
-};
+use rso_models::{ModelKind, ModelSpec, Network, Params, Preset, Reduction};
 use rso_optim::{choose, Optimizer, Rso, RsoConfig, RsoEval};
+use rso_testkit::{
+    check_visit, proptest_config, random_batch, random_batch_up_to, random_params, rng, slim_paper,
+    Pixels, RandomData, Recorder, Tol, Weights,
+};
 
-/// Relative tolerance between incremental and reference losses.
-const RTOL: f64 = 1e-5;
-/// Absolute tolerance per sample of the batch (scaled by the batch size for summed losses).
-const ATOL_PER_SAMPLE: f64 = 1e-7;
-
-/// The one tolerance check of this file: `|actual − expected| ≤ atol + rtol·|expected|`.
-/// NaN never passes (every comparison with NaN is false).
-fn close(actual: f64, expected: f64, rtol: f64, atol: f64) -> bool {
-    (actual - expected).abs() <= atol + rtol * expected.abs()
-}
-
-/// [`close`] for two loss triples of a batch of `n` samples under `reduction`.
-fn assert_losses_close(
-    inc: [f64; 3],
-    reference: [f64; 3],
-    n: usize,
-    reduction: Reduction,
-    what: &str,
-) {
-    let atol = match reduction {
-        Reduction::Mean => ATOL_PER_SAMPLE,
-        Reduction::Sum => ATOL_PER_SAMPLE * n as f64,
-    };
-    for j in 0..3 {
-        assert!(
-            close(inc[j], reference[j], RTOL, atol),
-            "{what}: loss {j}: incremental {:?} vs reference {:?} (rtol {RTOL}, atol {atol})",
-            inc,
-            reference
-        );
-    }
-}
-
-/// A fixed-seed proptest configuration with `cases` cases.
+/// A fixed-seed proptest configuration with `cases` cases and no shrinking.
 fn config(cases: u32) -> Config {
     Config {
-        cases,
-        rng_seed: RngSeed::Fixed(0x1_2c_4e),
-        failure_persistence: None,
         max_shrink_iters: 0,
-        ..Config::default()
+        ..proptest_config(cases, 0x1_2c_4e)
     }
-}
-
-/// `n` random images of `spec`'s shape, values in `[lo, lo + 1)`, random labels.
-fn random_set(spec: &ModelSpec, n: usize, lo: f32, rng: &mut ChaCha8Rng) -> Dataset {
-    let [channels, height, width] = spec.input;
-    Dataset {
-        images: (0..n * channels * height * width)
-            .map(|_| lo + rng.random::<f32>())
-            .collect(),
-        labels: (0..n)
-            .map(|_| rng.random_range(0..spec.classes) as u8)
-            .collect(),
-        channels,
-        height,
-        width,
-        classes: spec.classes,
-    }
-}
-
-/// Parameters initialised as `preset` does, with biases, β and γ moved off their initial values
-/// (so that every array matters).
-fn random_params(spec: &ModelSpec, preset: Preset, rng: &mut ChaCha8Rng) -> Params {
-    let mut p = init_params(spec, preset.init(), rng);
-    for (s, v) in p.specs.iter().zip(p.values.iter_mut()) {
-        match s.kind {
-            ParamKind::ConvBias | ParamKind::DenseBias | ParamKind::BnBeta => {
-                v.iter_mut().for_each(|x| *x = rng.random_range(-0.2..0.2))
-            }
-            ParamKind::BnGamma => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.5)),
-            ParamKind::ConvWeight | ParamKind::DenseWeight => {}
-        }
-    }
-    p
 }
 
 /// A network of `kind` on `size × size` images with `classes` classes and `n` random training
@@ -107,75 +37,22 @@ fn network(
     network_of(&kind.spec(1, size, classes), n, preset, seed)
 }
 
-/// [`network`] for any spec.
+/// [`network`] for any spec: pixels uniform in `[lo, lo + 1)` (`lo` −0.15 for the paper preset,
+/// roughly centred as its normalisation does, else 0), parameters initialised as `preset` does
+/// with biases, β and γ moved (so that every array matters).
 fn network_of(spec: &ModelSpec, n: usize, preset: Preset, seed: u64) -> (CpuNetwork, Params) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rng = rng(seed);
     let lo = if preset == Preset::Paper { -0.15 } else { 0.0 };
-    let split = Split {
-        train: random_set(spec, n, lo, &mut rng),
-        test: random_set(spec, 4, lo, &mut rng),
-    };
-    let params = random_params(spec, preset, &mut rng);
+    let split = RandomData::of(spec)
+        .pixels(Pixels::Uniform { lo })
+        .split(n, 4, &mut rng);
+    let params = random_params(spec, Weights::Init(preset.init()), &mut rng);
     let net = CpuNetwork::new(spec, &params, split).expect("valid network");
     (net, params)
 }
 
-/// The `paper` model's layers (six convolutions, pooling after the second and fourth,
-/// BatchNorm after each, global average pooling, dense) with `width` channels instead of 16, so
-/// that a whole RSO round of it is quick.
-fn slim_paper(size: usize, classes: usize, width: usize) -> ModelSpec {
-    let mut spec = ModelKind::Paper.spec(1, size, classes);
-    for layer in &mut spec.layers {
-        match layer {
-            Layer::Conv { c_in, c_out, .. } => {
-                *c_in = if *c_in == 1 { 1 } else { width };
-                *c_out = width;
-            }
-            Layer::BatchNorm { channels, .. } => *channels = width,
-            Layer::Dense { d_in, .. } => *d_in = width,
-            _ => {}
-        }
-    }
-    spec
-}
-
-/// A random batch: 1..=`max` indices into `n` samples, with repeats allowed.
-fn random_batch(rng: &mut ChaCha8Rng, n: usize, max: usize) -> Vec<u32> {
-    let len = rng.random_range(1..=max.min(n));
-    (0..len).map(|_| rng.random_range(0..n as u32)).collect()
-}
-
-/// One visit: the incremental losses, then the reference losses on the same network (its
-/// `set_weight` calls exercise the caches' bookkeeping), compared; the weight is left as it was.
-fn check_visit(
-    net: &mut CpuNetwork,
-    batch: &[u32],
-    param: usize,
-    index: usize,
-    delta: f32,
-    reduction: Reduction,
-    what: &str,
-) -> [f64; 3] {
-    let w = net.weight(param, index);
-    let inc = net.candidate_losses(batch, param, index, delta, reduction);
-    assert_eq!(
-        net.weight(param, index).to_bits(),
-        w.to_bits(),
-        "{what}: weight moved"
-    );
-    let reference = reference_candidate_losses(net, batch, param, index, delta, reduction);
-    let name = &net.spec().params()[param].name;
-    assert_losses_close(
-        inc,
-        reference,
-        batch.len(),
-        reduction,
-        &format!("{what}: {name}[{index}] δ={delta} batch {}", batch.len()),
-    );
-    reference
-}
-
-/// [`random_visits`] on a random network of `kind`, every visit checked against the reference.
+/// [`rso_testkit::exercise`] on a random network of `kind`: random RSO visits, every one
+/// checked against the reference.
 fn exercise(
     kind: ModelKind,
     size: usize,
@@ -193,9 +70,7 @@ fn exercise(
     let (mut net, _) = network(kind, size, classes, 48, preset, seed);
     let reduction = if sum { Reduction::Sum } else { Reduction::Mean };
     let what = format!("{} {size}x{size} seed {seed} {reduction:?}", kind.name());
-    random_visits(&mut net, seed, steps, |net, batch, param, index, delta| {
-        check_visit(net, batch, param, index, delta, reduction, &what)
-    });
+    rso_testkit::exercise(&mut net, seed, steps, reduction, &what);
 }
 
 proptest! {
@@ -241,14 +116,14 @@ fn mnist_shapes_match_the_reference() {
             (Preset::Paper, Reduction::Sum),
         ] {
             let (mut net, _) = network(kind, 28, 10, n, preset, 70 + s as u64);
-            let mut rng = ChaCha8Rng::seed_from_u64(5 + s as u64);
+            let mut rng = rng(5 + s as u64);
             let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
             // Last array first, as RSO visits them.
             for param in (0..lens.len()).rev() {
                 net.begin_sweep(param);
                 for _ in 0..visits {
                     let index = rng.random_range(0..lens[param]);
-                    let batch = random_batch(&mut rng, n, n);
+                    let batch = random_batch_up_to(&mut rng, n, n);
                     let delta = rng.random_range(-0.3f32..0.3);
                     let what = format!("{} 28x28 {preset:?}", kind.name());
                     let losses =
@@ -273,7 +148,7 @@ fn recurring_batches_match_the_reference() {
         (ModelKind::Paper.spec(1, 8, 10), 24),
     ] {
         let (mut net, _) = network_of(&spec, n, Preset::Seed, 41);
-        let mut rng = ChaCha8Rng::seed_from_u64(42);
+        let mut rng = rng(42);
         let order: Vec<u32> = {
             let mut o: Vec<u32> = (0..n as u32).collect();
             for i in (1..o.len()).rev() {
@@ -355,13 +230,13 @@ fn incremental_losses_do_not_depend_on_the_thread_count() {
             .expect("pool");
         pool.install(|| {
             let (mut net, _) = network(kind, 28, 10, n, Preset::Seed, 11);
-            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            let mut rng = rng(12);
             let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
             let mut out = Vec::new();
             for param in (0..lens.len()).rev() {
                 net.begin_sweep(param);
                 for index in 0..per_array.min(lens[param]) {
-                    let batch: Vec<u32> = (0..b).map(|_| rng.random_range(0..n as u32)).collect();
+                    let batch = random_batch(&mut rng, n, b);
                     let delta = rng.random_range(-0.3f32..0.3);
                     let l = net.candidate_losses(&batch, param, index, delta, Reduction::Mean);
                     out.extend(l.map(f64::to_bits));
@@ -386,11 +261,6 @@ fn incremental_losses_do_not_depend_on_the_thread_count() {
             kind.name()
         );
     }
-}
-
-/// Whether two of a visit's losses are a near-tie: within 1e-6 relative.
-fn near_tie(a: f64, b: f64) -> bool {
-    close(a, b, 1e-6, 0.0)
 }
 
 /// One seeded RSO round through `rso_optim::Rso` on two identical networks, one with
@@ -426,19 +296,17 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64) {
         let (cr, ci) = (choose(*r) as usize, choose(*i) as usize);
         if cr != ci {
             assert!(
-                near_tie(r[cr], r[ci]),
+                Tol::NEAR_TIE.close(r[cr], r[ci]),
                 "{} {preset:?}: visit {v} decided differently and not at a near-tie: reference {r:?}, incremental {i:?}",
                 spec.name
             );
             parted = Some(v);
             break;
         }
-        assert_losses_close(
-            *i,
-            *r,
-            batch,
-            preset_reduction(preset),
+        Tol::losses(batch, preset_reduction(preset)).assert_close(
             &format!("{} visit {v}", spec.name),
+            i,
+            r,
         );
         accepted += usize::from(cr != 0);
     }

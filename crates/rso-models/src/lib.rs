@@ -5,21 +5,17 @@
 //! - [`params`]: [`Params`], the host copy of a model's parameters, and its safetensors I/O.
 //! - [`init`]: the two presets' initialisers.
 //! - [`network`]: the [`Network`] trait, the seam between optimizers and engines.
-//! - [`recorder`]: test aids: [`Recorder`] records the losses asked of a network,
-//!   [`random_visits`] drives one through random RSO visits.
 
 #![forbid(unsafe_code)]
 
 pub mod init;
 pub mod network;
 pub mod params;
-pub mod recorder;
 pub mod spec;
 
 pub use init::{init_params, Init};
 pub use network::{EngineError, Eval, Network, Reduction, SplitKind};
 pub use params::{ParamError, Params};
-pub use recorder::{random_visits, Recorder};
 pub use spec::{Layer, ModelKind, ModelSpec, ParamKind, ParamSpec};
 
 /// The two configurations of the algorithm (DESIGN §2).

@@ -1,6 +1,6 @@
 //! Cross-backend properties: the libtorch engine (on each device) against the pure-Rust CPU
 //! engine as the reference, on random batch sizes, random inputs and random parameters copied
-//! into both. Every comparison goes through the one tolerance helper, [`common::Tol`].
+//! into both. Every comparison goes through the one tolerance helper, [`Tol`] (`rso-testkit`).
 //!
 //! Tolerances (relative; the absolute floor is the relative tolerance times the largest
 //! reference magnitude of the compared vector, [`Tol::scaled`]): logits 1e-4, losses 1e-5,
@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{max_abs, random_batch, random_params, random_split, runner, wide, Tol};
+use common::{random_batch, random_params, random_split, runner};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -18,6 +18,7 @@ use rand_distr::{Distribution, Normal};
 use rso_cpu::CpuNetwork;
 use rso_models::{init::he_std, ModelKind, ModelSpec, Network, Params, Reduction, SplitKind};
 use rso_tch::TchNetwork;
+use rso_testkit::{max_abs, wide, Tol};
 
 /// Training samples in each generated data set (batches index into it, with repetition).
 const TRAIN: usize = 16;
@@ -177,16 +178,7 @@ fn decide(l: [f64; 3]) -> usize {
 
 /// Whether two candidate losses lie within 1e-6 relative of each other.
 fn near_tie(a: f64, b: f64) -> bool {
-    Tol {
-        rtol: 1e-6,
-        atol: 0.0,
-    }
-    .close(a, b)
-        || Tol {
-            rtol: 1e-6,
-            atol: 0.0,
-        }
-        .close(b, a)
+    Tol::NEAR_TIE.close(a, b) || Tol::NEAR_TIE.close(b, a)
 }
 
 /// One RSO round driven by hand on both engines from the same state and seed: arrays from the

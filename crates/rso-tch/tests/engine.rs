@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{random_batch, random_params, random_split, Tol};
+use common::{random_batch, random_params, random_split};
 use rso_models::network::reference_candidate_losses;
 use rso_models::{EngineError, ModelKind, Network, Params, Reduction, SplitKind};
 use rso_tch::TchNetwork;
+use rso_testkit::{wide, Tol};
 
 fn net(kind: ModelKind, device: &str, seed: u64) -> TchNetwork {
     common::single_threaded();
@@ -163,7 +164,7 @@ fn sgd_step_is_w_minus_lr_grad_in_place() {
                 rtol: 1e-6,
                 atol: 1e-7,
             }
-            .check(kind.name(), &common::wide(a), &want)
+            .check(kind.name(), &wide(a), &want)
             .unwrap();
         }
         assert!(

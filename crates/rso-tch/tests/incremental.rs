@@ -3,53 +3,18 @@
 //! the same three losses within 1e-5 relative (absolute floor 1e-7 per sample) for every model,
 //! both reductions, random weights and batches — also after accepted changes, weight decay and
 //! `set_params`, with sweeps in RSO's order — and a seeded RSO round that decides the same on
-//! both paths except at near-ties. Every comparison goes through [`common::Tol`].
+//! both paths except at near-ties. Every comparison goes through [`Tol`] (`rso-testkit`).
 
 mod common;
 
-use common::Tol;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rso_models::network::reference_candidate_losses;
-use rso_models::{
-    random_visits, Layer, ModelKind, ModelSpec, Network, Preset, Recorder, Reduction,
-};
+use rand::Rng;
+use rso_models::{ModelKind, ModelSpec, Network, Preset, Reduction};
 use rso_optim::{choose, Choice, Optimizer, Rso, RsoConfig, RsoEval};
 use rso_tch::TchNetwork;
+use rso_testkit::{check_visit, rng, slim_paper, wide, Recorder, Tol};
 
-/// Relative tolerance between incremental and reference losses.
-const RTOL: f64 = 1e-5;
-/// Absolute floor per sample of the batch (times the batch size for summed losses).
-const ATOL_PER_SAMPLE: f64 = 1e-7;
 /// Training samples of each generated data set.
 const TRAIN: usize = 48;
-
-/// The tolerance for the losses of a batch of `n` samples under `reduction`.
-fn tol(n: usize, reduction: Reduction) -> Tol {
-    let atol = match reduction {
-        Reduction::Mean => ATOL_PER_SAMPLE,
-        Reduction::Sum => ATOL_PER_SAMPLE * n as f64,
-    };
-    Tol { rtol: RTOL, atol }
-}
-
-/// The `paper` model's layers with `width` channels instead of 16, so that a whole RSO round
-/// of it is quick.
-fn slim_paper(size: usize, width: usize) -> ModelSpec {
-    let mut spec = ModelKind::Paper.spec(1, size, 10);
-    for layer in &mut spec.layers {
-        match layer {
-            Layer::Conv { c_in, c_out, .. } => {
-                *c_in = if *c_in == 1 { 1 } else { width };
-                *c_out = width;
-            }
-            Layer::BatchNorm { channels, .. } => *channels = width,
-            Layer::Dense { d_in, .. } => *d_in = width,
-            _ => {}
-        }
-    }
-    spec
-}
 
 /// A libtorch network of `spec` on `device` with random data and parameters.
 fn network(spec: &ModelSpec, device: &str, seed: u64) -> TchNetwork {
@@ -59,45 +24,12 @@ fn network(spec: &ModelSpec, device: &str, seed: u64) -> TchNetwork {
     TchNetwork::new(spec, &params, &split, device).expect("tch engine")
 }
 
-/// One visit: the incremental losses, then the reference losses on the same network, compared;
-/// the weight must be left as it was.
-#[allow(clippy::too_many_arguments)]
-fn check_visit(
-    net: &mut TchNetwork,
-    batch: &[u32],
-    param: usize,
-    index: usize,
-    delta: f32,
-    reduction: Reduction,
-    what: &str,
-) -> [f64; 3] {
-    let w = net.weight(param, index);
-    let inc = net.candidate_losses(batch, param, index, delta, reduction);
-    assert_eq!(
-        net.weight(param, index).to_bits(),
-        w.to_bits(),
-        "{what}: weight moved"
-    );
-    let reference = reference_candidate_losses(net, batch, param, index, delta, reduction);
-    let name = &net.spec().params()[param].name;
-    tol(batch.len(), reduction)
-        .check(
-            &format!("{what}: {name}[{index}] δ={delta} batch of {}", batch.len()),
-            &inc,
-            &reference,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-    reference
-}
-
-/// [`random_visits`] on a random network of `spec` on `device`, every visit checked against
-/// the reference.
+/// [`rso_testkit::exercise`] on a random network of `spec` on `device`: random RSO visits,
+/// every one checked against the reference.
 fn exercise(spec: &ModelSpec, device: &str, seed: u64, reduction: Reduction, steps: usize) {
     let mut net = network(spec, device, seed);
     let what = format!("{} on {device}, seed {seed}, {reduction:?}", spec.name);
-    random_visits(&mut net, seed, steps, |net, batch, param, index, delta| {
-        check_visit(net, batch, param, index, delta, reduction, &what)
-    });
+    rso_testkit::exercise(&mut net, seed, steps, reduction, &what);
 }
 
 fn incremental_losses_match_the_reference(device: &str) {
@@ -144,21 +76,15 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, device: &str, seed
     for (v, (r, i)) in ref_visits.iter().zip(&incremental.visits).enumerate() {
         let (cr, ci) = (choose(*r) as usize, choose(*i) as usize);
         if cr != ci {
-            let near_tie = Tol {
-                rtol: 1e-6,
-                atol: 0.0,
-            };
             assert!(
-                near_tie.close(r[cr], r[ci]) && near_tie.close(i[cr], i[ci]),
+                Tol::NEAR_TIE.close(r[cr], r[ci]) && Tol::NEAR_TIE.close(i[cr], i[ci]),
                 "{what}: visit {v} decided differently, not at a near-tie: reference {r:?}, incremental {i:?}"
             );
             eprintln!("{what}: runs parted at a near-tie at visit {v}");
             parted = true;
             break;
         }
-        tol(batch, reduction)
-            .check(&format!("{what}: visit {v}"), i, r)
-            .unwrap_or_else(|e| panic!("{e}"));
+        Tol::losses(batch, reduction).assert_close(&format!("{what}: visit {v}"), i, r);
         accepted += usize::from(cr != 0);
     }
     if !parted {
@@ -168,12 +94,7 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, device: &str, seed
                 rtol: 1e-6,
                 atol: 1e-7,
             }
-            .check(
-                &format!("{what}: {}", s.name),
-                &common::wide(y),
-                &common::wide(x),
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            .assert_close(&format!("{what}: {}", s.name), y, &wide(x));
         }
     }
     assert!(accepted > 0, "{what}: nothing accepted");
@@ -194,8 +115,8 @@ fn an_rso_round_decides_the_same_on_both_paths(device: &str) {
         device,
         24,
     );
-    same_round(&slim_paper(8, 4), Preset::Seed, 16, device, 25);
-    same_round(&slim_paper(8, 4), Preset::Paper, 16, device, 26);
+    same_round(&slim_paper(8, 10, 4), Preset::Seed, 16, device, 25);
+    same_round(&slim_paper(8, 10, 4), Preset::Paper, 16, device, 26);
 }
 test_device!(
     an_rso_round_decides_the_same_on_both_paths,
@@ -247,7 +168,7 @@ fn paper_sweep_at_full_size_matches(device: &str) {
     let batches: Vec<Vec<u32>> = (0..4)
         .map(|i| common::random_batch(TRAIN, 32, 100 + i))
         .collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let mut rng = rng(12);
     net.begin_sweep(swept);
     for index in 0..144 {
         let w = net.weight(swept, index) * (1.0 - 1e-4);

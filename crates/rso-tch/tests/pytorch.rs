@@ -4,9 +4,10 @@
 
 mod common;
 
-use common::{max_abs, random_params, random_split, wide, Tol};
+use common::{random_params, random_split};
 use rso_models::{Layer, ModelKind, ModelSpec, Network};
 use rso_tch::TchNetwork;
+use rso_testkit::{max_abs, wide, Tol};
 use std::path::PathBuf;
 
 /// The model as tests/py/forward.py reads it.

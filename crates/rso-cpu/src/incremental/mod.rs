@@ -303,35 +303,17 @@ mod tests {
     use crate::testutil as tu;
     use crate::CpuNetwork;
     use rand::Rng;
-    use rso_data::{Dataset, Split};
     use rso_models::network::reference_candidate_losses;
     use rso_models::{init_params, Init, ModelKind, Network, Reduction};
+    use rso_testkit::{Labels, Pixels, RandomData};
 
     fn network(kind: ModelKind, n: usize, seed: u64) -> CpuNetwork {
         let spec = kind.spec(1, 12, 10);
-        let mut rng = tu::rng(seed);
-        let mut set = |n: usize| Dataset {
-            // Mostly zero pixels, as in MNIST.
-            images: (0..n * 144)
-                .map(|_| {
-                    let v: f32 = rng.random();
-                    if v < 0.6 {
-                        0.0
-                    } else {
-                        v
-                    }
-                })
-                .collect(),
-            labels: (0..n).map(|i| (i % 10) as u8).collect(),
-            channels: 1,
-            height: 12,
-            width: 12,
-            classes: 10,
-        };
-        let split = Split {
-            train: set(n),
-            test: set(4),
-        };
+        // Mostly zero pixels, as in MNIST.
+        let split = RandomData::of(&spec)
+            .pixels(Pixels::Sparse { zero_below: 0.6 })
+            .labels(Labels::Cyclic)
+            .split(n, 4, &mut tu::rng(seed));
         let params = init_params(&spec, Init::GlorotUniform, &mut tu::rng(seed + 1));
         CpuNetwork::new(&spec, &params, split).expect("network")
     }

@@ -218,34 +218,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-    use crate::testutil as tu;
-    use std::time::Instant;
-
-    /// `cargo test --release -p rso-cpu dense_speed -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn dense_speed() {
-        let mut rng = tu::rng(9);
-        for (n, d_in, d_out) in [(32, 784, 10), (8, 784, 10), (256, 16, 10)] {
-            let x = tu::uniform(&mut rng, n * d_in, 1.0);
-            let w = tu::uniform(&mut rng, d_out * d_in, 1.0);
-            let b = tu::uniform(&mut rng, d_out, 1.0);
-            let mut y = vec![0.0; n * d_out];
-            let mut best = f64::INFINITY;
-            for _ in 0..2000 {
-                let t = Instant::now();
-                dense_forward(n, d_in, d_out, &x, &w, Some(&b), &mut y);
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            let gmacs = (n * d_in * d_out) as f64 / best / 1e9;
-            println!(
-                "{n} x {d_in}->{d_out}: {:8.2} us, {gmacs:5.1} GMAC/s",
-                best * 1e6
-            );
-        }
-    }
-}

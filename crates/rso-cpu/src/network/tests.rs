@@ -6,41 +6,18 @@ use crate::testutil::{self as tu, assert_close, config, wide};
 use proptest::prelude::*;
 use rand::Rng;
 use rso_data::Dataset;
-use rso_models::{init_params, Init, ModelKind};
+use rso_models::{Init, ModelKind};
+use rso_testkit::{RandomData, Weights};
 
 /// `n` random images in `[0, 1)` with random labels, for `spec`.
 fn random_set(spec: &ModelSpec, n: usize, seed: u64) -> Dataset {
-    let mut rng = tu::rng(seed);
-    let [channels, height, width] = spec.input;
-    Dataset {
-        images: (0..n * channels * height * width)
-            .map(|_| rng.random::<f32>())
-            .collect(),
-        labels: (0..n)
-            .map(|_| rng.random_range(0..spec.classes) as u8)
-            .collect(),
-        channels,
-        height,
-        width,
-        classes: spec.classes,
-    }
+    RandomData::of(spec).set(n, &mut tu::rng(seed))
 }
 
 /// Glorot weights, with nonzero biases and BN γ, β so that every gradient is exercised.
 fn random_params(spec: &ModelSpec, seed: u64) -> Params {
-    let mut rng = tu::rng(seed);
-    let mut p = init_params(spec, Init::GlorotUniform, &mut rng);
-    for (s, v) in p.specs.iter().zip(p.values.iter_mut()) {
-        use rso_models::ParamKind::*;
-        match s.kind {
-            ConvBias | DenseBias | BnBeta => {
-                v.iter_mut().for_each(|x| *x = rng.random_range(-0.2..0.2))
-            }
-            BnGamma => v.iter_mut().for_each(|x| *x = rng.random_range(0.5..1.5)),
-            ConvWeight | DenseWeight => {}
-        }
-    }
-    p
+    let weights = Weights::Init(Init::GlorotUniform);
+    rso_testkit::random_params(spec, weights, &mut tu::rng(seed))
 }
 
 fn network(kind: ModelKind, train: usize, test: usize, seed: u64) -> CpuNetwork {

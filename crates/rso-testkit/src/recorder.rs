@@ -3,7 +3,8 @@
 //! two candidate paths (or two engines) computed visit by visit; and [`random_visits`], a random
 //! sequence of RSO visits with RSO's bookkeeping around them.
 
-use crate::{EngineError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
+use crate::random_batch_up_to;
+use rso_models::{EngineError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
 
 /// Delegates every call to `net` and records the losses RSO asks for: [`Network::batch_loss`]
 /// results (the reference path makes three per visit, in the order W, W+Δ, W−Δ) and
@@ -108,20 +109,22 @@ impl<N: Network> Network for Recorder<N> {
 /// array mid-sweep), lone visits of random scalars on random batches, and `set_params` with a
 /// few values moved. `visit(net, batch, param, index, delta)` computes (and checks) the three
 /// losses and must leave the weight as it was. Everything random flows from `seed`.
+///
+/// # Panics
+/// If `net` has no training samples or an array of no scalars, or refuses its own parameters
+/// in `set_params`; or as `visit` panics.
 pub fn random_visits<N: Network + ?Sized>(
     net: &mut N,
     seed: u64,
     steps: usize,
     mut visit: impl FnMut(&mut N, &[u32], usize, usize, f32) -> [f64; 3],
 ) {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37);
-    let n = net.train_len() as u32;
-    let batch_of = |rng: &mut rand_chacha::ChaCha8Rng, max: usize| -> Vec<u32> {
-        let len = rng.random_range(1..=max.min(n as usize));
-        (0..len).map(|_| rng.random_range(0..n)).collect()
-    };
-    let pool: Vec<Vec<u32>> = (0..3).map(|_| batch_of(&mut rng, 24)).collect();
+    use rand::Rng;
+    let mut rng = crate::rng(seed ^ 0x9e37);
+    let n = net.train_len();
+    let pool: Vec<Vec<u32>> = (0..3)
+        .map(|_| random_batch_up_to(&mut rng, n, 24))
+        .collect();
     let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
     let mut done = 0;
     while done < steps {
@@ -135,7 +138,7 @@ pub fn random_visits<N: Network + ?Sized>(
                     let batch = if rng.random_bool(0.5) {
                         pool[rng.random_range(0..pool.len())].clone()
                     } else {
-                        batch_of(&mut rng, 24)
+                        random_batch_up_to(&mut rng, n, 24)
                     };
                     let delta = rng.random_range(-0.5f32..0.5);
                     if rng.random_bool(0.1) {
@@ -163,7 +166,7 @@ pub fn random_visits<N: Network + ?Sized>(
             7 | 8 => {
                 let param = rng.random_range(0..lens.len());
                 let index = rng.random_range(0..lens[param]);
-                let batch = batch_of(&mut rng, n as usize);
+                let batch = random_batch_up_to(&mut rng, n, n);
                 let delta = rng.random_range(-1.0f32..1.0);
                 visit(net, &batch, param, index, delta);
                 if rng.random_bool(0.5) {
