@@ -40,8 +40,8 @@ pub enum ReproduceCommand {
 
 /// Options every reproduction shares.
 #[derive(Clone, Debug, Args)]
-pub struct EngineArgs {
-    /// Engine: cpu or tch.
+pub struct CommonArgs {
+    /// Backend: cpu or tch.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     /// Device of the tch engine.
@@ -64,9 +64,9 @@ pub struct SeedTableArgs {
     /// Run a three-row subset (a few minutes) into seed_table_quick.{csv,md}.
     #[arg(long)]
     pub quick: bool,
-    /// Engine, device, data, seed, output directory.
+    /// Backend, device, data, seed, output directory.
     #[command(flatten)]
-    pub engine: EngineArgs,
+    pub common: CommonArgs,
 }
 
 /// `rso reproduce comparison` options.
@@ -84,9 +84,9 @@ pub struct ComparisonArgs {
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.01)]
     pub lr: f32,
-    /// Engine, device, data, seed, output directory.
+    /// Backend, device, data, seed, output directory.
     #[command(flatten)]
-    pub engine: EngineArgs,
+    pub common: CommonArgs,
 }
 
 /// `rso reproduce paper` options.
@@ -106,9 +106,9 @@ pub struct PaperArgs {
     /// --data-dir and --out-dir apply), rewriting paper_mnist.csv with all rounds so far.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["rounds", "batch_size", "checkpoint_dir"])]
     pub resume: Option<PathBuf>,
-    /// Engine, device, data, seed, output directory.
+    /// Backend, device, data, seed, output directory.
     #[command(flatten)]
-    pub engine: EngineArgs,
+    pub common: CommonArgs,
 }
 
 /// Which optimizer trains.
@@ -246,7 +246,7 @@ pub struct TrainArgs {
     /// RSO: candidate-loss implementation.
     #[arg(long, value_enum, default_value = "incremental")]
     pub rso_eval: RsoEvalArg,
-    /// Engine.
+    /// Backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
     /// Device of the tch engine: cpu, cuda or cuda:N.

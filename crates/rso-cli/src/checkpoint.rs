@@ -163,7 +163,7 @@ pub struct SavedRow {
     pub optimizer: String,
     /// Preset name.
     pub preset: String,
-    /// Engine.
+    /// Backend.
     pub backend: String,
     /// Device.
     pub device: String,

@@ -16,7 +16,7 @@ pub struct RoundRow {
     pub optimizer: String,
     /// Preset name.
     pub preset: String,
-    /// Engine.
+    /// Backend.
     pub backend: String,
     /// Device.
     pub device: String,

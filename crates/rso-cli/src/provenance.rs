@@ -12,7 +12,7 @@ pub struct Provenance {
     pub revision: String,
     /// CPU model and core count of this machine.
     pub machine: String,
-    /// Engine and device that computed.
+    /// Backend and device that computed.
     pub device: String,
     /// UTC date and time, ISO 8601.
     pub date: String,

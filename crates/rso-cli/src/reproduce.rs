@@ -4,7 +4,7 @@
 //! - `comparison`: RSO against SGD, test accuracy per round, CSV and SVG plot;
 //! - `paper`: the paper's preset on its model, test accuracy per round.
 
-use crate::args::{ComparisonArgs, EngineArgs, PaperArgs, ReproduceCommand, SeedTableArgs};
+use crate::args::{CommonArgs, ComparisonArgs, PaperArgs, ReproduceCommand, SeedTableArgs};
 use crate::output::{self, RoundRow};
 use crate::provenance::{device_label, Provenance};
 use crate::train::{self, ConsoleReporter, TrainOutcome};
@@ -128,7 +128,7 @@ pub struct SeedTableRow {
     pub rounds: usize,
     /// Minibatch size.
     pub batch: usize,
-    /// Engine.
+    /// Backend.
     pub engine: String,
     /// Device.
     pub device: String,
@@ -162,7 +162,7 @@ fn train_with(args: &[String]) -> anyhow::Result<TrainOutcome> {
 }
 
 /// Arguments shared by every run of a reproduction.
-fn common(e: &EngineArgs) -> Vec<String> {
+fn common(e: &CommonArgs) -> Vec<String> {
     let mut v = vec![
         "--backend".into(),
         e.backend.clone(),
@@ -198,9 +198,9 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
     } else {
         "seed_table"
     };
-    let csv_path = a.engine.out_dir.join(format!("{stem}.csv"));
-    let md_path = a.engine.out_dir.join(format!("{stem}.md"));
-    ensure_dir(&a.engine.out_dir)?;
+    let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
+    let md_path = a.common.out_dir.join(format!("{stem}.md"));
+    ensure_dir(&a.common.out_dir)?;
     let mut rows = Vec::new();
     let mut provenance = None;
     for (i, &k) in picks.iter().enumerate() {
@@ -225,7 +225,7 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
             "--batch-size".into(),
             nb.batch.to_string(),
         ];
-        args.extend(common(&a.engine));
+        args.extend(common(&a.common));
         let outcome = train_with(&args)?;
         let last = outcome.rows.last().expect("at least one round");
         provenance
@@ -322,7 +322,7 @@ impl From<&RoundRow> for CurveRow {
 }
 
 fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
-    ensure_dir(&a.engine.out_dir)?;
+    ensure_dir(&a.common.out_dir)?;
     for model in &a.models {
         let mut rows: Vec<CurveRow> = Vec::new();
         let mut provenance = None;
@@ -345,7 +345,7 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
                 "--lr".into(),
                 a.lr.to_string(),
             ];
-            args.extend(common(&a.engine));
+            args.extend(common(&a.common));
             let outcome = train_with(&args)?;
             let last = outcome.rows.last().expect("at least one round");
             provenance.get_or_insert_with(|| {
@@ -359,9 +359,9 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
             format!("comparison_{}", model.replace('-', "_"))
         };
         let p = provenance.expect("two runs");
-        let csv_path = a.engine.out_dir.join(format!("{stem}.csv"));
+        let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
         output::write_file(&csv_path, &output::csv_text(&p, &rows)?)?;
-        let svg_path = a.engine.out_dir.join(format!("{stem}.svg"));
+        let svg_path = a.common.out_dir.join(format!("{stem}.svg"));
         let svg = crate::plot::accuracy_svg(
             &format!("Accuracy comparison, {model}, batch {}", a.batch_size),
             &p,
@@ -374,13 +374,13 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
 }
 
 fn paper(a: &PaperArgs) -> anyhow::Result<()> {
-    ensure_dir(&a.engine.out_dir)?;
-    let path = a.engine.out_dir.join("paper_mnist.csv");
+    ensure_dir(&a.common.out_dir)?;
+    let path = a.common.out_dir.join("paper_mnist.csv");
     let mut args = match &a.resume {
         // The settings come from the checkpoint; only the data directory is ours to give.
         Some(dir) => {
             let mut args = vec!["--resume".to_string(), dir.display().to_string()];
-            if let Some(d) = &a.engine.data_dir {
+            if let Some(d) = &a.common.data_dir {
                 args.push("--data-dir".into());
                 args.push(d.display().to_string());
             }
@@ -399,7 +399,7 @@ fn paper(a: &PaperArgs) -> anyhow::Result<()> {
                 "--batch-size".into(),
                 a.batch_size.to_string(),
             ];
-            args.extend(common(&a.engine));
+            args.extend(common(&a.common));
             if let Some(dir) = &a.checkpoint_dir {
                 args.push("--checkpoint-dir".into());
                 args.push(dir.display().to_string());

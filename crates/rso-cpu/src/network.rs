@@ -6,7 +6,7 @@ use crate::executor::Executor;
 use crate::incremental::Incremental;
 use rso_data::Split;
 use rso_models::network::reference_candidate_losses;
-use rso_models::{EngineError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
+use rso_models::{BackendError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
 
 /// A model on the pure-Rust CPU backend, with its training and test sets in memory.
 #[derive(Debug)]
@@ -21,10 +21,10 @@ impl CpuNetwork {
     ///
     /// # Errors
     /// Parameters whose layout differs from `spec.params()`, or a spec whose layer shapes do
-    /// not chain ([`EngineError::Params`]); images of another shape than `spec.input`, labels
-    /// `>= spec.classes`, or a NaN/infinite pixel ([`EngineError::Data`], naming the set and
+    /// not chain ([`BackendError::Params`]); images of another shape than `spec.input`, labels
+    /// `>= spec.classes`, or a NaN/infinite pixel ([`BackendError::Data`], naming the set and
     /// the sample).
-    pub fn new(spec: &ModelSpec, params: &Params, data: Split) -> Result<CpuNetwork, EngineError> {
+    pub fn new(spec: &ModelSpec, params: &Params, data: Split) -> Result<CpuNetwork, BackendError> {
         Ok(CpuNetwork {
             exec: Executor::new(spec, params, data)?,
             inc: Incremental::default(),
@@ -53,7 +53,7 @@ impl Network for CpuNetwork {
         self.exec.params.clone()
     }
 
-    fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
+    fn set_params(&mut self, params: &Params) -> Result<(), BackendError> {
         params.check_layout(&self.exec.spec, "cpu backend: set_params")?;
         self.exec.params.values.clone_from(&params.values);
         self.inc.invalidate();

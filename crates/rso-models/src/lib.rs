@@ -14,7 +14,7 @@ pub mod params;
 pub mod spec;
 
 pub use init::{init_params, Init};
-pub use network::{EngineError, Eval, Network, Reduction, SplitKind};
+pub use network::{BackendError, Eval, Network, Reduction, SplitKind};
 pub use params::{ParamError, Params};
 pub use spec::{Layer, ModelKind, ModelSpec, ParamKind, ParamSpec};
 

@@ -48,7 +48,7 @@ pub struct Eval {
 
 /// Why an engine could not do what was asked.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum BackendError {
     /// Parameters that do not fit the model.
     #[error(transparent)]
     Params(#[from] ParamError),
@@ -68,7 +68,7 @@ pub trait Network {
     /// The model this network instantiates.
     fn spec(&self) -> &ModelSpec;
 
-    /// Engine name as the CLI spells it (`cpu`, `tch`).
+    /// Backend name as the CLI spells it (`cpu`, `tch`).
     fn backend(&self) -> &'static str;
 
     /// Device description (`cpu`, `cuda:0`, …).
@@ -81,12 +81,12 @@ pub trait Network {
     fn params(&self) -> Params;
 
     /// Replaces all parameters (layout checked against the spec).
-    fn set_params(&mut self, params: &Params) -> Result<(), EngineError>;
+    fn set_params(&mut self, params: &Params) -> Result<(), BackendError>;
 
     /// One scalar parameter.
     fn weight(&self, param: usize, index: usize) -> f32;
 
-    /// Sets one scalar parameter. Engines with caches (incremental RSO) update them here.
+    /// Sets one scalar parameter. Backends with caches (incremental RSO) update them here.
     fn set_weight(&mut self, param: usize, index: usize, value: f32);
 
     /// Logits `[batch.len(), classes]` of the given training samples; BatchNorm uses the
@@ -99,7 +99,7 @@ pub trait Network {
 
     /// The losses of `batch` at W, at W + Δe_j and at W − Δe_j for scalar `index` of array
     /// `param`, where the candidate values are `w + delta` and `w - delta` in f32. Leaves the
-    /// weight at W. Engines override this with faster exact paths; the default is the
+    /// weight at W. Backends override this with faster exact paths; the default is the
     /// reference path ([`reference_candidate_losses`]).
     fn candidate_losses(
         &mut self,

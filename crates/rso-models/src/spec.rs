@@ -191,7 +191,7 @@ impl std::str::FromStr for ModelKind {
     }
 }
 
-/// A model: its input shape, class count and layers. Engines instantiate it.
+/// A model: its input shape, class count and layers. Backends instantiate it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
     /// Model name (`one-conv`, `two-conv`, `paper`).

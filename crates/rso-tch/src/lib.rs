@@ -34,7 +34,7 @@ mod incremental;
 
 use rso_models::network::reference_candidate_losses;
 use rso_models::{
-    EngineError, Eval, Layer, ModelSpec, Network, ParamSpec, Params, Reduction, SplitKind,
+    BackendError, Eval, Layer, ModelSpec, Network, ParamSpec, Params, Reduction, SplitKind,
 };
 use std::cell::{Ref, RefCell};
 use tch::{Device, Kind, Tensor};
@@ -93,7 +93,7 @@ fn cuda_device_count() -> Result<usize, String> {
 }
 
 /// Parses a device name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
-fn parse_device(name: &str) -> Result<Device, EngineError> {
+fn parse_device(name: &str) -> Result<Device, BackendError> {
     let name = name.trim();
     let ordinal = match name {
         "cpu" => return Ok(Device::Cpu),
@@ -101,19 +101,19 @@ fn parse_device(name: &str) -> Result<Device, EngineError> {
         _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => n,
             _ => {
-                return Err(EngineError::Device(format!(
+                return Err(BackendError::Device(format!(
                     "unknown device '{name}' (expected cpu, cuda or cuda:N)"
                 )))
             }
         },
     };
     let count = cuda_device_count().map_err(|why| {
-        EngineError::Device(format!(
+        BackendError::Device(format!(
             "CUDA requested but no CUDA device is available ({why})"
         ))
     })?;
     if ordinal >= count {
-        return Err(EngineError::Device(format!(
+        return Err(BackendError::Device(format!(
             "CUDA device {ordinal} requested but only {count} CUDA device(s) are available"
         )));
     }
@@ -178,30 +178,30 @@ fn upload(
     set: &rso_data::Dataset,
     which: &str,
     device: Device,
-) -> Result<(Tensor, Tensor), EngineError> {
+) -> Result<(Tensor, Tensor), BackendError> {
     let [c, h, w] = spec.input;
     if [set.channels, set.height, set.width] != spec.input {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{which} images are {}×{}×{}, model {} expects {c}×{h}×{w}",
             set.channels, set.height, set.width, spec.name
         )));
     }
     let n = set.len();
     if set.images.len() != n * set.image_len() {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{which} set has {} pixel values for {n} images of {} values",
             set.images.len(),
             set.image_len()
         )));
     }
     if let Some(bad) = set.labels.iter().find(|&&l| l as usize >= spec.classes) {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{which} label {bad} is out of range for {} classes",
             spec.classes
         )));
     }
     if let Some((sample, offset)) = set.first_non_finite() {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{which} image {sample} has a non-finite value at offset {offset}"
         )));
     }
@@ -277,15 +277,15 @@ impl TchNetwork {
     /// the training and test sets once.
     ///
     /// Errors: an unknown device name, or a CUDA device without a usable GPU
-    /// ([`EngineError::Device`], "CUDA requested but no CUDA device is available (…)"); parameters
-    /// that do not fit the spec ([`EngineError::Params`]); images of another shape, labels out of
-    /// range or non-finite pixels ([`EngineError::Data`]).
+    /// ([`BackendError::Device`], "CUDA requested but no CUDA device is available (…)"); parameters
+    /// that do not fit the spec ([`BackendError::Params`]); images of another shape, labels out of
+    /// range or non-finite pixels ([`BackendError::Data`]).
     pub fn new(
         spec: &ModelSpec,
         params: &Params,
         data: &rso_data::Split,
         device: &str,
-    ) -> Result<TchNetwork, EngineError> {
+    ) -> Result<TchNetwork, BackendError> {
         // Before any tensor operation: libtorch decides CUDA support once (see the cuda module).
         let _ = cuda::ensure_loaded();
         let device = parse_device(device)?;
@@ -572,7 +572,7 @@ impl Network for TchNetwork {
         }
     }
 
-    fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
+    fn set_params(&mut self, params: &Params) -> Result<(), BackendError> {
         params.check_layout(&self.spec, "tch engine")?;
         self.inc.clear();
         self.upload_params(params);

@@ -5,7 +5,7 @@ mod common;
 
 use common::{random_batch, random_params, random_split};
 use rso_models::network::reference_candidate_losses;
-use rso_models::{EngineError, ModelKind, Network, Params, Reduction, SplitKind};
+use rso_models::{BackendError, ModelKind, Network, Params, Reduction, SplitKind};
 use rso_tch::TchNetwork;
 use rso_testkit::{wide, Tol};
 
@@ -20,7 +20,7 @@ fn device_error(device: &str) -> String {
     let spec = ModelKind::OneConv.mnist();
     let split = random_split(&spec, 2, 1, 0);
     match TchNetwork::new(&spec, &Params::zeros(&spec), &split, device) {
-        Err(e @ EngineError::Device(_)) => e.to_string(),
+        Err(e @ BackendError::Device(_)) => e.to_string(),
         Err(e) => panic!("{device}: expected a device error, got {e}"),
         Ok(_) => panic!("{device}: expected an error"),
     }
@@ -87,7 +87,7 @@ fn bad_inputs_are_data_errors() {
         "cpu",
     )
     .unwrap_err();
-    assert!(matches!(err, EngineError::Params(_)), "{err}");
+    assert!(matches!(err, BackendError::Params(_)), "{err}");
 }
 
 #[test]

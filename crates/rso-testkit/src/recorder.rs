@@ -4,7 +4,7 @@
 //! sequence of RSO visits with RSO's bookkeeping around them.
 
 use crate::random_batch_up_to;
-use rso_models::{EngineError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
+use rso_models::{BackendError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
 
 /// Delegates every call to `net` and records the losses RSO asks for: [`Network::batch_loss`]
 /// results (the reference path makes three per visit, in the order W, W+Δ, W−Δ) and
@@ -54,7 +54,7 @@ impl<N: Network> Network for Recorder<N> {
     fn params(&self) -> Params {
         self.net.params()
     }
-    fn set_params(&mut self, params: &Params) -> Result<(), EngineError> {
+    fn set_params(&mut self, params: &Params) -> Result<(), BackendError> {
         self.net.set_params(params)
     }
     fn weight(&self, param: usize, index: usize) -> f32 {

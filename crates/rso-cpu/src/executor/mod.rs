@@ -24,7 +24,7 @@ use crate::kernels::loss::correct;
 use plan::{build_plan, check_set};
 use rayon::prelude::*;
 use rso_data::{Dataset, Split};
-use rso_models::{EngineError, Eval, ModelSpec, Params, Reduction, SplitKind};
+use rso_models::{BackendError, Eval, ModelSpec, Params, Reduction, SplitKind};
 use std::ops::Range;
 
 /// Samples per evaluation forward pass.
@@ -117,7 +117,7 @@ impl Executor {
         spec: &ModelSpec,
         params: &Params,
         data: Split,
-    ) -> Result<Executor, EngineError> {
+    ) -> Result<Executor, BackendError> {
         params.check_layout(spec, "cpu engine")?;
         let plan = build_plan(spec)?;
         check_set(spec, &data.train, "training")?;

@@ -3,7 +3,7 @@
 
 use crate::kernels::conv::Conv3x3;
 use rso_data::Dataset;
-use rso_models::{EngineError, Layer, ModelSpec, ParamError};
+use rso_models::{BackendError, Layer, ModelSpec, ParamError};
 
 /// One layer, with its shapes resolved and its parameter arrays located.
 #[derive(Clone, Debug)]
@@ -56,9 +56,9 @@ pub(crate) struct Step {
 }
 
 /// Resolves the layers of `spec` into steps, checking that their shapes chain.
-pub(super) fn build_plan(spec: &ModelSpec) -> Result<Vec<Step>, EngineError> {
+pub(super) fn build_plan(spec: &ModelSpec) -> Result<Vec<Step>, BackendError> {
     let bad = |reason: String| {
-        EngineError::Params(ParamError::Mismatch {
+        BackendError::Params(ParamError::Mismatch {
             context: format!("model {}", spec.name),
             reason,
         })
@@ -198,16 +198,16 @@ impl Cursor {
 }
 
 /// Checks that a resident set fits the model: image shape, pixel count, finite pixels, labels.
-pub(super) fn check_set(spec: &ModelSpec, set: &Dataset, name: &str) -> Result<(), EngineError> {
+pub(super) fn check_set(spec: &ModelSpec, set: &Dataset, name: &str) -> Result<(), BackendError> {
     let shape = [set.channels, set.height, set.width];
     if shape != spec.input {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{name} set: images are {}×{}×{}, model {} expects {}×{}×{}",
             shape[0], shape[1], shape[2], spec.name, spec.input[0], spec.input[1], spec.input[2]
         )));
     }
     if set.images.len() != set.len() * set.image_len() {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{name} set: {} pixel values for {} images of {} values",
             set.images.len(),
             set.len(),
@@ -215,14 +215,14 @@ pub(super) fn check_set(spec: &ModelSpec, set: &Dataset, name: &str) -> Result<(
         )));
     }
     if set.len() > u32::MAX as usize + 1 {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{name} set: {} samples, more than u32 indices address",
             set.len()
         )));
     }
     if let Some((sample, offset)) = set.first_non_finite() {
         let v = set.images[sample * set.image_len() + offset];
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{name} set: sample {sample} has a non-finite pixel ({v} at offset {offset})"
         )));
     }
@@ -231,7 +231,7 @@ pub(super) fn check_set(spec: &ModelSpec, set: &Dataset, name: &str) -> Result<(
         .iter()
         .position(|&l| usize::from(l) >= spec.classes)
     {
-        return Err(EngineError::Data(format!(
+        return Err(BackendError::Data(format!(
             "{name} set: sample {i} has label {}, model {} has {} classes",
             set.labels[i], spec.name, spec.classes
         )));

@@ -66,6 +66,32 @@ pub(crate) struct Visit<'a> {
     pub(crate) reduction: Reduction,
 }
 
+/// The parameter layer after a visited layer and the channel-local layers that follow it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Next {
+    /// The final dense layer (plan index, input length, weight array).
+    Dense {
+        layer: usize,
+        d_in: usize,
+        weight: usize,
+    },
+    /// A convolution (plan index, shape, weight array).
+    Conv {
+        layer: usize,
+        conv: crate::kernels::conv::Conv3x3,
+        weight: usize,
+    },
+}
+
+impl Next {
+    /// Its plan index.
+    pub(crate) fn layer(self) -> usize {
+        match self {
+            Next::Dense { layer, .. } | Next::Conv { layer, .. } => layer,
+        }
+    }
+}
+
 /// Largest class count of the incremental paths (their per-sample logits live on the stack).
 pub(super) const MAX_CLASSES: usize = 64;
 

@@ -406,7 +406,7 @@ fn weights_and_parameters_round_trip() {
     let other = Params::zeros(&ModelKind::OneConv.mnist());
     assert!(matches!(
         net.set_params(&other),
-        Err(EngineError::Params(_))
+        Err(BackendError::Params(_))
     ));
 }
 
@@ -424,7 +424,7 @@ fn construction_rejects_what_does_not_fit() {
     };
 
     let e = err(good(), &random_params(&ModelKind::TwoConv.mnist(), 1));
-    assert!(matches!(e, EngineError::Params(_)), "{e}");
+    assert!(matches!(e, BackendError::Params(_)), "{e}");
 
     let mut split = good();
     split.test.images[2 * 784 + 5] = f32::NAN;
@@ -447,11 +447,11 @@ fn construction_rejects_what_does_not_fit() {
     let mut split = good();
     split.train.height = 14;
     split.train.width = 56;
-    assert!(matches!(err(split, &params), EngineError::Data(_)));
+    assert!(matches!(err(split, &params), BackendError::Data(_)));
 
     let mut split = good();
     split.test.images.pop();
-    assert!(matches!(err(split, &params), EngineError::Data(_)));
+    assert!(matches!(err(split, &params), BackendError::Data(_)));
 
     // A spec whose shapes do not chain.
     let mut bad = spec.clone();
@@ -460,7 +460,7 @@ fn construction_rejects_what_does_not_fit() {
         .map(|_| ())
         .unwrap_err();
     assert!(
-        matches!(e, EngineError::Params(_)) && e.to_string().contains("dense"),
+        matches!(e, BackendError::Params(_)) && e.to_string().contains("dense"),
         "{e}"
     );
 }

@@ -40,7 +40,7 @@ use super::conv_visit::{fold_now, ConvVisit, KChanges};
 use super::fold::fold;
 use crate::executor::{Executor, Op};
 use crate::incremental::util::{changes, combine, for_chunks, grown, parallel, LogProd};
-use crate::incremental::{Clock, Incremental, Visit};
+use crate::incremental::{Clock, Incremental, Next, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
@@ -90,23 +90,6 @@ pub(crate) fn run_tail(tail: &[Tail], planes: usize, x: &[f32], tmp: &mut [f32],
             (false, false) => op.apply(planes, out, tmp),
         }
     }
-}
-
-/// The parameter layer after the convolution.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Next {
-    /// The final dense layer (plan index, input length, weight array).
-    Dense {
-        layer: usize,
-        d_in: usize,
-        weight: usize,
-    },
-    /// A convolution (plan index, shape, weight array).
-    Conv {
-        layer: usize,
-        conv: Conv3x3,
-        weight: usize,
-    },
 }
 
 /// The snapshot of one convolution's sweep (see the module docs).
@@ -221,9 +204,7 @@ impl ConvCache {
 
     /// Plan index of the next parameter layer (`O` is activation `next_index`).
     pub(crate) fn next_index(&self) -> usize {
-        match self.next {
-            Next::Dense { layer, .. } | Next::Conv { layer, .. } => layer,
-        }
+        self.next.layer()
     }
 
     /// Whether every layer other than this one is unchanged since the snapshot.

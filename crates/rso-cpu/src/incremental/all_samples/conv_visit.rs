@@ -2,10 +2,11 @@
 //! the phases of [`ConvVisit::chunk`], run on fixed chunks of the batch (see the
 //! [conv module docs](super::conv) for the scheme).
 
-use super::conv::{conv_channel, run_tail, ConvCache, Next};
+use super::conv::{conv_channel, run_tail, ConvCache};
 use super::store::Store;
 use crate::executor::{layer_forward, Executor};
 use crate::incremental::util::{add_shifted, push_ce, with_scratch, with_scratch_b, LogProd};
+use crate::incremental::Next;
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::simd::{prefetch, prefetch_slice};
 

@@ -179,9 +179,9 @@ fn prepare(
     if j.is_some() {
         let fresh = inc.dense.rows.as_ref().is_some_and(|r| {
             r.k == k
-                && r.gens
+                && r.ticks
                     .iter()
-                    .zip(&inc.store.z_gen)
+                    .zip(&inc.store.row_ticks)
                     .enumerate()
                     .all(|(c, (a, b))| c == k || a == b)
         });
@@ -196,7 +196,7 @@ fn prepare(
                 labels,
                 exec.spec.classes,
                 k,
-                &inc.store.z_gen,
+                &inc.store.row_ticks,
                 &mut inc.dense.rows,
             );
             inc.dense.rows = Some(rows);
@@ -390,5 +390,5 @@ pub(crate) fn update(
         }
     }
     store.z.tick = Some(inc.clock.now());
-    store.z_gen[k] += 1;
+    store.row_ticks[k] += 1;
 }

@@ -12,8 +12,8 @@ use rayon::prelude::*;
 #[derive(Debug)]
 pub(crate) struct Rows {
     pub(crate) k: usize,
-    /// `Store::z_gen` when computed (valid while no row other than `k` has changed).
-    pub(crate) gens: Vec<u64>,
+    /// `Store::row_ticks` when computed (valid while no row other than `k` has changed).
+    pub(crate) ticks: Vec<u64>,
     pub(crate) c: Vec<[f64; 4]>,
 }
 
@@ -129,7 +129,7 @@ pub(crate) fn row_constants(
     labels: &[u8],
     classes: usize,
     k: usize,
-    gens: &[u64],
+    ticks: &[u64],
     old: &mut Option<Rows>,
 ) -> Rows {
     let n = labels.len();
@@ -168,7 +168,7 @@ pub(crate) fn row_constants(
     }
     Rows {
         k,
-        gens: gens.to_vec(),
+        ticks: ticks.to_vec(),
         c,
     }
 }

@@ -1,10 +1,11 @@
 //! Folds: the dirty channels of a convolution's snapshot brought up to date for the whole
 //! training set (see the [conv module docs](super::conv)).
 
-use super::conv::{conv_channel, inputs, run_tail, ConvCache, Next};
+use super::conv::{conv_channel, inputs, run_tail, ConvCache};
 use crate::executor::Executor;
 use crate::incremental::util::{grown, parallel, with_scratch, with_scratch_b};
 use crate::incremental::Incremental;
+use crate::incremental::Next;
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use rayon::prelude::*;
 use std::ops::Range;

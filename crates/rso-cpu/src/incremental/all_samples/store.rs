@@ -36,8 +36,9 @@ pub(crate) struct Store {
     /// Logits of every sample, class-major (`z[class·N + sample]`, by position while a
     /// [`Layout`] is set), f64. Kept up to date by dense-layer changes ([`super::dense`]).
     pub(crate) z: Stamped<f64>,
-    /// Generation of each logit row (class): bumped whenever the row changes.
-    pub(crate) z_gen: Vec<u64>,
+    /// Change counter of each logit row (class): ticks whenever the row changes (a counter per
+    /// row, apart from the parameters' [`Clock`](crate::incremental::Clock)).
+    pub(crate) row_ticks: Vec<u64>,
     /// The input of the final dense layer in blocks of [`FB`] features:
     /// `xb[(block·N + sample)·FB + feature % FB]`, so that one cache line holds a sample's
     /// features of a block (zero-padded past the last feature). By position while a
@@ -234,10 +235,10 @@ impl Store {
 
     /// Marks every logit row as changed.
     pub(crate) fn bump_all_rows(&mut self, classes: usize) {
-        if self.z_gen.len() != classes {
-            self.z_gen = vec![0; classes];
+        if self.row_ticks.len() != classes {
+            self.row_ticks = vec![0; classes];
         }
-        for g in &mut self.z_gen {
+        for g in &mut self.row_ticks {
             *g += 1;
         }
     }
@@ -330,7 +331,7 @@ impl Store {
         self.layout = Some(layout);
         self.xb.tick = None;
         self.xb_direct = None;
-        self.bump_all_rows(self.z_gen.len());
+        self.bump_all_rows(self.row_ticks.len());
     }
 
     /// Adds the pending dense-weight changes to the logits and puts them back in sample order:
@@ -348,7 +349,7 @@ impl Store {
             }
             self.z.data = zs;
             self.xb.tick = None;
-            self.bump_all_rows(self.z_gen.len());
+            self.bump_all_rows(self.row_ticks.len());
         }
     }
 
@@ -357,7 +358,7 @@ impl Store {
         if !self.has_pending {
             return;
         }
-        let n = self.z.data.len() / self.z_gen.len().max(1);
+        let n = self.z.data.len() / self.row_ticks.len().max(1);
         let (k, block) = (self.pending_row, self.pending_block);
         let (lines, stride) = lines(self.xb_direct, &self.acts, &self.xb.data, block, n);
         let row = &mut self.z.data[k * n..(k + 1) * n];
@@ -389,7 +390,7 @@ impl Store {
                 *z += dz[i * classes + k];
             }
         }
-        for g in &mut self.z_gen {
+        for g in &mut self.row_ticks {
             *g += 1;
         }
     }

@@ -5,27 +5,13 @@ use super::memo::{forward, Visited};
 use super::{PerBatch, CHUNK};
 use crate::executor::{Executor, Mode, Op};
 use crate::incremental::util::{add_shifted, changes, grown, parallel, push_ce, LogProd};
-use crate::incremental::{Clock, Visit};
+use crate::incremental::{Clock, Next, Visit};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
 use rayon::prelude::*;
 use rso_models::Reduction;
-
-/// The parameter layer that ends the chain.
-#[derive(Clone, Copy, Debug)]
-enum Next {
-    Dense {
-        d_in: usize,
-        weight: usize,
-    },
-    Conv {
-        layer: usize,
-        conv: Conv3x3,
-        weight: usize,
-    },
-}
 
 /// The plan index of the parameter layer after `first`'s chain, checking that every layer in
 /// between is channel-local.
@@ -38,7 +24,11 @@ fn next_after(exec: &Executor, first: usize) -> Option<Next> {
             | Op::BatchNorm { .. }
             | Op::GlobalAvgPool { .. } => {}
             Op::Dense { d_in, weight, .. } => {
-                return (i + 1 == exec.plan.len()).then_some(Next::Dense { d_in, weight });
+                return (i + 1 == exec.plan.len()).then_some(Next::Dense {
+                    layer: i,
+                    d_in,
+                    weight,
+                });
             }
             Op::Conv { conv, weight, .. } => {
                 return Some(Next::Conv {
@@ -50,14 +40,6 @@ fn next_after(exec: &Executor, first: usize) -> Option<Next> {
         }
     }
     None
-}
-
-/// Index of `next`'s layer (the end of the chain).
-fn end_of(exec: &Executor, next: Next) -> usize {
-    match next {
-        Next::Dense { .. } => exec.plan.len() - 1,
-        Next::Conv { layer, .. } => layer,
-    }
 }
 
 /// Runs the channel-local layers `ops` on the channel-`k` planes of `n` samples held in `a`
@@ -289,7 +271,7 @@ fn finish(
     base: f64,
     reduction: Reduction,
 ) -> [f64; 3] {
-    let end = end_of(exec, next);
+    let end = next.layer();
     let hwo = chain_out_plane(exec, end);
     let mut one = std::mem::take(&mut s.dp);
     let mut outs = std::mem::take(&mut s.delta);
@@ -330,10 +312,10 @@ fn next_losses(
     base: f64,
     reduction: Reduction,
 ) -> [f64; 3] {
-    let end = end_of(exec, next);
+    let end = next.layer();
     let hwo = chain_out_plane(exec, end);
     match next {
-        Next::Dense { d_in, weight } => {
+        Next::Dense { d_in, weight, .. } => {
             let classes = exec.spec.classes;
             let wf = &exec.params.values[weight];
             let logits = &exec.ws.acts[exec.plan.len()][..n * classes];

@@ -93,15 +93,10 @@ fn forward_prefix(exec: &mut Executor, n: usize, end: usize) {
     }
 }
 
-/// FNV-1a of a batch's indices.
+/// A hash of a batch's indices (a lookup key; entries compare the whole batch).
 fn batch_hash(batch: &[u32]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for &i in batch {
-        for b in i.to_le_bytes() {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(batch)
 }
 
 /// Loads `batch` and runs the forward pass keeping every activation; returns the loss at W.
