@@ -1,6 +1,6 @@
 //! The GPU check (a plain program, not a criterion bench), run on a CUDA machine by
-//! `scripts/gpu/run.sh`: first correctness — one checkpoint's loss on the libtorch engine on
-//! the device, on libtorch's CPU and on the pure-Rust engine (within 1e-4 relative) —, then
+//! `scripts/gpu/run.sh`: first correctness — one checkpoint's loss on the libtorch backend on
+//! the device, on libtorch's CPU and on the pure-Rust backend (within 1e-4 relative) —, then
 //! seconds per RSO round of the reference and the incremental path for the GPU cases,
 //! printed as a table last.
 //!

@@ -1,4 +1,4 @@
-//! Criterion benches of the pure-Rust engine's forward kernels on the models' shapes (what the
+//! Criterion benches of the pure-Rust backend's forward kernels on the models' shapes (what the
 //! `#[ignore]`d `conv_speed` and `dense_speed` unit tests of `rso-cpu` printed before).
 //!
 //! Groups `kernels/conv3x3_forward`, ids `{c_in}-{c_out}/{hw}x{hw}` (8 images), and

@@ -51,7 +51,7 @@ enum Timing {
 /// One benchmark case: model, batch size, candidate path, timing.
 type Case = (ModelKind, usize, RsoEval, Timing);
 
-/// One RSO round per (model, batch, eval path) on the pure-Rust engine and, with the `tch`
+/// One RSO round per (model, batch, eval path) on the pure-Rust backend and, with the `tch`
 /// feature, on libtorch (device from `RSO_BENCH_DEVICE`: `cpu`, the default, or `cuda`).
 fn rso_round(c: &mut Criterion) {
     use ModelKind::*;
@@ -93,7 +93,7 @@ fn rso_round(c: &mut Criterion) {
         // 2-core machine, turn a round's time into noise.
         rso_tch::set_threads(1);
         // The GPU targets (paper at B=1000 and 5000, one-conv at 1024), both paths;
-        // on the CPU the same cases at the sizes the pure-Rust engine is timed at.
+        // on the CPU the same cases at the sizes the pure-Rust backend is timed at.
         let cases: Vec<Case> = if device.starts_with("cuda") {
             vec![
                 (OneConv, 1024, Reference, Fraction(0.01)),

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "rso", version, about)]
 pub struct Cli {
-    /// Worker threads of the pure-Rust engine (default: all cores). Results do not depend on it.
+    /// Worker threads of the pure-Rust backend (default: all cores). Results do not depend on it.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     /// What to do.
@@ -123,7 +123,7 @@ pub enum OptimizerKind {
 /// Which engine computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// The pure-Rust engine.
+    /// The pure-Rust backend.
     Cpu,
     /// libtorch through tch (build with `--features tch`).
     Tch,

@@ -192,8 +192,8 @@ fn bad_arguments_fail_with_a_reason() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
 
-/// With the libtorch engine built in, `--backend tch` trains the same model to the same result
-/// as the pure-Rust engine (SGD: a few steps on a subset; the engines agree far below the
+/// With the libtorch backend built in, `--backend tch` trains the same model to the same result
+/// as the pure-Rust backend (SGD: a few steps on a subset; the engines agree far below the
 /// printed precision, so the accuracies must be within one test sample of each other).
 #[cfg(feature = "tch")]
 #[test]

@@ -1,4 +1,4 @@
-//! Determinism of the pure-Rust engine: the same seed gives the same per-round CSV rows (every
+//! Determinism of the pure-Rust backend: the same seed gives the same per-round CSV rows (every
 //! column but the wall time) and byte-identical final weights, from run to run and for one or
 //! two worker threads (`--threads` for rayon; `MATMUL_NUM_THREADS` is set alike, in case
 //! matrixmultiply's own sgemm threads are ever switched on again).

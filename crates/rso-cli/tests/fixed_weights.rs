@@ -1,4 +1,4 @@
-//! Bit-for-bit stability of RSO on the pure-Rust engine: a seeded `rso train` of each model
+//! Bit-for-bit stability of RSO on the pure-Rust backend: a seeded `rso train` of each model
 //! must save exactly the weights committed in `tests/fixtures/weights/` (see its README for
 //! the commands and the revision that produced them). The kernels are pinned to their AVX2+FMA
 //! level (`RSO_SIMD=avx2`), the level they ran at when the files were made; on a CPU without

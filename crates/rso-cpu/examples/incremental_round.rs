@@ -1,4 +1,4 @@
-//! Times one RSO round on the pure-Rust engine, incremental candidate path against the
+//! Times one RSO round on the pure-Rust backend, incremental candidate path against the
 //! reference path, in the same run.
 //!
 //! ```text

@@ -1,4 +1,4 @@
-//! The incremental RSO path of the CPU engine (`CpuNetwork::candidate_losses`) against the
+//! The incremental RSO path of the CPU backend (`CpuNetwork::candidate_losses`) against the
 //! reference path (`reference_candidate_losses`, three full forward passes): the same three
 //! losses within [`Tol::losses`] for random models, weights, batches and both reductions — also after
 //! accepted changes, weight decay, `set_params` and sweeps in RSO's order — and a seeded RSO

@@ -1,4 +1,4 @@
-//! The libtorch engine of the rso workspace: every [`ModelSpec`] on `tch` tensors, on the CPU or
+//! The libtorch backend of the rso workspace: every [`ModelSpec`] on `tch` tensors, on the CPU or
 //! a CUDA GPU, behind the [`Network`] trait the optimizers drive.
 //!
 //! - The training and test sets are uploaded to the device once; a minibatch is an
@@ -6,7 +6,7 @@
 //! - Parameters live on the device in canonical order and shapes ([`ModelSpec::params`]);
 //!   [`Network::params`]/[`Network::set_params`] copy them through the host, so checkpoints go
 //!   through [`Params`] (safetensors) and are portable between engines by construction.
-//! - Semantics equal the pure-Rust engine: conv 3×3 stride 1 padding 1, 2×2 max/avg pooling,
+//! - Semantics equal the pure-Rust backend: conv 3×3 stride 1 padding 1, 2×2 max/avg pooling,
 //!   BatchNorm with the batch's statistics (biased variance, ε = [`rso_models::spec::BN_EPS`]) in training and RSO,
 //!   running statistics (mean 0, variance 1 until [`Network::calibrate_bn`]) in evaluation,
 //!   global average pooling, dense layers on the flattened (C, H, W) activations.

@@ -1,4 +1,4 @@
-//! Cross-backend properties: the libtorch engine (on each device) against the pure-Rust CPU
+//! Cross-backend properties: the libtorch backend (on each device) against the pure-Rust CPU
 //! engine as the reference, on random batch sizes, random inputs and random parameters copied
 //! into both. Every comparison goes through the one tolerance helper, [`Tol`] (`rso-testkit`).
 //!
@@ -104,7 +104,7 @@ fn gradients_and_sgd_steps_agree(device: &str) {
             let scale = max_abs(&w, 1e-2 * global);
             Tol::scaled(1e-4, scale).check(&format!("∇{}", spec.name), &wide(g), &w)?;
         }
-        // One in-place SGD step on the device against the CPU engine's step.
+        // One in-place SGD step on the device against the CPU backend's step.
         let lr = 0.01;
         cpu.sgd_step(batch, lr);
         tch.sgd_step(batch, lr);
@@ -181,7 +181,7 @@ fn near_tie(a: f64, b: f64) -> bool {
     Tol::NEAR_TIE.close(a, b) || Tol::NEAR_TIE.close(b, a)
 }
 
-/// One RSO round driven by hand on both engines from the same state and seed: arrays from the
+/// One RSO round driven by hand on both backends from the same state and seed: arrays from the
 /// output layer back, the first `per_array` scalars of each (all when `None`), a fresh batch and
 /// Δ ~ N(0, He σ) per weight. Returns the number of tolerated (near-tie) disagreements.
 fn rso_round(

@@ -1,4 +1,4 @@
-//! Tests of the libtorch engine on its own: devices and their errors, input checks, scalar
+//! Tests of the libtorch backend on its own: devices and their errors, input checks, scalar
 //! access, the RSO reference path, SGD, BatchNorm calibration, evaluation and checkpoints.
 
 mod common;

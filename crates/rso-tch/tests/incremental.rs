@@ -1,4 +1,4 @@
-//! The incremental RSO path of the libtorch engine (`TchNetwork::candidate_losses`) against the
+//! The incremental RSO path of the libtorch backend (`TchNetwork::candidate_losses`) against the
 //! reference path (`reference_candidate_losses`, three full forward passes) on the same device:
 //! the same three losses within 1e-5 relative (absolute floor 1e-7 per sample) for every model,
 //! both reductions, random weights and batches — also after accepted changes, weight decay and

@@ -1,4 +1,4 @@
-//! The test kit of the rso workspace: what the tests of both engines (`rso-cpu`, `rso-tch`),
+//! The test kit of the rso workspace: what the tests of both backends (`rso-cpu`, `rso-tch`),
 //! the criterion benches and the examples share. A dev-only crate (`publish = false`); it
 //! depends on `rso-data` and `rso-models` only, never on an engine, so that `rso-cpu`'s own unit
 //! tests can use it.

@@ -8,7 +8,7 @@ use rso_models::Reduction;
 /// |actual − expected| <= atol + rtol · |expected|
 /// ```
 ///
-/// with `expected` the reference (a naive f64 oracle, the reference path, the pure-Rust engine).
+/// with `expected` the reference (a naive f64 oracle, the reference path, the pure-Rust backend).
 /// Any NaN (or an infinity, whose difference is NaN or infinite) never passes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Tol {
