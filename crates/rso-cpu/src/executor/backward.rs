@@ -1,13 +1,14 @@
 //! Backward passes of the [`Executor`] (SGD): parameter gradients into the workspace, every
 //! reduction over samples in a fixed order.
 
-use super::{grown, par_samples, Executor, Mode, Op, GRAD_CHUNK};
+use super::{grown, par_samples, view, view_mut, Executor, Mode, Op, GRAD_CHUNK};
 use crate::kernels::batchnorm::{backward_partials, batchnorm_backward_input, combine_partials};
 use crate::kernels::conv::{conv3x3_backward_input, conv3x3_backward_params, Conv3x3};
 use crate::kernels::dense::{dense_backward_input, dense_backward_params};
 use crate::kernels::loss::cross_entropy_backward;
 use crate::kernels::pool::{avgpool2_backward, global_avgpool_backward, maxpool2_backward};
 use crate::kernels::relu::relu_backward;
+use ndarray::{aview1, aview_mut1};
 use rayon::prelude::*;
 use rso_models::Reduction;
 use std::ops::Range;
@@ -159,15 +160,27 @@ fn parameterless_backward(op: &Op, split: bool, n: usize, x: &[f32], dy: &[f32],
     let xs = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
     let dys = |r: &Range<usize>| &dy[r.start * out_len..r.end * out_len];
     match *op {
-        Op::Relu => par_samples(split, n, dx, |r, dx| relu_backward(xs(&r), dys(&r), dx)),
+        Op::Relu => par_samples(split, n, dx, |r, dx| {
+            relu_backward(aview1(xs(&r)), aview1(dys(&r)), aview_mut1(dx))
+        }),
         Op::MaxPool { c, h, w } => par_samples(split, n, dx, |r, dx| {
-            maxpool2_backward(r.len() * c, h, w, xs(&r), dys(&r), dx)
+            let m = r.len();
+            maxpool2_backward(
+                view((m, c, h, w), xs(&r)),
+                view((m, c, h / 2, w / 2), dys(&r)),
+                view_mut((m, c, h, w), dx),
+            )
         }),
         Op::AvgPool { c, h, w } => par_samples(split, n, dx, |r, dx| {
-            avgpool2_backward(r.len() * c, h, w, dys(&r), dx)
+            let m = r.len();
+            avgpool2_backward(
+                view((m, c, h / 2, w / 2), dys(&r)),
+                view_mut((m, c, h, w), dx),
+            )
         }),
         Op::GlobalAvgPool { c, hw } => par_samples(split, n, dx, |r, dx| {
-            global_avgpool_backward(r.len() * c, hw, dys(&r), dx)
+            let m = r.len();
+            global_avgpool_backward(view((m, c), dys(&r)), view_mut((m, c, hw), dx))
         }),
         _ => unreachable!("a layer with parameters"),
     }

@@ -1,13 +1,16 @@
 //! Forward passes of the [`Executor`]: by segments between training-mode BatchNorm layers,
 //! each segment in cache-sized chunks of samples over the threads.
 
-use super::{grown, par_samples, BnStats, Executor, Mode, Op, Step, SEGMENT_CHUNK_BYTES};
+use super::{
+    grown, par_samples, view, view_mut, BnStats, Executor, Mode, Op, Step, SEGMENT_CHUNK_BYTES,
+};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
 use crate::kernels::conv::conv3x3_forward;
 use crate::kernels::dense::dense_forward;
 use crate::kernels::loss::cross_entropy;
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
+use ndarray::{aview1, aview_mut1};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
@@ -213,10 +216,16 @@ pub(crate) fn layer_forward(
             weight,
             bias: b,
         } => conv3x3_forward(&conv, n, x, &params[weight], bias(b), y),
-        Op::Relu => relu_forward(x, y),
-        Op::MaxPool { c, h, w } => maxpool2_forward(n * c, h, w, x, y),
-        Op::AvgPool { c, h, w } => avgpool2_forward(n * c, h, w, x, y),
-        Op::GlobalAvgPool { c, hw } => global_avgpool_forward(n * c, hw, x, y),
+        Op::Relu => relu_forward(aview1(x), aview_mut1(y)),
+        Op::MaxPool { c, h, w } => {
+            maxpool2_forward(view((n, c, h, w), x), view_mut((n, c, h / 2, w / 2), y))
+        }
+        Op::AvgPool { c, h, w } => {
+            avgpool2_forward(view((n, c, h, w), x), view_mut((n, c, h / 2, w / 2), y))
+        }
+        Op::GlobalAvgPool { c, hw } => {
+            global_avgpool_forward(view((n, c, hw), x), view_mut((n, c), y))
+        }
         Op::Dense {
             d_in,
             d_out,

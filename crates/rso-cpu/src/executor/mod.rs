@@ -21,6 +21,7 @@ pub(crate) use forward::layer_forward;
 pub(crate) use plan::{Op, Step};
 
 use crate::kernels::loss::correct;
+use ndarray::{ArrayView, ArrayViewMut, Dimension, StrideShape};
 use plan::{build_plan, check_set};
 use rayon::prelude::*;
 use rso_data::{Dataset, Split};
@@ -297,6 +298,38 @@ fn par_samples<T: Send>(
             let start = k * per_part;
             f(start..start + o.len() / per_sample, o)
         });
+}
+
+/// The leading values of a flat buffer as a view of `shape` in standard layout (no copy): the
+/// activation and parameter buffers are flat (sized for the largest batch, reused by layers of
+/// different shapes), and each kernel call sees them in its layer's shape.
+///
+/// # Panics
+/// If `data` is shorter than `shape`.
+#[track_caller]
+#[inline(always)]
+pub(crate) fn view<T, D: Dimension>(
+    shape: impl Into<StrideShape<D>>,
+    data: &[T],
+) -> ArrayView<'_, T, D> {
+    match ArrayView::from_shape(shape, data) {
+        Ok(v) => v,
+        Err(e) => panic!("a buffer of {} values as a view: {e}", data.len()),
+    }
+}
+
+/// [`view`] of a mutable buffer.
+#[track_caller]
+#[inline(always)]
+pub(crate) fn view_mut<T, D: Dimension>(
+    shape: impl Into<StrideShape<D>>,
+    data: &mut [T],
+) -> ArrayViewMut<'_, T, D> {
+    let len = data.len();
+    match ArrayViewMut::from_shape(shape, data) {
+        Ok(v) => v,
+        Err(e) => panic!("a buffer of {len} values as a view: {e}"),
+    }
 }
 
 /// The first `len` values of `buf`, growing it (with `fill`) if it is shorter.

@@ -7,6 +7,8 @@
 //! how many threads ran the parts. Slices shorter than their shapes require make the kernel
 //! panic: shapes come from the program, not from users.
 
+use ndarray::{ArrayView, ArrayViewMut, Dimension};
+
 /// `acc + a·b`, fused when `FMA` (only ever true in code compiled with the `fma` feature).
 #[inline(always)]
 pub(crate) fn madd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
@@ -14,6 +16,35 @@ pub(crate) fn madd<const FMA: bool>(acc: f32, a: f32, b: f32) -> f32 {
         a.mul_add(b, acc)
     } else {
         acc + a * b
+    }
+}
+
+/// The values of a view in standard (row-major, contiguous) layout, without copying; panics
+/// naming the kernel and the argument for any other layout.
+#[track_caller]
+#[inline(always)]
+pub(crate) fn values<'a, T, D: Dimension>(
+    v: ArrayView<'a, T, D>,
+    kernel: &str,
+    arg: &str,
+) -> &'a [T] {
+    match v.to_slice() {
+        Some(s) => s,
+        None => panic!("{kernel}: `{arg}` is not in standard (row-major, contiguous) layout"),
+    }
+}
+
+/// [`values`] of a mutable view.
+#[track_caller]
+#[inline(always)]
+pub(crate) fn values_mut<'a, T, D: Dimension>(
+    v: ArrayViewMut<'a, T, D>,
+    kernel: &str,
+    arg: &str,
+) -> &'a mut [T] {
+    match v.into_slice() {
+        Some(s) => s,
+        None => panic!("{kernel}: `{arg}` is not in standard (row-major, contiguous) layout"),
     }
 }
 

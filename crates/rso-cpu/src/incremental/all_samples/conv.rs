@@ -38,12 +38,13 @@
 
 use super::conv_visit::{fold_now, ConvVisit, KChanges};
 use super::fold::fold;
-use crate::executor::{Executor, Op};
+use crate::executor::{view, view_mut, Executor, Op};
 use crate::incremental::util::{changes, combine, for_chunks, grown, parallel, LogProd};
 use crate::incremental::{Clock, Incremental, Next, Visit};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
+use ndarray::{aview1, aview_mut1};
 
 /// Samples per chunk of a visit (fixed: results do not depend on the thread count).
 const CHUNK: usize = 32;
@@ -67,9 +68,17 @@ impl Tail {
 
     fn apply(self, planes: usize, x: &[f32], y: &mut [f32]) {
         match self {
-            Tail::Relu { hw } => relu_forward(&x[..planes * hw], &mut y[..planes * hw]),
-            Tail::Max { h, w } => maxpool2_forward(planes, h, w, x, y),
-            Tail::Avg { h, w } => avgpool2_forward(planes, h, w, x, y),
+            Tail::Relu { hw } => {
+                relu_forward(aview1(&x[..planes * hw]), aview_mut1(&mut y[..planes * hw]))
+            }
+            Tail::Max { h, w } => maxpool2_forward(
+                view((planes, 1, h, w), x),
+                view_mut((planes, 1, h / 2, w / 2), y),
+            ),
+            Tail::Avg { h, w } => avgpool2_forward(
+                view((planes, 1, h, w), x),
+                view_mut((planes, 1, h / 2, w / 2), y),
+            ),
         }
     }
 }

@@ -3,13 +3,14 @@
 
 use super::memo::{forward, Visited};
 use super::{PerBatch, CHUNK};
-use crate::executor::{Executor, Mode, Op};
+use crate::executor::{view, view_mut, Executor, Mode, Op};
 use crate::incremental::util::{add_shifted, changes, grown, parallel, push_ce, LogProd};
 use crate::incremental::{Clock, Next, Visit};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
+use ndarray::{aview1, aview_mut1};
 use rayon::prelude::*;
 use rso_models::Reduction;
 
@@ -63,11 +64,17 @@ fn chain(
         match step.op {
             Op::Relu => {
                 let hw = plane_len(exec, i);
-                relu_forward(&x[..n * hw], &mut y[..n * hw]);
+                relu_forward(aview1(&x[..n * hw]), aview_mut1(&mut y[..n * hw]));
             }
-            Op::MaxPool { h, w, .. } => maxpool2_forward(n, h, w, x, y),
-            Op::AvgPool { h, w, .. } => avgpool2_forward(n, h, w, x, y),
-            Op::GlobalAvgPool { hw, .. } => global_avgpool_forward(n, hw, x, y),
+            Op::MaxPool { h, w, .. } => {
+                maxpool2_forward(view((n, 1, h, w), x), view_mut((n, 1, h / 2, w / 2), y))
+            }
+            Op::AvgPool { h, w, .. } => {
+                avgpool2_forward(view((n, 1, h, w), x), view_mut((n, 1, h / 2, w / 2), y))
+            }
+            Op::GlobalAvgPool { hw, .. } => {
+                global_avgpool_forward(view((n, 1, hw), x), view_mut((n, 1), y))
+            }
             Op::BatchNorm {
                 hw, gamma, beta, ..
             } => {

@@ -2,7 +2,7 @@
 //! kept per recurring batch (see [`ActivationMemo`]).
 
 use super::CHUNK;
-use crate::executor::{Executor, Mode, Op};
+use crate::executor::{view, view_mut, Executor, Mode, Op};
 use crate::incremental::util::{grown, parallel};
 use crate::incremental::Clock;
 use crate::kernels::conv::{conv3x3_forward, Conv3x3};
@@ -359,11 +359,11 @@ fn recompute_channels(
         for i in act + 1..out_act {
             let out = match exec.plan[i].op {
                 Op::AvgPool { h, w, .. } => {
-                    avgpool2_forward(n, h, w, y, z);
+                    avgpool2_forward(view((n, 1, h, w), y), view_mut((n, 1, h / 2, w / 2), z));
                     (h / 2) * (w / 2)
                 }
                 Op::MaxPool { h, w, .. } => {
-                    maxpool2_forward(n, h, w, y, z);
+                    maxpool2_forward(view((n, 1, h, w), y), view_mut((n, 1, h / 2, w / 2), z));
                     (h / 2) * (w / 2)
                 }
                 _ => unreachable!("only pooling between a convolution and its kept output"),
