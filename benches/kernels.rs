@@ -7,6 +7,7 @@
 //! `[−1, 1)` from a fixed seed.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ndarray::{aview1, ArrayView2, ArrayViewMut2};
 use rso_cpu::kernels::conv::{conv3x3_forward, Conv3x3};
 use rso_cpu::kernels::dense::dense_forward;
 use rso_testkit::{rng, uniform};
@@ -61,10 +62,13 @@ fn dense(c: &mut Criterion) {
         let w = uniform(&mut rng, d_out * d_in, 1.0);
         let b = uniform(&mut rng, d_out, 1.0);
         let mut y = vec![0.0; n * d_out];
+        let x = ArrayView2::from_shape((n, d_in), &x).expect("[n, d_in]");
+        let w = ArrayView2::from_shape((d_out, d_in), &w).expect("[d_out, d_in]");
+        let mut y = ArrayViewMut2::from_shape((n, d_out), &mut y).expect("[n, d_out]");
         group.throughput(Throughput::Elements((n * d_in * d_out) as u64));
         group.bench_function(format!("{n}x{d_in}-{d_out}"), |bench| {
             bench.iter(|| {
-                dense_forward(n, d_in, d_out, black_box(&x), &w, Some(&b), &mut y);
+                dense_forward(black_box(x), w, Some(aview1(&b)), y.view_mut());
                 black_box(&y);
             })
         });

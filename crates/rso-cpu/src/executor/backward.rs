@@ -92,11 +92,13 @@ impl Executor {
                 bias,
             } => {
                 let (gw, gb) = weight_and_bias(&mut ws.grads, weight, bias);
-                dense_backward_params(n, d_in, d_out, x, dy, gw, gb);
+                let (x, dy) = (view((n, d_in), x), view((n, d_out), dy));
+                dense_backward_params(x, dy, view_mut((d_out, d_in), gw), gb.map(aview_mut1));
                 if need_dx {
-                    let w = &p[weight];
+                    let w = view((d_out, d_in), &p[weight]);
                     par_samples(split, n, dx, |r, dx| {
-                        dense_backward_input(r.len(), d_in, d_out, dys(&r), w, dx)
+                        let m = r.len();
+                        dense_backward_input(view((m, d_out), dys(&r)), w, view_mut((m, d_in), dx))
                     });
                 }
             }

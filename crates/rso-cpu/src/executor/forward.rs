@@ -209,13 +209,20 @@ pub(crate) fn layer_forward(
     x: &[f32],
     y: &mut [f32],
 ) {
-    let bias = |b: Option<usize>| b.map(|b| params[b].as_slice());
+    let bias = |b: Option<usize>| b.map(|b| aview1(&params[b]));
     match *op {
         Op::Conv {
             conv,
             weight,
             bias: b,
-        } => conv3x3_forward(&conv, n, x, &params[weight], bias(b), y),
+        } => conv3x3_forward(
+            &conv,
+            n,
+            x,
+            &params[weight],
+            bias(b).map(|b| b.to_slice().expect("a bias vector")),
+            y,
+        ),
         Op::Relu => relu_forward(aview1(x), aview_mut1(y)),
         Op::MaxPool { c, h, w } => {
             maxpool2_forward(view((n, c, h, w), x), view_mut((n, c, h / 2, w / 2), y))
@@ -231,7 +238,12 @@ pub(crate) fn layer_forward(
             d_out,
             weight,
             bias: b,
-        } => dense_forward(n, d_in, d_out, x, &params[weight], bias(b), y),
+        } => dense_forward(
+            view((n, d_in), x),
+            view((d_out, d_in), &params[weight]),
+            bias(b),
+            view_mut((n, d_out), y),
+        ),
         Op::BatchNorm {
             c,
             hw,

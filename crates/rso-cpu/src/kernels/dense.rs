@@ -1,12 +1,37 @@
 //! Fully connected layer `y = W x + b` on flattened samples, `W: [d_out, d_in]`.
 
-use super::{gemm, madd, Mat};
+use super::{gemm, madd, values, values_mut, Mat};
 use crate::simd::simd_dispatch;
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
+
+/// `y[i] = W x[i] + b`: one dot product per output, in a fixed order (16 partial sums, then
+/// added pairwise).
+///
+/// # Shapes
+/// `x: [n, d_in]`, `weight: [d_out, d_in]`, `bias: [d_out]`, `y: [n, d_out]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
+pub fn dense_forward(
+    x: ArrayView2<f32>,
+    weight: ArrayView2<f32>,
+    bias: Option<ArrayView1<f32>>,
+    y: ArrayViewMut2<f32>,
+) {
+    const K: &str = "dense_forward";
+    let ((n, d_in), d_out) = (x.dim(), weight.nrows());
+    assert_eq!(weight.ncols(), d_in, "{K}: weight is not [d_out, d_in]");
+    if let Some(b) = &bias {
+        assert_eq!(b.len(), d_out, "{K}: bias is not [d_out]");
+    }
+    assert_eq!(y.dim(), (n, d_out), "{K}: y is not [n, d_out]");
+    let (x, weight) = (values(x, K, "x"), values(weight, K, "weight"));
+    let bias = bias.map(|b| values(b, K, "bias"));
+    forward(n, d_in, d_out, x, weight, bias, values_mut(y, K, "y"));
+}
 
 simd_dispatch! {
-    /// `y[i] = W x[i] + b` for `x: [n, d_in]`, `y: [n, d_out]`: one dot product per output,
-    /// in a fixed order (16 partial sums, then added pairwise).
-    pub fn dense_forward(
+    fn forward(
         n: usize,
         d_in: usize,
         d_out: usize,
@@ -100,14 +125,19 @@ fn dots<const FMA: bool, const S: usize, const O: usize>(
 }
 
 /// Gradient with respect to the input: `dx[i] = Wᵀ dy[i]` (fully written).
-pub fn dense_backward_input(
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    dy: &[f32],
-    weight: &[f32],
-    dx: &mut [f32],
-) {
+///
+/// # Shapes
+/// `dy: [n, d_out]`, `weight: [d_out, d_in]`, `dx: [n, d_in]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
+pub fn dense_backward_input(dy: ArrayView2<f32>, weight: ArrayView2<f32>, dx: ArrayViewMut2<f32>) {
+    const K: &str = "dense_backward_input";
+    let ((n, d_out), d_in) = (dy.dim(), weight.ncols());
+    assert_eq!(weight.nrows(), d_out, "{K}: weight is not [d_out, d_in]");
+    assert_eq!(dx.dim(), (n, d_in), "{K}: dx is not [n, d_in]");
+    let (dy, weight) = (values(dy, K, "dy"), values(weight, K, "weight"));
+    let dx = values_mut(dx, K, "dx");
     gemm(
         n,
         d_out,
@@ -121,15 +151,32 @@ pub fn dense_backward_input(
 
 /// Gradients with respect to weight (`Σᵢ dy[i] x[i]ᵀ`) and bias (`Σᵢ dy[i]`, in f64, sample
 /// order), both fully written.
+///
+/// # Shapes
+/// `x: [n, d_in]`, `dy: [n, d_out]`, `dweight: [d_out, d_in]`, `dbias: [d_out]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
 pub fn dense_backward_params(
-    n: usize,
-    d_in: usize,
-    d_out: usize,
-    x: &[f32],
-    dy: &[f32],
-    dweight: &mut [f32],
-    dbias: Option<&mut [f32]>,
+    x: ArrayView2<f32>,
+    dy: ArrayView2<f32>,
+    dweight: ArrayViewMut2<f32>,
+    dbias: Option<ArrayViewMut1<f32>>,
 ) {
+    const K: &str = "dense_backward_params";
+    let ((n, d_in), d_out) = (x.dim(), dy.ncols());
+    assert_eq!(dy.nrows(), n, "{K}: dy is not [n, d_out]");
+    assert_eq!(
+        dweight.dim(),
+        (d_out, d_in),
+        "{K}: dweight is not [d_out, d_in]"
+    );
+    if let Some(db) = &dbias {
+        assert_eq!(db.len(), d_out, "{K}: dbias is not [d_out]");
+    }
+    let (x, dy) = (values(x, K, "x"), values(dy, K, "dy"));
+    let dweight = values_mut(dweight, K, "dweight");
+    let dbias = dbias.map(|db| values_mut(db, K, "dbias"));
     gemm(
         d_out,
         n,
@@ -152,7 +199,16 @@ mod tests {
     use crate::testutil::{
         self as tu, assert_close, config, dot, integers, numeric_grad, uniform, wide,
     };
+    use ndarray::{aview1, aview_mut1};
     use proptest::prelude::*;
+
+    fn v2(rows: usize, cols: usize, x: &[f32]) -> ArrayView2<'_, f32> {
+        ArrayView2::from_shape((rows, cols), x).expect("test shape")
+    }
+
+    fn v2m(rows: usize, cols: usize, x: &mut [f32]) -> ArrayViewMut2<'_, f32> {
+        ArrayViewMut2::from_shape((rows, cols), x).expect("test shape")
+    }
 
     #[test]
     fn forward_matches_hand_computed_values() {
@@ -160,9 +216,15 @@ mod tests {
         let w = [1.0, 2.0, 3.0, -1.0, 0.0, 1.0];
         let x = [1.0, 1.0, 1.0, 2.0, 0.0, -1.0];
         let mut y = [f32::NAN; 4];
-        dense_forward(2, 3, 2, &x, &w, Some(&[0.5, -0.5]), &mut y);
+        let b = [0.5, -0.5];
+        dense_forward(
+            v2(2, 3, &x),
+            v2(2, 3, &w),
+            Some(aview1(&b)),
+            v2m(2, 2, &mut y),
+        );
         assert_eq!(y, [6.5, -0.5, -0.5, -3.5]);
-        dense_forward(2, 3, 2, &x, &w, None, &mut y);
+        dense_forward(v2(2, 3, &x), v2(2, 3, &w), None, v2m(2, 2, &mut y));
         assert_eq!(y, [6.0, 0.0, -1.0, -3.0]);
     }
 
@@ -175,16 +237,18 @@ mod tests {
         let b = integers(&mut rng, d_out, 3);
         let dy = integers(&mut rng, n * d_out, 3);
         let mut y = vec![f32::NAN; n * d_out];
-        dense_forward(n, d_in, d_out, &x, &w, Some(&b), &mut y);
+        let (xv, wv) = (v2(n, d_in, &x), v2(d_out, d_in, &w));
+        dense_forward(xv, wv, Some(aview1(&b)), v2m(n, d_out, &mut y));
         assert_eq!(
             wide(&y),
             tu::dense(n, d_in, d_out, &wide(&x), &wide(&w), Some(&wide(&b)))
         );
 
         let mut dx = vec![f32::NAN; n * d_in];
-        dense_backward_input(n, d_in, d_out, &dy, &w, &mut dx);
+        dense_backward_input(v2(n, d_out, &dy), wv, v2m(n, d_in, &mut dx));
         let (mut dw, mut db) = (vec![f32::NAN; w.len()], vec![f32::NAN; d_out]);
-        dense_backward_params(n, d_in, d_out, &x, &dy, &mut dw, Some(&mut db));
+        let (dwv, dbv) = (v2m(d_out, d_in, &mut dw), aview_mut1(&mut db));
+        dense_backward_params(xv, v2(n, d_out, &dy), dwv, Some(dbv));
         let y0 = tu::dense(n, d_in, d_out, &wide(&x), &wide(&w), None);
         assert_eq!(dot(&dy, &y0), dot(&dx, &wide(&x)));
         assert_eq!(
@@ -208,9 +272,10 @@ mod tests {
             let loss = |x: &[f64], w: &[f64], b: &[f64]| dot(&r, &tu::dense(n, d_in, d_out, x, w, Some(b)));
 
             let mut dx = vec![f32::NAN; x.len()];
-            dense_backward_input(n, d_in, d_out, &r, &w, &mut dx);
+            let (xv, wv, rv) = (v2(n, d_in, &x), v2(d_out, d_in, &w), v2(n, d_out, &r));
+            dense_backward_input(rv, wv, v2m(n, d_in, &mut dx));
             let (mut dw, mut db) = (vec![f32::NAN; w.len()], vec![f32::NAN; d_out]);
-            dense_backward_params(n, d_in, d_out, &x, &r, &mut dw, Some(&mut db));
+            dense_backward_params(xv, rv, v2m(d_out, d_in, &mut dw), Some(aview_mut1(&mut db)));
 
             assert_close(&dx, &numeric_grad(|x| loss(x, &ww, &bw), &xw, 1e-3), 1e-4, 1e-4, "dx");
             assert_close(&dw, &numeric_grad(|w| loss(&xw, w, &bw), &ww, 1e-3), 1e-4, 1e-4, "dw");
