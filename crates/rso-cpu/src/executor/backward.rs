@@ -1,7 +1,7 @@
 //! Backward passes of the [`Executor`] (SGD): parameter gradients into the workspace, every
 //! reduction over samples in a fixed order.
 
-use super::{grown, par_samples, view, view_mut, Executor, Mode, Op, GRAD_CHUNK};
+use super::{grown, par_samples, samples, view, view_mut, Executor, Mode, Op, GRAD_CHUNK};
 use crate::kernels::batchnorm::{backward_partials, batchnorm_backward_input, combine_partials};
 use crate::kernels::conv::{conv3x3_backward_input, conv3x3_backward_params, Conv3x3};
 use crate::kernels::dense::{dense_backward_input, dense_backward_params};
@@ -63,7 +63,6 @@ impl Executor {
         let need_dx = i > 0;
         let dx = grown(&mut ws.dx, n * in_len, 0.0);
         let p = &self.params.values;
-        let xs = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
         let dys = |r: &Range<usize>| &dy[r.start * out_len..r.end * out_len];
         match step.op {
             Op::Conv { conv, weight, bias } => {
@@ -110,13 +109,20 @@ impl Executor {
                 slot,
             } => {
                 let stats = &ws.batch_stats[slot];
+                let (mean, var) = (aview1(&stats.mean), aview1(&stats.var));
+                let (x, dy) = (view((n, c, hw), x), view((n, c, hw), dy));
                 let partials = grown(&mut ws.partials_f64, n * c, (0.0, 0.0));
                 par_samples(split, n, partials, |r, s| {
-                    backward_partials(r.len(), c, hw, xs(&r), dys(&r), &stats.mean, &stats.var, s)
+                    let (x, dy) = (samples(&x, &r), samples(&dy, &r));
+                    backward_partials(x, dy, mean, var, view_mut((r.len(), c), s))
                 });
                 let dgamma = grown(&mut ws.bn_dgamma, c, 0.0);
                 let dbeta = grown(&mut ws.bn_dbeta, c, 0.0);
-                combine_partials(n, c, partials, dgamma, dbeta);
+                combine_partials(
+                    view((n, c), partials),
+                    aview_mut1(dgamma),
+                    aview_mut1(dbeta),
+                );
                 for (g, &d) in ws.grads[gamma].iter_mut().zip(dgamma.iter()) {
                     *g = d as f32;
                 }
@@ -124,23 +130,11 @@ impl Executor {
                     *g = d as f32;
                 }
                 if need_dx {
-                    let (g, dgamma, dbeta) = (&p[gamma], &*dgamma, &*dbeta);
+                    let (g, dgamma, dbeta) = (aview1(&p[gamma]), aview1(dgamma), aview1(dbeta));
                     par_samples(split, n, dx, |r, dx| {
-                        let (mean, var) = (&stats.mean, &stats.var);
-                        batchnorm_backward_input(
-                            r.len(),
-                            n,
-                            c,
-                            hw,
-                            xs(&r),
-                            dys(&r),
-                            mean,
-                            var,
-                            g,
-                            dgamma,
-                            dbeta,
-                            dx,
-                        )
+                        let (x, dy) = (samples(&x, &r), samples(&dy, &r));
+                        let dx = view_mut((r.len(), c, hw), dx);
+                        batchnorm_backward_input(n, x, dy, mean, var, g, dgamma, dbeta, dx)
                     });
                 }
             }

@@ -2,7 +2,8 @@
 //! each segment in cache-sized chunks of samples over the threads.
 
 use super::{
-    grown, par_samples, view, view_mut, BnStats, Executor, Mode, Op, Step, SEGMENT_CHUNK_BYTES,
+    grown, par_samples, samples, view, view_mut, BnStats, Executor, Mode, Op, Step,
+    SEGMENT_CHUNK_BYTES,
 };
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
 use crate::kernels::conv::conv3x3_forward;
@@ -50,14 +51,15 @@ impl Executor {
         let Op::BatchNorm { c, hw, slot, .. } = self.plan[i].op else {
             unreachable!("layer {i} is not a batch norm");
         };
-        let x = &self.ws.acts[i][..n * c * hw];
+        let x = view((n, c, hw), &self.ws.acts[i]);
         let split = n.saturating_mul(self.plan[i].work) >= self.par_min_work;
         let moments = grown(&mut self.ws.partials_f64, n * c, (0.0, 0.0));
         par_samples(split, n, moments, |r, m| {
-            plane_moments(r.len(), c, hw, &x[r.start * c * hw..r.end * c * hw], m)
+            plane_moments(samples(&x, &r), view_mut((r.len(), c), m))
         });
         let stats = &mut self.ws.batch_stats[slot];
-        combine_moments(n, c, hw, moments, &mut stats.mean, &mut stats.var);
+        let (mean, var) = (aview_mut1(&mut stats.mean), aview_mut1(&mut stats.var));
+        combine_moments(hw, view((n, c), moments), mean, var);
     }
 
     /// Runs the per-sample layers `layers` on `n` samples (see [`CpuNetwork::forward_from`]).
@@ -253,15 +255,12 @@ pub(crate) fn layer_forward(
         } => {
             let s = &stats[slot];
             batchnorm_apply(
-                n,
-                c,
-                hw,
-                x,
-                &s.mean,
-                &s.var,
-                &params[gamma],
-                &params[beta],
-                y,
+                view((n, c, hw), x),
+                aview1(&s.mean),
+                aview1(&s.var),
+                aview1(&params[gamma]),
+                aview1(&params[beta]),
+                view_mut((n, c, hw), y),
             )
         }
     }

@@ -21,7 +21,7 @@ pub(crate) use forward::layer_forward;
 pub(crate) use plan::{Op, Step};
 
 use crate::kernels::loss::correct;
-use ndarray::{ArrayView, ArrayViewMut, Dimension, StrideShape};
+use ndarray::{ArrayView, ArrayViewMut, Axis, Dimension, Slice, StrideShape};
 use plan::{build_plan, check_set};
 use rayon::prelude::*;
 use rso_data::{Dataset, Split};
@@ -330,6 +330,15 @@ pub(crate) fn view_mut<T, D: Dimension>(
         Ok(v) => v,
         Err(e) => panic!("a buffer of {len} values as a view: {e}"),
     }
+}
+
+/// Samples `r` (along the first axis) of a batch view.
+#[inline(always)]
+pub(crate) fn samples<'a, T, D: Dimension>(
+    v: &ArrayView<'a, T, D>,
+    r: &Range<usize>,
+) -> ArrayView<'a, T, D> {
+    v.clone().slice_axis_move(Axis(0), Slice::from(r.clone()))
 }
 
 /// The first `len` values of `buf`, growing it (with `fill`) if it is shorter.

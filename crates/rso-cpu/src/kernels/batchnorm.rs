@@ -8,19 +8,53 @@
 //! Batch reductions are split in two so a caller can run the per-sample half in parallel:
 //! per-(sample, channel) partials ([`plane_moments`], [`backward_partials`]), then an in-order
 //! combination ([`combine_moments`], [`combine_partials`]). All statistics are f64.
+//!
+//! Activations are `[n, c, hw]` views (each `h × w` plane flattened, `hw = h·w`), per-channel
+//! statistics and parameters `[c]`, per-(sample, channel) partials `[n, c]`.
 
+use super::{values, values_mut};
 use crate::simd::simd_dispatch;
+use ndarray::{
+    Array2, ArrayView1, ArrayView2, ArrayView3, ArrayViewMut1, ArrayViewMut2, ArrayViewMut3,
+};
 use rso_models::spec::BN_EPS;
+
+/// Asserts that each per-channel argument (name, length) holds `c` values.
+#[track_caller]
+fn check_channels(kernel: &str, c: usize, args: &[(&str, usize)]) {
+    for &(name, len) in args {
+        assert_eq!(len, c, "{kernel}: {name} is not [c]");
+    }
+}
 
 /// `1/sqrt(var + ε)` in f64.
 fn inv_std(var: f64) -> f64 {
     1.0 / (var + f64::from(BN_EPS)).sqrt()
 }
 
+/// Mean and sum of squared deviations of each plane: `moments[i, ch] = (mean, m2)` of sample
+/// `i`, channel `ch` (f64, two passes, each over 8 partial sums in a fixed order).
+///
+/// # Shapes
+/// `x: [n, c, hw]`, `moments: [n, c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
+pub fn plane_moments(x: ArrayView3<f32>, moments: ArrayViewMut2<(f64, f64)>) {
+    const K: &str = "plane_moments";
+    let (n, c, hw) = x.dim();
+    assert_eq!(moments.dim(), (n, c), "{K}: moments is not [n, c]");
+    moments_of(
+        n,
+        c,
+        hw,
+        values(x, K, "x"),
+        values_mut(moments, K, "moments"),
+    );
+}
+
 simd_dispatch! {
-    /// Mean and sum of squared deviations of each `hw` plane: `moments[i·c + ch] = (mean, m2)`
-    /// of sample `i`, channel `ch` (f64, two passes, each over 8 partial sums in a fixed order).
-    pub fn plane_moments(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) => moments_body::<FMA>
+    fn moments_of(n: usize, c: usize, hw: usize, x: &[f32], moments: &mut [(f64, f64)]) => moments_body::<FMA>
 }
 
 #[inline(always)]
@@ -65,16 +99,25 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     acc[0]
 }
 
-/// Combines [`plane_moments`] in sample order into the batch mean and biased variance of each
-/// channel. With `n == 0` the statistics are left untouched.
+/// Combines [`plane_moments`] of planes of `hw` values in sample order into the batch mean and
+/// biased variance of each channel. With `n == 0` the statistics are left untouched.
+///
+/// # Shapes
+/// `moments: [n, c]`, `mean`, `var: [c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
 pub fn combine_moments(
-    n: usize,
-    c: usize,
     hw: usize,
-    moments: &[(f64, f64)],
-    mean: &mut [f64],
-    var: &mut [f64],
+    moments: ArrayView2<(f64, f64)>,
+    mean: ArrayViewMut1<f64>,
+    var: ArrayViewMut1<f64>,
 ) {
+    const K: &str = "combine_moments";
+    let (n, c) = moments.dim();
+    check_channels(K, c, &[("mean", mean.len()), ("var", var.len())]);
+    let moments = values(moments, K, "moments");
+    let (mean, var) = (values_mut(mean, K, "mean"), values_mut(var, K, "var"));
     if n == 0 || hw == 0 {
         return;
     }
@@ -91,10 +134,36 @@ pub fn combine_moments(
     }
 }
 
+/// `y = γ (x − μ)/sqrt(var + ε) + β` with the given per-channel statistics, as
+/// `y = x·scale + shift` with `scale`, `shift` computed in f64 and rounded once.
+///
+/// # Shapes
+/// `x`, `y: [n, c, hw]`; `mean`, `var`, `gamma`, `beta: [c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
+pub fn batchnorm_apply(
+    x: ArrayView3<f32>,
+    mean: ArrayView1<f64>,
+    var: ArrayView1<f64>,
+    gamma: ArrayView1<f32>,
+    beta: ArrayView1<f32>,
+    y: ArrayViewMut3<f32>,
+) {
+    const K: &str = "batchnorm_apply";
+    let (n, c, hw) = x.dim();
+    assert_eq!(y.dim(), x.dim(), "{K}: y and x differ in shape");
+    let lens = [("mean", mean.len()), ("var", var.len())];
+    check_channels(K, c, &lens);
+    check_channels(K, c, &[("gamma", gamma.len()), ("beta", beta.len())]);
+    let (x, y) = (values(x, K, "x"), values_mut(y, K, "y"));
+    let (mean, var) = (values(mean, K, "mean"), values(var, K, "var"));
+    let (gamma, beta) = (values(gamma, K, "gamma"), values(beta, K, "beta"));
+    apply(n, c, hw, x, mean, var, gamma, beta, y);
+}
+
 simd_dispatch! {
-    /// `y = γ (x − μ)/sqrt(var + ε) + β` with the given per-channel statistics, as
-    /// `y = x·scale + shift` with `scale`, `shift` computed in f64 and rounded once.
-    pub fn batchnorm_apply(
+    fn apply(
         n: usize,
         c: usize,
         hw: usize,
@@ -135,27 +204,62 @@ fn apply_body<const FMA: bool>(
 
 /// Training-mode forward of a whole batch on one thread: batch statistics into `mean`, `var`
 /// (biased), output into `y`. Allocates the `n·c` moment partials.
-#[allow(clippy::too_many_arguments)]
+///
+/// # Shapes
+/// `x`, `y: [n, c, hw]`; `gamma`, `beta`, `mean`, `var: [c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
 pub fn batchnorm_train_forward(
-    n: usize,
-    c: usize,
-    hw: usize,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    y: &mut [f32],
-    mean: &mut [f64],
-    var: &mut [f64],
+    x: ArrayView3<f32>,
+    gamma: ArrayView1<f32>,
+    beta: ArrayView1<f32>,
+    y: ArrayViewMut3<f32>,
+    mut mean: ArrayViewMut1<f64>,
+    mut var: ArrayViewMut1<f64>,
 ) {
-    let mut moments = vec![(0.0, 0.0); n * c];
-    plane_moments(n, c, hw, x, &mut moments);
-    combine_moments(n, c, hw, &moments, mean, var);
-    batchnorm_apply(n, c, hw, x, mean, var, gamma, beta, y);
+    let (n, c, hw) = x.dim();
+    let mut moments = Array2::from_elem((n, c), (0.0, 0.0));
+    plane_moments(x, moments.view_mut());
+    combine_moments(hw, moments.view(), mean.view_mut(), var.view_mut());
+    batchnorm_apply(x, mean.view(), var.view(), gamma, beta, y);
 }
 
 /// Per-(sample, channel) `(Σ dy, Σ dy·x̂)` over each plane, where `x̂ = (x − μ)/sqrt(var + ε)`.
-#[allow(clippy::too_many_arguments)]
+///
+/// # Shapes
+/// `x`, `dy: [n, c, hw]`; `mean`, `var: [c]`; `partials: [n, c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
 pub fn backward_partials(
+    x: ArrayView3<f32>,
+    dy: ArrayView3<f32>,
+    mean: ArrayView1<f64>,
+    var: ArrayView1<f64>,
+    partials: ArrayViewMut2<(f64, f64)>,
+) {
+    const K: &str = "backward_partials";
+    let (n, c, hw) = x.dim();
+    assert_eq!(dy.dim(), x.dim(), "{K}: dy and x differ in shape");
+    check_channels(K, c, &[("mean", mean.len()), ("var", var.len())]);
+    assert_eq!(partials.dim(), (n, c), "{K}: partials is not [n, c]");
+    let (x, dy) = (values(x, K, "x"), values(dy, K, "dy"));
+    let (mean, var) = (values(mean, K, "mean"), values(var, K, "var"));
+    partials_of(
+        n,
+        c,
+        hw,
+        x,
+        dy,
+        mean,
+        var,
+        values_mut(partials, K, "partials"),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn partials_of(
     n: usize,
     c: usize,
     hw: usize,
@@ -181,13 +285,25 @@ pub fn backward_partials(
 
 /// Sums [`backward_partials`] over samples in order: `dbeta[ch] = Σ dy`, `dgamma[ch] = Σ dy·x̂`
 /// (f64, used again by [`batchnorm_backward_input`]).
+///
+/// # Shapes
+/// `partials: [n, c]`; `dgamma`, `dbeta: [c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
 pub fn combine_partials(
-    n: usize,
-    c: usize,
-    partials: &[(f64, f64)],
-    dgamma: &mut [f64],
-    dbeta: &mut [f64],
+    partials: ArrayView2<(f64, f64)>,
+    dgamma: ArrayViewMut1<f64>,
+    dbeta: ArrayViewMut1<f64>,
 ) {
+    const K: &str = "combine_partials";
+    let (n, c) = partials.dim();
+    check_channels(K, c, &[("dgamma", dgamma.len()), ("dbeta", dbeta.len())]);
+    let partials = values(partials, K, "partials");
+    let (dgamma, dbeta) = (
+        values_mut(dgamma, K, "dgamma"),
+        values_mut(dbeta, K, "dbeta"),
+    );
     for ch in 0..c {
         dbeta[ch] = (0..n).map(|i| partials[i * c + ch].0).sum();
         dgamma[ch] = (0..n).map(|i| partials[i * c + ch].1).sum();
@@ -195,10 +311,62 @@ pub fn combine_partials(
 }
 
 /// Gradient with respect to the input of training-mode batch norm over a batch of `count`
-/// samples (`count` is the whole batch even when `n` covers only a part of it):
+/// samples (`count` is the whole batch even when `x` holds only a part of it):
 /// `dx = γ/σ · (dy − Σdy/M − x̂·Σdy·x̂/M)`, `M = count·hw`. Fully written.
+///
+/// # Shapes
+/// `x`, `dy`, `dx: [n, c, hw]`; `mean`, `var`, `gamma`, `dgamma`, `dbeta: [c]`.
+///
+/// # Panics
+/// If the shapes do not match, or a view is not in standard layout.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_backward_input(
+    count: usize,
+    x: ArrayView3<f32>,
+    dy: ArrayView3<f32>,
+    mean: ArrayView1<f64>,
+    var: ArrayView1<f64>,
+    gamma: ArrayView1<f32>,
+    dgamma: ArrayView1<f64>,
+    dbeta: ArrayView1<f64>,
+    dx: ArrayViewMut3<f32>,
+) {
+    const K: &str = "batchnorm_backward_input";
+    let (n, c, hw) = x.dim();
+    assert_eq!(dy.dim(), x.dim(), "{K}: dy and x differ in shape");
+    assert_eq!(dx.dim(), x.dim(), "{K}: dx and x differ in shape");
+    let lens = [
+        ("mean", mean.len()),
+        ("var", var.len()),
+        ("gamma", gamma.len()),
+    ];
+    check_channels(K, c, &lens);
+    check_channels(K, c, &[("dgamma", dgamma.len()), ("dbeta", dbeta.len())]);
+    let (x, dy) = (values(x, K, "x"), values(dy, K, "dy"));
+    let (mean, var, gamma) = (
+        values(mean, K, "mean"),
+        values(var, K, "var"),
+        values(gamma, K, "gamma"),
+    );
+    let (dgamma, dbeta) = (values(dgamma, K, "dgamma"), values(dbeta, K, "dbeta"));
+    input_grad(
+        n,
+        count,
+        c,
+        hw,
+        x,
+        dy,
+        mean,
+        var,
+        gamma,
+        dgamma,
+        dbeta,
+        values_mut(dx, K, "dx"),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+fn input_grad(
     n: usize,
     count: usize,
     c: usize,
@@ -237,7 +405,20 @@ pub fn batchnorm_backward_input(
 mod tests {
     use super::*;
     use crate::testutil::{self as tu, assert_close, config, dot, numeric_grad, uniform, wide};
+    use ndarray::{aview1, aview_mut1, Axis};
     use proptest::prelude::*;
+
+    fn v3<T>(n: usize, c: usize, hw: usize, x: &[T]) -> ArrayView3<'_, T> {
+        ArrayView3::from_shape((n, c, hw), x).expect("test shape")
+    }
+
+    fn v3m<T>(n: usize, c: usize, hw: usize, x: &mut [T]) -> ArrayViewMut3<'_, T> {
+        ArrayViewMut3::from_shape((n, c, hw), x).expect("test shape")
+    }
+
+    fn v2m<T>(n: usize, c: usize, x: &mut [T]) -> ArrayViewMut2<'_, T> {
+        ArrayViewMut2::from_shape((n, c), x).expect("test shape")
+    }
 
     #[test]
     fn batch_statistics_and_output_match_hand_computed_values() {
@@ -245,7 +426,9 @@ mod tests {
         let x = [1.0, 3.0, 5.0, 7.0];
         let (mut mean, mut var) = ([f64::NAN], [f64::NAN]);
         let mut y = [f32::NAN; 4];
-        batchnorm_train_forward(2, 1, 2, &x, &[2.0], &[1.0], &mut y, &mut mean, &mut var);
+        let (g, b) = (aview1(&[2.0]), aview1(&[1.0]));
+        let (mv, vv) = (aview_mut1(&mut mean), aview_mut1(&mut var));
+        batchnorm_train_forward(v3(2, 1, 2, &x), g, b, v3m(2, 1, 2, &mut y), mv, vv);
         assert_eq!((mean[0], var[0]), (4.0, 5.0));
         let s = 2.0 / (5.0 + f64::from(BN_EPS)).sqrt();
         let want: Vec<f64> = x.iter().map(|&v| (f64::from(v) - 4.0) * s + 1.0).collect();
@@ -261,7 +444,8 @@ mod tests {
         let mean = vec![0.5, -0.25, 0.0, 1.0];
         let var = vec![1.0, 0.5, 2.0, 0.0];
         let mut y = vec![f32::NAN; x.len()];
-        batchnorm_apply(n, c, hw, &x, &mean, &var, &gamma, &beta, &mut y);
+        let (m, v, g, b) = (aview1(&mean), aview1(&var), aview1(&gamma), aview1(&beta));
+        batchnorm_apply(v3(n, c, hw, &x), m, v, g, b, v3m(n, c, hw, &mut y));
         let (want, _, _) = tu::batchnorm(
             n,
             c,
@@ -283,11 +467,14 @@ mod tests {
             .map(|v| v + 10.0)
             .collect();
         let mut moments = vec![(f64::NAN, f64::NAN); n * c];
+        let mut mv = v2m(n, c, &mut moments);
         // Partials of samples 0..2 and 2..5 computed separately, as two threads would.
-        plane_moments(2, c, hw, &x[..2 * c * hw], &mut moments[..2 * c]);
-        plane_moments(3, c, hw, &x[2 * c * hw..], &mut moments[2 * c..]);
+        let (x0, x1) = v3(n, c, hw, &x).split_at(Axis(0), 2);
+        let (m0, m1) = mv.view_mut().split_at(Axis(0), 2);
+        plane_moments(x0, m0);
+        plane_moments(x1, m1);
         let (mut mean, mut var) = (vec![f64::NAN; c], vec![f64::NAN; c]);
-        combine_moments(n, c, hw, &moments, &mut mean, &mut var);
+        combine_moments(hw, mv.view(), aview_mut1(&mut mean), aview_mut1(&mut var));
         let (_, want_mean, want_var) =
             tu::batchnorm(n, c, hw, &wide(&x), &[1.0; 3], &[0.0; 3], None);
         assert_close(&mean, &want_mean, 1e-14, 0.0, "mean");
@@ -310,15 +497,20 @@ mod tests {
 
             let (mut mean, mut var) = (vec![0.0; c], vec![0.0; c]);
             let mut y = vec![f32::NAN; x.len()];
-            batchnorm_train_forward(n, c, hw, &x, &gamma, &beta, &mut y, &mut mean, &mut var);
+            let (xv, rv, gv) = (v3(n, c, hw, &x), v3(n, c, hw, &r), aview1(&gamma));
+            let (mv, vv) = (aview_mut1(&mut mean), aview_mut1(&mut var));
+            batchnorm_train_forward(xv, gv, aview1(&beta), v3m(n, c, hw, &mut y), mv, vv);
             assert_close(&y, &tu::batchnorm(n, c, hw, &xw, &gw, &bw, None).0, 1e-5, 1e-5, "y");
 
             let mut partials = vec![(f64::NAN, f64::NAN); n * c];
-            backward_partials(n, c, hw, &x, &r, &mean, &var, &mut partials);
+            let (mv, vv) = (aview1(&mean), aview1(&var));
+            backward_partials(xv, rv, mv, vv, v2m(n, c, &mut partials));
             let (mut dgamma, mut dbeta) = (vec![f64::NAN; c], vec![f64::NAN; c]);
-            combine_partials(n, c, &partials, &mut dgamma, &mut dbeta);
+            let pv = ArrayView2::from_shape((n, c), &partials).expect("test shape");
+            combine_partials(pv, aview_mut1(&mut dgamma), aview_mut1(&mut dbeta));
             let mut dx = vec![f32::NAN; x.len()];
-            batchnorm_backward_input(n, n, c, hw, &x, &r, &mean, &var, &gamma, &dgamma, &dbeta, &mut dx);
+            let (dg, db) = (aview1(&dgamma), aview1(&dbeta));
+            batchnorm_backward_input(n, xv, rv, mv, vv, gv, dg, db, v3m(n, c, hw, &mut dx));
 
             // x̂ is scale-free, so dx can be large where the variance is small: compare relative
             // to the largest entry.

@@ -79,15 +79,23 @@ fn chain(
                 hw, gamma, beta, ..
             } => {
                 let m = grown(moments, n, (0.0, 0.0));
-                plane_moments(n, 1, hw, &x[..n * hw], m);
+                let xv = view((n, 1, hw), x);
+                plane_moments(xv, view_mut((n, 1), m));
                 let (mut mean, mut var) = ([0.0f64], [0.0f64]);
-                combine_moments(n, 1, hw, m, &mut mean, &mut var);
+                combine_moments(
+                    hw,
+                    view((n, 1), m),
+                    aview_mut1(&mut mean),
+                    aview_mut1(&mut var),
+                );
                 let p = &exec.params.values;
                 let (g, bt) = match gb {
                     Some((layer, g, bt)) if layer == i => (g, bt),
                     _ => (p[gamma][k], p[beta][k]),
                 };
-                batchnorm_apply(n, 1, hw, x, &mean, &var, &[g], &[bt], y);
+                let (mean, var) = (aview1(&mean), aview1(&var));
+                let y = view_mut((n, 1, hw), y);
+                batchnorm_apply(xv, mean, var, aview1(&[g]), aview1(&[bt]), y);
             }
             _ => unreachable!("checked by next_after"),
         }
