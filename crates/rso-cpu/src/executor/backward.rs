@@ -25,9 +25,10 @@ impl Executor {
             Reduction::Mean => 1.0 / n.max(1) as f64,
             Reduction::Sum => 1.0,
         };
-        let logits = &self.ws.acts[self.plan.len()][..n * classes];
-        let dy = grown(&mut self.ws.dy, n * classes, 0.0);
-        cross_entropy_backward(n, classes, logits, &self.ws.labels, scale, dy);
+        let logits = view((n, classes), &self.ws.acts[self.plan.len()]);
+        let labels = aview1(&self.ws.labels[..n]);
+        let dy = view_mut((n, classes), grown(&mut self.ws.dy, n * classes, 0.0));
+        cross_entropy_backward(logits, labels, scale, dy);
         for i in (0..self.plan.len()).rev() {
             self.backward_step(i, n);
             std::mem::swap(&mut self.ws.dy, &mut self.ws.dx);

@@ -127,18 +127,12 @@ impl Executor {
     /// and their sum in sample order.
     pub(crate) fn loss_sum(&mut self, n: usize) -> f64 {
         let classes = self.spec.classes;
-        let logits = &self.ws.acts[self.plan.len()][..n * classes];
-        let labels = &self.ws.labels[..n];
+        let logits = view((n, classes), &self.ws.acts[self.plan.len()]);
+        let labels = aview1(&self.ws.labels[..n]);
         let losses = &mut self.ws.losses[..n];
         let split = n.saturating_mul(20 * classes) >= self.par_min_work;
         par_samples(split, n, losses, |r, l| {
-            cross_entropy(
-                r.len(),
-                classes,
-                &logits[r.start * classes..r.end * classes],
-                &labels[r],
-                l,
-            )
+            cross_entropy(samples(&logits, &r), samples(&labels, &r), aview_mut1(l))
         });
         losses.iter().sum()
     }

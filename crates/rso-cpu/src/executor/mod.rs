@@ -21,7 +21,7 @@ pub(crate) use forward::layer_forward;
 pub(crate) use plan::{Op, Step};
 
 use crate::kernels::loss::correct;
-use ndarray::{ArrayView, ArrayViewMut, Axis, Dimension, Slice, StrideShape};
+use ndarray::{aview1, ArrayView, ArrayViewMut, Axis, Dimension, Slice, StrideShape};
 use plan::{build_plan, check_set};
 use rayon::prelude::*;
 use rso_data::{Dataset, Split};
@@ -253,12 +253,8 @@ impl Executor {
             for &l in &self.ws.losses[..m] {
                 loss += l;
             }
-            hits += correct(
-                m,
-                classes,
-                &self.ws.acts[self.plan.len()][..m * classes],
-                &self.ws.labels[..m],
-            );
+            let logits = view((m, classes), &self.ws.acts[self.plan.len()]);
+            hits += correct(logits, aview1(&self.ws.labels[..m]));
         }
         let denom = total.max(1) as f64;
         Eval {

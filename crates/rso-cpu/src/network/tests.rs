@@ -3,6 +3,7 @@
 use super::*;
 use crate::executor::{Mode, EVAL_CHUNK, GRAD_CHUNK, PAR_MIN_WORK};
 use crate::testutil::{self as tu, assert_close, config, wide};
+use ndarray::aview1;
 use proptest::prelude::*;
 use rand::Rng;
 use rso_data::Dataset;
@@ -236,7 +237,7 @@ fn calibrated_evaluation_of_a_batch_equals_its_training_mode_loss() {
         assert_eq!(eval.loss, train_loss, "{}", kind.name());
         let logits = net.logits(&batch);
         let hits = (0..9).filter(|&i| {
-            crate::kernels::loss::argmax(&logits[i * 10..][..10])
+            crate::kernels::loss::argmax(aview1(&logits[i * 10..][..10]))
                 == net.exec.train.labels[i] as usize
         });
         assert_eq!(eval.accuracy, hits.count() as f64 / 9.0);
@@ -283,7 +284,8 @@ fn evaluation_spans_several_chunks_and_honours_the_limit() {
     assert_eq!(all.loss, net.batch_loss(&batch, Reduction::Mean));
     let logits = net.logits(&batch);
     let hits = (0..n).filter(|&i| {
-        crate::kernels::loss::argmax(&logits[i * 10..][..10]) == net.exec.test.labels[i] as usize
+        crate::kernels::loss::argmax(aview1(&logits[i * 10..][..10]))
+            == net.exec.test.labels[i] as usize
     });
     assert_eq!(all.accuracy, hits.count() as f64 / n as f64);
 
