@@ -7,7 +7,7 @@
 //! `[−1, 1)` from a fixed seed.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ndarray::{aview1, ArrayView2, ArrayViewMut2};
+use ndarray::{aview1, ArrayView2, ArrayView4, ArrayViewMut2, ArrayViewMut4};
 use rso_cpu::kernels::conv::{conv3x3_forward, Conv3x3};
 use rso_cpu::kernels::dense::dense_forward;
 use rso_testkit::{rng, uniform};
@@ -39,12 +39,15 @@ fn conv(c: &mut Criterion) {
         let wt = uniform(&mut rng, c_out * s.taps(), 1.0);
         let b = uniform(&mut rng, c_out, 1.0);
         let mut y = vec![0.0; n * s.out_len()];
+        let x = ArrayView4::from_shape(s.input_shape(n), &x).expect("[n, c_in, h, w]");
+        let wt = ArrayView4::from_shape(s.weight_shape(), &wt).expect("[c_out, c_in, 3, 3]");
+        let mut y = ArrayViewMut4::from_shape(s.output_shape(n), &mut y).expect("[n, c_out, h, w]");
         group.throughput(Throughput::Elements((n * s.macs()) as u64));
         group.bench_function(
             BenchmarkId::new(format!("{c_in}-{c_out}"), format!("{hw}x{hw}")),
             |bench| {
                 bench.iter(|| {
-                    conv3x3_forward(&s, n, black_box(&x), &wt, Some(&b), &mut y);
+                    conv3x3_forward(&s, black_box(x), wt, Some(aview1(&b)), y.view_mut());
                     black_box(&y);
                 })
             },

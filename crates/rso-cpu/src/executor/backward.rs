@@ -8,7 +8,7 @@ use crate::kernels::dense::{dense_backward_input, dense_backward_params};
 use crate::kernels::loss::cross_entropy_backward;
 use crate::kernels::pool::{avgpool2_backward, global_avgpool_backward, maxpool2_backward};
 use crate::kernels::relu::relu_backward;
-use ndarray::{aview1, aview_mut1};
+use ndarray::{aview1, aview_mut1, ArrayView4, Axis};
 use rayon::prelude::*;
 use rso_models::Reduction;
 use std::ops::Range;
@@ -64,24 +64,16 @@ impl Executor {
         let need_dx = i > 0;
         let dx = grown(&mut ws.dx, n * in_len, 0.0);
         let p = &self.params.values;
-        let dys = |r: &Range<usize>| &dy[r.start * out_len..r.end * out_len];
         match step.op {
             Op::Conv { conv, weight, bias } => {
-                conv_param_grads(
-                    &conv,
-                    n,
-                    x,
-                    dy,
-                    split,
-                    &mut ws.grad_partials,
-                    &mut ws.grads,
-                    weight,
-                    bias,
-                );
+                let (x, dy) = (view(conv.input_shape(n), x), view(conv.output_shape(n), dy));
+                let partials = &mut ws.grad_partials;
+                conv_param_grads(&conv, x, dy, split, partials, &mut ws.grads, weight, bias);
                 if need_dx {
-                    let w = &p[weight];
+                    let w = view(conv.weight_shape(), &p[weight]);
                     par_samples(split, n, dx, |r, dx| {
-                        conv3x3_backward_input(&conv, r.len(), dys(&r), w, dx)
+                        let dx = view_mut(conv.input_shape(r.len()), dx);
+                        conv3x3_backward_input(&conv, samples(&dy, &r), w, dx)
                     });
                 }
             }
@@ -97,8 +89,8 @@ impl Executor {
                 if need_dx {
                     let w = view((d_out, d_in), &p[weight]);
                     par_samples(split, n, dx, |r, dx| {
-                        let m = r.len();
-                        dense_backward_input(view((m, d_out), dys(&r)), w, view_mut((m, d_in), dx))
+                        let dx = view_mut((r.len(), d_in), dx);
+                        dense_backward_input(samples(&dy, &r), w, dx)
                     });
                 }
             }
@@ -200,14 +192,14 @@ fn weight_and_bias(
     }
 }
 
-/// Convolution weight and bias gradients over `n` samples: partial sums over chunks of
-/// [`GRAD_CHUNK`] samples (in parallel when `split`), added in chunk order.
+/// Convolution weight and bias gradients over the samples of `x: [n, c_in, h, w]` and
+/// `dy: [n, c_out, h, w]`: partial sums over chunks of [`GRAD_CHUNK`] samples (in parallel
+/// when `split`), added in chunk order.
 #[allow(clippy::too_many_arguments)]
 fn conv_param_grads(
     conv: &Conv3x3,
-    n: usize,
-    x: &[f32],
-    dy: &[f32],
+    x: ArrayView4<f32>,
+    dy: ArrayView4<f32>,
     split: bool,
     partials: &mut Vec<f32>,
     grads: &mut [Vec<f32>],
@@ -219,32 +211,29 @@ fn conv_param_grads(
         if bias.is_some() { conv.c_out } else { 0 },
     );
     let (gw, mut gb) = weight_and_bias(grads, weight, bias);
-    let chunks = n.div_ceil(GRAD_CHUNK);
+    let chunks = x.len_of(Axis(0)).div_ceil(GRAD_CHUNK);
     if chunks <= 1 {
-        conv3x3_backward_params(conv, n, x, dy, gw, gb);
+        let gw = view_mut(conv.weight_shape(), gw);
+        conv3x3_backward_params(conv, x, dy, gw, gb.map(aview_mut1));
         return;
     }
     let stride = wlen + blen;
     let partials = grown(partials, chunks * stride, 0.0);
-    let (in_len, out_len) = (conv.in_len(), conv.out_len());
-    let run = |k: usize, part: &mut [f32]| {
-        let r = k * GRAD_CHUNK..((k + 1) * GRAD_CHUNK).min(n);
+    // One chunk of samples of `x` and `dy`, and its part of `partials`.
+    let run = |((xs, dys), part): ((ArrayView4<f32>, ArrayView4<f32>), &mut [f32])| {
         let (pw, pb) = part.split_at_mut(wlen);
-        let pb = if blen > 0 { Some(pb) } else { None };
-        let xs = &x[r.start * in_len..r.end * in_len];
-        let dys = &dy[r.start * out_len..r.end * out_len];
-        conv3x3_backward_params(conv, r.len(), xs, dys, pw, pb);
+        let pb = if blen > 0 { Some(aview_mut1(pb)) } else { None };
+        conv3x3_backward_params(conv, xs, dys, view_mut(conv.weight_shape(), pw), pb);
     };
+    let xs = x.axis_chunks_iter(Axis(0), GRAD_CHUNK);
+    let dys = dy.axis_chunks_iter(Axis(0), GRAD_CHUNK);
     if !split || rayon::current_num_threads() <= 1 {
-        partials
-            .chunks_mut(stride)
-            .enumerate()
-            .for_each(|(k, p)| run(k, p));
+        xs.zip(dys).zip(partials.chunks_mut(stride)).for_each(run);
     } else {
-        partials
-            .par_chunks_mut(stride)
-            .enumerate()
-            .for_each(|(k, p)| run(k, p));
+        xs.into_par_iter()
+            .zip(dys.into_par_iter())
+            .zip(partials.par_chunks_mut(stride))
+            .for_each(run);
     }
     gw.fill(0.0);
     if let Some(gb) = gb.as_deref_mut() {

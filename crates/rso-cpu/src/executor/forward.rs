@@ -213,11 +213,10 @@ pub(crate) fn layer_forward(
             bias: b,
         } => conv3x3_forward(
             &conv,
-            n,
-            x,
-            &params[weight],
-            bias(b).map(|b| b.to_slice().expect("a bias vector")),
-            y,
+            view(conv.input_shape(n), x),
+            view(conv.weight_shape(), &params[weight]),
+            bias(b),
+            view_mut(conv.output_shape(n), y),
         ),
         Op::Relu => relu_forward(aview1(x), aview_mut1(y)),
         Op::MaxPool { c, h, w } => {

@@ -1,9 +1,34 @@
 //! Pieces shared by the incremental paths: the loss accumulator, fixed-chunk parallelism and
 //! per-thread scratch.
 
+use crate::executor::{view, view_mut};
+use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use ndarray::aview1;
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Range;
+
+/// [`conv3x3_forward`] of `n` samples held in flat buffers: the leading values of `x`, `weight`
+/// and `y` as `[n, c_in, h, w]`, `[c_out, c_in, 3, 3]` and `[n, c_out, h, w]` views. The
+/// incremental paths gather random rows, channel slices and weight slices into reused flat
+/// scratch, whose lengths are set by the largest use, so they wrap them only at the call.
+pub(crate) fn conv_forward(
+    s: &Conv3x3,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let (x, weight) = (view(s.input_shape(n), x), view(s.weight_shape(), weight));
+    conv3x3_forward(
+        s,
+        x,
+        weight,
+        bias.map(aview1),
+        view_mut(s.output_shape(n), y),
+    );
+}
 
 /// Σ of per-sample cross-entropies written as `CE = lin + ln(a)` with `a ≥ 1`, accumulated as
 /// `Σ lin + ln(Π a)`: the product is kept as a mantissa in `[1, 2)` times a power of two, so a

@@ -39,9 +39,11 @@
 use super::conv_visit::{fold_now, ConvVisit, KChanges};
 use super::fold::fold;
 use crate::executor::{view, view_mut, Executor, Op};
-use crate::incremental::util::{changes, combine, for_chunks, grown, parallel, LogProd};
+use crate::incremental::util::{
+    changes, combine, conv_forward, for_chunks, grown, parallel, LogProd,
+};
 use crate::incremental::{Clock, Incremental, Next, Visit};
-use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::conv::Conv3x3;
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
 use ndarray::{aview1, aview_mut1};
@@ -328,7 +330,7 @@ pub(crate) fn conv_channel(
     let taps = cache.conv.taps();
     let w = &exec.params.values[cache.weight][c * taps..(c + 1) * taps];
     let b = cache.bias.map(|b| &exec.params.values[b][c..c + 1]);
-    conv3x3_forward(&s, n, x, w, b, y);
+    conv_forward(&s, n, x, w, b, y);
 }
 
 /// The input rows of the convolution for the whole training set.

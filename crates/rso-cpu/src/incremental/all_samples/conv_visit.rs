@@ -5,9 +5,11 @@
 use super::conv::{conv_channel, run_tail, ConvCache};
 use super::store::Store;
 use crate::executor::{layer_forward, Executor};
-use crate::incremental::util::{add_shifted, push_ce, with_scratch, with_scratch_b, LogProd};
+use crate::incremental::util::{
+    add_shifted, conv_forward, push_ce, with_scratch, with_scratch_b, LogProd,
+};
 use crate::incremental::Next;
-use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::conv::Conv3x3;
 use crate::simd::{prefetch, prefetch_slice};
 
 /// Channel `k`'s weight and bias changes since the snapshot.
@@ -208,7 +210,7 @@ impl ConvVisit<'_> {
                 }
             }
             if ng > 0 {
-                conv3x3_forward(&s, nc, xg, &self.kc.dw, None, y);
+                conv_forward(&s, nc, xg, &self.kc.dw, None, y);
             }
             for (t, (out, &i)) in pre.chunks_exact_mut(hw).zip(idx).enumerate() {
                 let own = &self.own_all[i as usize * own_len + k * hw..][..hw];
@@ -336,7 +338,7 @@ impl ConvVisit<'_> {
             if nd > 0 {
                 let s = Conv3x3 { c_in: nd, ..nconv };
                 let d_o = &d_o[..nc * nd * nconv.h * nconv.w];
-                conv3x3_forward(&s, nc, d_o, &self.cache.w_dirty, None, dpd);
+                conv_forward(&s, nc, d_o, &self.cache.w_dirty, None, dpd);
             }
             self.next_conv_inputs(idx, nconv, nl, dpd, dpk, dk, a);
             let logits = self.rest_of_network(nl, 3 * nc, a, b);
@@ -374,7 +376,7 @@ impl ConvVisit<'_> {
         let hwo = nconv.h * nconv.w;
         for v in 0..3 {
             let dkv = &dk[v * nc * hwo..(v + 1) * nc * hwo];
-            conv3x3_forward(&s1, nc, dkv, &self.cache.w_k, None, dpk);
+            conv_forward(&s1, nc, dkv, &self.cache.w_k, None, dpk);
             for (t, &i) in idx.iter().enumerate() {
                 if v == 0 {
                     if let Some(&a) = idx.get(t + 2) {

@@ -3,10 +3,10 @@
 
 use super::conv::{conv_channel, inputs, run_tail, ConvCache};
 use crate::executor::Executor;
-use crate::incremental::util::{grown, parallel, with_scratch, with_scratch_b};
+use crate::incremental::util::{conv_forward, grown, parallel, with_scratch, with_scratch_b};
 use crate::incremental::Incremental;
 use crate::incremental::Next;
-use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::conv::Conv3x3;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -119,7 +119,7 @@ impl FoldCtx<'_> {
                     let (d_o, dp) = s.split_at_mut(nc * nd * hwo);
                     self.channel_outputs(samples, o, own, d_o);
                     let s = Conv3x3 { c_in: nd, ..nconv };
-                    conv3x3_forward(&s, nc, d_o, &self.cache.w_dirty, None, dp);
+                    conv_forward(&s, nc, d_o, &self.cache.w_dirty, None, dp);
                     for (p, &d) in p.iter_mut().zip(dp.iter()) {
                         *p += d;
                     }

@@ -4,10 +4,12 @@
 use super::memo::{forward, Visited};
 use super::{PerBatch, CHUNK};
 use crate::executor::{view, view_mut, Executor, Mode, Op};
-use crate::incremental::util::{add_shifted, changes, grown, parallel, push_ce, LogProd};
+use crate::incremental::util::{
+    add_shifted, changes, conv_forward, grown, parallel, push_ce, LogProd,
+};
 use crate::incremental::{Clock, Next, Visit};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
-use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::conv::Conv3x3;
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
 use crate::kernels::relu::relu_forward;
 use ndarray::{aview1, aview_mut1};
@@ -388,7 +390,7 @@ fn next_losses(
                 let task = |(c, dp): (usize, &mut [f32])| {
                     let m = dp.len() / p_len;
                     let x = &delta[c * CHUNK * hw..][..m * hw];
-                    conv3x3_forward(&one, m, x, w_k, None, dp);
+                    conv_forward(&one, m, x, w_k, None, dp);
                 };
                 if parallel(n * one.macs()) {
                     dp.par_chunks_mut(CHUNK * p_len).enumerate().for_each(task);

@@ -3,9 +3,9 @@
 
 use super::CHUNK;
 use crate::executor::{view, view_mut, Executor, Mode, Op};
-use crate::incremental::util::{grown, parallel};
+use crate::incremental::util::{conv_forward, grown, parallel};
 use crate::incremental::Clock;
-use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::conv::Conv3x3;
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use rayon::prelude::*;
 use rso_models::Reduction;
@@ -336,7 +336,7 @@ fn recompute_channels(
         let x = &exec.ws.acts[act][..n * conv.in_len()];
         let task = |(t, y): (usize, &mut [f32])| {
             let m = y.len() / hw;
-            conv3x3_forward(
+            conv_forward(
                 &one,
                 m,
                 &x[t * CHUNK * conv.in_len()..][..m * conv.in_len()],
