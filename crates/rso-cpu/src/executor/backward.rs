@@ -11,7 +11,6 @@ use crate::kernels::relu::relu_backward;
 use ndarray::{aview1, aview_mut1, ArrayView4, Axis};
 use rayon::prelude::*;
 use rso_models::Reduction;
-use std::ops::Range;
 
 impl Executor {
     /// Forward and backward on `batch`; leaves the gradients in `ws.grads`, returns the loss.
@@ -71,8 +70,7 @@ impl Executor {
                 conv_param_grads(&conv, x, dy, split, partials, &mut ws.grads, weight, bias);
                 if need_dx {
                     let w = view(conv.weight_shape(), &p[weight]);
-                    par_samples(split, n, dx, |r, dx| {
-                        let dx = view_mut(conv.input_shape(r.len()), dx);
+                    par_samples(split, view_mut(conv.input_shape(n), dx), |r, dx| {
                         conv3x3_backward_input(&conv, samples(&dy, &r), w, dx)
                     });
                 }
@@ -88,8 +86,7 @@ impl Executor {
                 dense_backward_params(x, dy, view_mut((d_out, d_in), gw), gb.map(aview_mut1));
                 if need_dx {
                     let w = view((d_out, d_in), &p[weight]);
-                    par_samples(split, n, dx, |r, dx| {
-                        let dx = view_mut((r.len(), d_in), dx);
+                    par_samples(split, view_mut((n, d_in), dx), |r, dx| {
                         dense_backward_input(samples(&dy, &r), w, dx)
                     });
                 }
@@ -105,9 +102,8 @@ impl Executor {
                 let (mean, var) = (aview1(&stats.mean), aview1(&stats.var));
                 let (x, dy) = (view((n, c, hw), x), view((n, c, hw), dy));
                 let partials = grown(&mut ws.partials_f64, n * c, (0.0, 0.0));
-                par_samples(split, n, partials, |r, s| {
-                    let (x, dy) = (samples(&x, &r), samples(&dy, &r));
-                    backward_partials(x, dy, mean, var, view_mut((r.len(), c), s))
+                par_samples(split, view_mut((n, c), partials), |r, s| {
+                    backward_partials(samples(&x, &r), samples(&dy, &r), mean, var, s)
                 });
                 let dgamma = grown(&mut ws.bn_dgamma, c, 0.0);
                 let dbeta = grown(&mut ws.bn_dbeta, c, 0.0);
@@ -124,9 +120,8 @@ impl Executor {
                 }
                 if need_dx {
                     let (g, dgamma, dbeta) = (aview1(&p[gamma]), aview1(dgamma), aview1(dbeta));
-                    par_samples(split, n, dx, |r, dx| {
+                    par_samples(split, view_mut((n, c, hw), dx), |r, dx| {
                         let (x, dy) = (samples(&x, &r), samples(&dy, &r));
-                        let dx = view_mut((r.len(), c, hw), dx);
                         batchnorm_backward_input(n, x, dy, mean, var, g, dgamma, dbeta, dx)
                     });
                 }
@@ -145,32 +140,32 @@ fn parameterless_backward(op: &Op, split: bool, n: usize, x: &[f32], dy: &[f32],
     if n == 0 {
         return;
     }
-    let (in_len, out_len) = (x.len() / n, dy.len() / n);
-    let xs = |r: &Range<usize>| &x[r.start * in_len..r.end * in_len];
-    let dys = |r: &Range<usize>| &dy[r.start * out_len..r.end * out_len];
     match *op {
-        Op::Relu => par_samples(split, n, dx, |r, dx| {
-            relu_backward(aview1(xs(&r)), aview1(dys(&r)), aview_mut1(dx))
-        }),
-        Op::MaxPool { c, h, w } => par_samples(split, n, dx, |r, dx| {
-            let m = r.len();
-            maxpool2_backward(
-                view((m, c, h, w), xs(&r)),
-                view((m, c, h / 2, w / 2), dys(&r)),
-                view_mut((m, c, h, w), dx),
-            )
-        }),
-        Op::AvgPool { c, h, w } => par_samples(split, n, dx, |r, dx| {
-            let m = r.len();
-            avgpool2_backward(
-                view((m, c, h / 2, w / 2), dys(&r)),
-                view_mut((m, c, h, w), dx),
-            )
-        }),
-        Op::GlobalAvgPool { c, hw } => par_samples(split, n, dx, |r, dx| {
-            let m = r.len();
-            global_avgpool_backward(view((m, c), dys(&r)), view_mut((m, c, hw), dx))
-        }),
+        Op::Relu => {
+            let len = x.len() / n;
+            let (x, dy) = (view((n, len), x), view((n, len), dy));
+            par_samples(split, view_mut((n, len), dx), |r, dx| {
+                relu_backward(samples(&x, &r), samples(&dy, &r), dx)
+            })
+        }
+        Op::MaxPool { c, h, w } => {
+            let (x, dy) = (view((n, c, h, w), x), view((n, c, h / 2, w / 2), dy));
+            par_samples(split, view_mut((n, c, h, w), dx), |r, dx| {
+                maxpool2_backward(samples(&x, &r), samples(&dy, &r), dx)
+            })
+        }
+        Op::AvgPool { c, h, w } => {
+            let dy = view((n, c, h / 2, w / 2), dy);
+            par_samples(split, view_mut((n, c, h, w), dx), |r, dx| {
+                avgpool2_backward(samples(&dy, &r), dx)
+            })
+        }
+        Op::GlobalAvgPool { c, hw } => {
+            let dy = view((n, c), dy);
+            par_samples(split, view_mut((n, c, hw), dx), |r, dx| {
+                global_avgpool_backward(samples(&dy, &r), dx)
+            })
+        }
         _ => unreachable!("a layer with parameters"),
     }
 }

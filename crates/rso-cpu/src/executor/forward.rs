@@ -54,8 +54,8 @@ impl Executor {
         let x = view((n, c, hw), &self.ws.acts[i]);
         let split = n.saturating_mul(self.plan[i].work) >= self.par_min_work;
         let moments = grown(&mut self.ws.partials_f64, n * c, (0.0, 0.0));
-        par_samples(split, n, moments, |r, m| {
-            plane_moments(samples(&x, &r), view_mut((r.len(), c), m))
+        par_samples(split, view_mut((n, c), moments), |r, m| {
+            plane_moments(samples(&x, &r), m)
         });
         let stats = &mut self.ws.batch_stats[slot];
         let (mean, var) = (aview_mut1(&mut stats.mean), aview_mut1(&mut stats.var));
@@ -131,8 +131,8 @@ impl Executor {
         let labels = aview1(&self.ws.labels[..n]);
         let losses = &mut self.ws.losses[..n];
         let split = n.saturating_mul(20 * classes) >= self.par_min_work;
-        par_samples(split, n, losses, |r, l| {
-            cross_entropy(samples(&logits, &r), samples(&labels, &r), aview_mut1(l))
+        par_samples(split, aview_mut1(losses), |r, l| {
+            cross_entropy(samples(&logits, &r), samples(&labels, &r), l)
         });
         losses.iter().sum()
     }

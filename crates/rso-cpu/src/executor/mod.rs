@@ -265,15 +265,15 @@ impl Executor {
     }
 }
 
-/// Runs `f(samples, out)` over parts of the batch `0..n`, where `out` is the part's share of
-/// `out` (`out.len() / n` values per sample): one part per rayon thread when `split`, else one
-/// part on the calling thread.
-fn par_samples<T: Send>(
+/// Runs `f(samples, out)` over parts of the batch `0..n` that `out` holds along its first axis,
+/// where `out` is the part's share of `out` (its axis chunk): one part per rayon thread when
+/// `split`, else one part on the calling thread.
+fn par_samples<T: Send + Sync, D: Dimension>(
     split: bool,
-    n: usize,
-    out: &mut [T],
-    f: impl Fn(Range<usize>, &mut [T]) + Sync,
+    mut out: ArrayViewMut<T, D>,
+    f: impl Fn(Range<usize>, ArrayViewMut<T, D>) + Sync,
 ) {
+    let n = out.len_of(Axis(0));
     if n == 0 {
         return;
     }
@@ -288,11 +288,12 @@ fn par_samples<T: Send>(
         return;
     }
     let per_part = n.div_ceil(threads);
-    out.par_chunks_mut(per_part * per_sample)
+    out.axis_chunks_iter_mut(Axis(0), per_part)
+        .into_par_iter()
         .enumerate()
         .for_each(|(k, o)| {
             let start = k * per_part;
-            f(start..start + o.len() / per_sample, o)
+            f(start..start + o.len_of(Axis(0)), o)
         });
 }
 
