@@ -1,6 +1,6 @@
-//! Pure-Rust engine for the rso workspace: f32 NCHW [`kernels`] (a direct convolution forward,
-//! im2col + `matrixmultiply` for the backward passes) and [`CpuNetwork`], an implementation of
-//! [`rso_models::Network`].
+//! Pure-Rust engine for the rso workspace: f32 NCHW [`kernels`] on `ndarray` views (a direct
+//! convolution forward, im2col + `matrixmultiply` for the backward passes) and [`CpuNetwork`],
+//! an implementation of [`rso_models::Network`].
 //!
 //! Results do not depend on the number of rayon threads: work is split over samples only, and
 //! every reduction over samples (losses, BatchNorm statistics, gradients) is combined in a fixed

@@ -147,6 +147,10 @@ thread_local! {
 /// `input` holds the samples' input to the first step, `outputs[k]` receives step `k`'s output
 /// when `keep_all` (else only the last step's output is written there, the others live in a
 /// per-thread chunk buffer).
+///
+/// Flat slices, not views: the buffers of one chunk have a different shape per step and share
+/// one scratch by offsets, and on one thread the full buffers pass through without the list of
+/// views that would allocate; [`layer_forward`] gives each kernel call its layer's shape.
 #[allow(clippy::too_many_arguments)]
 fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
     steps: &[Step],
@@ -195,8 +199,9 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
     });
 }
 
-/// Forward pass of one layer on `n` samples, `x` → `y`; a BatchNorm layer normalises with
-/// `stats` (the batch's or the running statistics).
+/// Forward pass of one layer on `n` samples, `x` → `y` (flat, `n` samples of the layer's input
+/// and output, seen by the kernel as views of the layer's shape); a BatchNorm layer normalises
+/// with `stats` (the batch's or the running statistics).
 pub(crate) fn layer_forward(
     op: &Op,
     params: &[Vec<f32>],

@@ -1,11 +1,19 @@
 //! f32 NCHW kernels, one module per operation.
 //!
-//! Every kernel is single-threaded, takes its inputs as slices with explicit shapes and writes
-//! into caller-provided output buffers (each output element is written, never read first, unless
-//! the doc says "accumulates"). Reductions over samples run in sample order, so a caller that
-//! splits a batch into parts and combines the parts in order gets results that do not depend on
-//! how many threads ran the parts. Slices shorter than their shapes require make the kernel
-//! panic: shapes come from the program, not from users.
+//! Every kernel is single-threaded, takes `ndarray` views in its operation's dimensions
+//! (activations `[n, c, h, w]`, or `[n, c, hw]` where only plane sizes matter, convolution
+//! weights `[c_out, c_in, 3, 3]`, dense inputs `[n, d_in]`, …: each function's `# Shapes` says
+//! which) and writes into caller-provided output views (each output element is written, never
+//! read first). It checks the shapes against each other once per call, takes the views' values
+//! as slices and runs its loops on them; the views must therefore be in standard (row-major,
+//! contiguous) layout, which every `from_shape` view of a slice and every chunk of one along its
+//! first axis is. Neither the checks nor the views copy or allocate. A mismatched shape or
+//! another layout makes the kernel panic (each function's `# Panics`): shapes come from the
+//! program, not from users.
+//!
+//! Reductions over samples run in sample order, so a caller that splits a batch into parts
+//! along its first axis (`axis_chunks_iter`, `slice_axis`) and combines the parts in order gets
+//! results that do not depend on how many threads ran the parts.
 
 use ndarray::{ArrayView, ArrayViewMut, Dimension};
 
