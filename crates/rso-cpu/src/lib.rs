@@ -6,8 +6,9 @@
 //! every reduction over samples (losses, BatchNorm statistics, gradients) is combined in a fixed
 //! order.
 
-// `unsafe` lives in `simd` (dispatch, prefetch, intrinsics) and in the `sgemm` call of the
-// `gemm` wrapper; everything else is safe code.
+// `unsafe` lives in `simd.rs` (dispatch — its macro's one `unsafe` call is written there and
+// expands in the kernel modules —, prefetch, intrinsics), in the `sgemm` call of the `gemm`
+// wrapper (`kernels/mod.rs`) and, for tests only, in the counting allocator of `testutil.rs`.
 #![deny(unsafe_code)]
 
 mod executor;

@@ -62,7 +62,7 @@ impl Executor {
         combine_moments(hw, view((n, c), moments), mean, var);
     }
 
-    /// Runs the per-sample layers `layers` on `n` samples (see [`CpuNetwork::forward_from`]).
+    /// Runs the per-sample layers `layers` on `n` samples (see [`Executor::forward_from`]).
     pub(crate) fn forward_segment(
         &mut self,
         layers: Range<usize>,

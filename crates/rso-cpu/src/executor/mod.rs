@@ -1,4 +1,4 @@
-//! [`Executor`]: a [`ModelSpec`] laid out as a [plan](plan) of per-layer steps on the pure-Rust
+//! [`Executor`]: a [`ModelSpec`] laid out as a [plan] of per-layer steps on the pure-Rust
 //! kernels, with its parameters, its resident training and test sets and its workspace; it runs
 //! forward ([`forward`]) and backward ([`backward`]) passes. The incremental RSO path's caches
 //! live beside it in [`CpuNetwork`](crate::CpuNetwork), not in it.

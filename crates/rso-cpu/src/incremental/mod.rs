@@ -1,6 +1,6 @@
 //! Incremental RSO candidate evaluation: the three losses of [`Network::candidate_losses`] (at
 //! W, at `w + δ`, at `w − δ`) computed from what one scalar change touches instead of three
-//! forward passes, equal to the reference path ([`reference_candidate_losses`]) up to
+//! forward passes, equal to the reference path ([`reference_candidate_losses`](rso_models::network::reference_candidate_losses)) up to
 //! floating-point rounding (tests/incremental.rs holds them to 1e-5 relative and checks that a
 //! seeded RSO round takes the same decisions on both paths).
 //!
@@ -8,7 +8,7 @@
 //!
 //! | visited array | model without BatchNorm (`one-conv`, `two-conv`) | model with BatchNorm on batch statistics (`paper`) |
 //! |---|---|---|
-//! | final dense weight/bias | [`all_samples::dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store](all_samples::store); O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights; once the visits' batches are seen to partition the training set (preset `seed`: the round's shuffled batches, recognised by content), logits, input and per-row constants are kept in the order of those batches, so that a visit reads contiguous ranges instead of gathering its samples | [`per_batch::dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`per_batch::memo::ActivationMemo`]), then O(B) |
+//! | final dense weight/bias | [`all_samples::dense::cached`]: logits of all N samples (f64) and the layer's input kept in the [store]; O(B) per visit (one vectorised exponential per sample and candidate), accepted changes added to all N logits once per block of 16 weights; once the visits' batches are seen to partition the training set (preset `seed`: the round's shuffled batches, recognised by content), logits, input and per-row constants are kept in the order of those batches, so that a visit reads contiguous ranges instead of gathering its samples | [`per_batch::dense::per_batch`]: one forward pass of the batch (from the layer's input when the batch recurs, [`per_batch::memo::ActivationMemo`]), then O(B) |
 //! | convolution weight/bias | [`all_samples::conv`]: a snapshot of all N samples' next-layer input and logits (or next convolution's output); per visit channel `k` (and any *dirty* channel) for the batch only — from the stored layer output plus a convolution of the input channels whose weights changed since the snapshot when the store keeps that output — then one block of logits (or one input channel of the next convolution); dirty channels folded into the snapshot when RSO moves on | [`per_batch::conv::conv`]: one forward pass of the batch (from the layer's input when the batch recurs), then channel `k` alone through pooling, BatchNorm (channel `k`'s batch statistics) and ReLU, one input channel of the next convolution, and a forward pass of the rest per candidate |
 //! | BatchNorm γ/β | — | [`per_batch::conv::norm`]: as a convolution, from the BatchNorm on |
 //!

@@ -195,7 +195,7 @@ const CO_BLOCK: usize = 4;
 /// (the models' shapes, 32 images, one thread): each input plane is copied into a zero-bordered `(h+2)×(w+2)` plane; the output, laid out
 /// with the same padded row width, is then one flat run per channel in which every value is
 /// `Σ_ci Σ_taps w·xp[j + ky·(w+2) + kx]`, with no edge cases (the two extra columns per row are
-/// computed and dropped). Tiles of [`TILE`] values × [`CO_BLOCK`] channels stay in registers.
+/// computed and dropped). Tiles of 16 values × 4 channels (`TILE`, `CO_BLOCK`) stay in registers.
 pub fn conv3x3_forward(
     s: &Conv3x3,
     x: ArrayView4<f32>,

@@ -18,7 +18,7 @@
 //! date for the whole training set (the same work for N samples instead of B). RSO visits the
 //! `9·c_in` weights of a channel one after the other, so a channel is dirty while it is being
 //! visited and stays dirty until folded; a visit folds the other dirty channels when the visits
-//! left in the layer times the batch size exceed the training-set size (each later visit would
+//! left in the layer times the batch size reach the training-set size (each later visit would
 //! otherwise redo that work on its batch) — with a convolution next, only when the dirty
 //! channels' excess also pays for the fold's pass over that convolution's whole output (read
 //! and written once per fold, however many channels it folds) — and the end of the layer's
@@ -36,8 +36,8 @@
 //! pre-activation unchanged), so a candidate that changes nothing for the batch (a zero input
 //! plane, or `w ± δ == w` in f32) ties with W exactly, as on the reference path.
 
-use super::conv_visit::{fold_now, ConvVisit, KChanges};
-use super::fold::fold;
+use super::conv_visit::{ConvVisit, KChanges};
+use super::fold::{fold, fold_now};
 use crate::executor::{view, view_mut, Executor, Op};
 use crate::incremental::util::{
     changes, combine, conv_forward, for_chunks, grown, parallel, LogProd,

@@ -8,7 +8,7 @@ use crate::executor::{layer_forward, Executor};
 use crate::incremental::util::{
     add_shifted, conv_forward, push_ce, with_scratch, with_scratch_b, LogProd,
 };
-use crate::incremental::Next;
+use crate::incremental::{Next, MAX_CLASSES};
 use crate::kernels::conv::Conv3x3;
 use crate::simd::{prefetch, prefetch_slice};
 
@@ -48,27 +48,6 @@ impl KChanges {
     }
 }
 
-/// Whether to fold the `dirty` channels now: folding costs about N (`n_train`) samples' worth
-/// of what keeping them dirty costs each later visit (B, `batch` samples), so fold when the
-/// `remaining` visits of the layer would cost more. With a convolution next (`next_conv`) a
-/// fold also reads and writes the next convolution's whole output once, whatever the number of
-/// channels folded (about as much again per sample as the channels themselves): fold there
-/// when the dirty channels' extra cost pays for that too.
-pub(crate) fn fold_now(
-    next_conv: bool,
-    dirty: usize,
-    remaining: usize,
-    batch: usize,
-    n_train: usize,
-) -> bool {
-    let rb = remaining.saturating_mul(batch);
-    if next_conv {
-        rb >= n_train && dirty.saturating_mul(rb - n_train) >= 2 * n_train
-    } else {
-        rb >= n_train
-    }
-}
-
 /// What every chunk of a visit reads: the snapshot, the stored arrays, the visited scalar.
 pub(crate) struct ConvVisit<'a> {
     pub(crate) exec: &'a Executor,
@@ -99,7 +78,7 @@ impl ConvVisit<'_> {
         self.cache.conv.h * self.cache.conv.w
     }
 
-    /// The stored rows of `O`, the next parameter layer's input.
+    /// The stored rows of `O`, the next parameter layer's input (the snapshot's tail outputs).
     fn o_all(&self) -> &[f32] {
         &self.store.acts[self.cache.next_index()].data
     }
@@ -121,7 +100,7 @@ impl ConvVisit<'_> {
             let (cand, s) = s.split_at_mut(sizes[1]);
             let (tmp, s) = s.split_at_mut(sizes[2]);
             let (d_o, dk) = s.split_at_mut(sizes[3]);
-            // The tail's output goes to `cand` (free until channel k).
+            // `cand` is free until channel k: the dirty channels' tail output goes there.
             self.dirty_changes(idx, pre, tmp, cand, d_o);
             if self.from_snapshot {
                 self.channel_k_from_snapshot(idx, pre);
@@ -158,24 +137,31 @@ impl ConvVisit<'_> {
         }
     }
 
-    /// The dirty channels' current tail outputs minus the snapshot's, `d_o: [t][dirty][hwo]`.
+    /// The dirty channels' current tail outputs minus the snapshot's, `d_o: [t][dirty][hwo]`
+    /// (`pre`, `tmp` and `tail_scratch` are scratch of `nc` planes each).
     fn dirty_changes(
         &self,
         idx: &[u32],
         pre: &mut [f32],
         tmp: &mut [f32],
-        out: &mut [f32],
+        tail_scratch: &mut [f32],
         d_o: &mut [f32],
     ) {
         let (nc, hwo, nd) = (idx.len(), self.cache.hw_out, self.dirty.len());
         let o_len = self.cache.conv.c_out * hwo;
         for (q, &c) in self.dirty.iter().enumerate() {
             self.conv_rows(idx, c, pre);
-            run_tail(&self.cache.tail, nc, pre, tmp, &mut out[..nc * hwo]);
+            run_tail(
+                &self.cache.tail,
+                nc,
+                pre,
+                tmp,
+                &mut tail_scratch[..nc * hwo],
+            );
             for (t, &i) in idx.iter().enumerate() {
                 let snap = &self.o_all()[i as usize * o_len + c * hwo..][..hwo];
                 let dst = &mut d_o[(t * nd + q) * hwo..][..hwo];
-                for ((d, &o), &s) in dst.iter_mut().zip(&out[t * hwo..]).zip(snap) {
+                for ((d, &o), &s) in dst.iter_mut().zip(&tail_scratch[t * hwo..]).zip(snap) {
                     *d = o - s;
                 }
             }
@@ -294,8 +280,8 @@ impl ConvVisit<'_> {
         let cp = classes.div_ceil(4) * 4;
         let (z, wt) = (&self.store.z.data, &self.cache.wt);
         let blk = hwo * cp;
-        let mut zb = [0.0f64; 64];
-        let mut zv = [0.0f64; 64];
+        let mut zb = [0.0f64; MAX_CLASSES];
+        let mut zv = [0.0f64; MAX_CLASSES];
         for (t, &i) in idx.iter().enumerate() {
             let i = i as usize;
             for (cls, zb) in zb[..classes].iter_mut().enumerate() {
@@ -343,7 +329,7 @@ impl ConvVisit<'_> {
             self.next_conv_inputs(idx, nconv, nl, dpd, dpk, dk, a);
             let logits = self.rest_of_network(nl, 3 * nc, a, b);
             let classes = self.exec.spec.classes;
-            let mut z = [0.0f64; 64];
+            let mut z = [0.0f64; MAX_CLASSES];
             for (v, acc) in acc.iter_mut().enumerate() {
                 for (t, &i) in idx.iter().enumerate() {
                     let row = &logits[(v * nc + t) * classes..][..classes];
@@ -455,24 +441,5 @@ fn logit_changes(w: &[f64], d: &[f32], z: &mut [f64]) {
         for l in 0..4 {
             z[c0 + l] += s[0][l] + s[1][l];
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fold_now;
-
-    #[test]
-    fn folds_when_the_remaining_visits_cost_more_than_the_fold() {
-        // Next layer dense: remaining·B against N.
-        assert!(fold_now(false, 1, 10, 100, 1000));
-        assert!(!fold_now(false, 1, 9, 100, 1000));
-        // Next layer a convolution: also the dirty channels' excess against 2N.
-        assert!(!fold_now(true, 1, 10, 100, 1000), "no excess");
-        assert!(!fold_now(true, 1, 20, 100, 1000), "excess 1000 < 2000");
-        assert!(fold_now(true, 2, 20, 100, 1000), "excess 2·1000 ≥ 2000");
-        assert!(fold_now(true, 1, 30, 100, 1000), "excess 2000 ≥ 2000");
-        // No overflow on huge counts.
-        assert!(fold_now(true, usize::MAX, usize::MAX, usize::MAX, 1));
     }
 }

@@ -13,7 +13,7 @@
 //! During the sweep of row `k`, `m_i = max_{c≠k} z_ic` and `s_i = Σ_{c≠k} exp(z_ic − m_i)` do
 //! not change, so they are computed once per row for every sample ([`Rows`]); a sample's
 //! cross-entropy at a candidate is then `m_i − z_i,label + ln(s_i + exp(z_ik − m_i))`: one
-//! exponential per sample and candidate (a vectorised polynomial, [`exp_kernel`]) and one
+//! exponential per sample and candidate (a vectorised polynomial, [`exp_kernel`](crate::incremental::util::exp_kernel)) and one
 //! logarithm per lane of a chunk of samples ([`LogProd`]).
 //!
 //! The batches of preset `seed` are the round's ⌈N/B⌉ shuffled batches, each drawn about 130

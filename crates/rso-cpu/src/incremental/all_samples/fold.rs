@@ -13,6 +13,27 @@ use std::ops::Range;
 /// Samples per chunk of a fold.
 const FOLD_CHUNK: usize = 64;
 
+/// Whether to fold the `dirty` channels now. Folding costs about N (`n_train`) samples' worth
+/// of what keeping them dirty costs each later visit (B, `batch` samples), so fold when the
+/// `remaining` visits of the layer cost at least as much: `remaining·B ≥ N`. With a
+/// convolution next (`next_conv`) a fold also reads and writes the next convolution's whole
+/// output once, whatever the number of channels folded (about as much again per sample as two
+/// channels): fold there when also `dirty·(remaining·B − N) ≥ 2·N`.
+pub(crate) fn fold_now(
+    next_conv: bool,
+    dirty: usize,
+    remaining: usize,
+    batch: usize,
+    n_train: usize,
+) -> bool {
+    let rb = remaining.saturating_mul(batch);
+    if next_conv {
+        rb >= n_train && dirty.saturating_mul(rb - n_train) >= 2 * n_train
+    } else {
+        rb >= n_train
+    }
+}
+
 /// What every chunk of a fold reads.
 struct FoldCtx<'a> {
     exec: &'a Executor,
@@ -220,4 +241,23 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
         acc[l] += f64::from(a) * f64::from(b);
     }
     (acc[0] + acc[2]) + (acc[1] + acc[3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fold_now;
+
+    #[test]
+    fn folds_when_the_remaining_visits_cost_more_than_the_fold() {
+        // Next layer dense: remaining·B against N.
+        assert!(fold_now(false, 1, 10, 100, 1000));
+        assert!(!fold_now(false, 1, 9, 100, 1000));
+        // Next layer a convolution: also the dirty channels' excess against 2N.
+        assert!(!fold_now(true, 1, 10, 100, 1000), "no excess");
+        assert!(!fold_now(true, 1, 20, 100, 1000), "excess 1000 < 2000");
+        assert!(fold_now(true, 2, 20, 100, 1000), "excess 2·1000 ≥ 2000");
+        assert!(fold_now(true, 1, 30, 100, 1000), "excess 2000 ≥ 2000");
+        // No overflow on huge counts.
+        assert!(fold_now(true, usize::MAX, usize::MAX, usize::MAX, 1));
+    }
 }

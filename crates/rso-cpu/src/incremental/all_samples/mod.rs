@@ -2,8 +2,8 @@
 //! so activations of the whole training set can be kept current across batches.
 //!
 //! Files: [`store`] (the all-samples arrays and their freshness), [`dense`] (the final dense
-//! layer: O(B) visits from the all-samples logits, with [`dense_rows`] and [`slots`]), [`conv`] (convolutions: the snapshot, dirty
-//! channels), [`conv_visit`] (the phases of one visit) and [`fold`] (folds into the snapshot).
+//! layer: O(B) visits from the all-samples logits, with [`dense_rows`], [`slots`] and [`pending`]), [`conv`] (convolutions: the snapshot, dirty
+//! channels), [`conv_visit`] (the phases of one visit) and [`fold`] (when and how dirty channels are folded into the snapshot).
 
 pub(crate) mod conv;
 pub(crate) mod conv_visit;

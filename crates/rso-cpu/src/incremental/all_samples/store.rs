@@ -1,7 +1,7 @@
 //! Activations of the whole training set, for models without BatchNorm (where every layer is
 //! per-sample, so an activation of a sample does not depend on which batch it is in).
 //!
-//! Each stored array carries the tick of the [change clock](super::Clock) at which it was last
+//! Each stored array carries the tick of the [change clock](crate::incremental::Clock) at which it was last
 //! consistent with the parameters; it is valid while no layer it depends on has changed since.
 
 use crate::executor::{Executor, Mode, Op};
@@ -37,7 +37,7 @@ pub(crate) struct Store {
     /// [`Layout`] is set), f64. Kept up to date by dense-layer changes ([`super::dense`]).
     pub(crate) z: Stamped<f64>,
     /// Change counter of each logit row (class): ticks whenever the row changes (a counter per
-    /// row, apart from the parameters' [`Clock`](crate::incremental::Clock)).
+    /// row, apart from the parameters' `Clock`).
     pub(crate) row_ticks: Vec<u64>,
     /// The input of the final dense layer in blocks of [`FB`] features:
     /// `xb[(block·N + sample)·FB + feature % FB]`, so that one cache line holds a sample's

@@ -17,7 +17,7 @@
 //!
 //! The layers before the visited one do not change during its sweep, so when a batch comes
 //! back (preset `seed` draws every visit's batch from the ⌈N/B⌉ batches of the round) its
-//! input to the visited layer is taken from an [`ActivationMemo`](memo::ActivationMemo) and
+//! input to the visited layer is taken from an [`ActivationMemo`] and
 //! the forward pass starts there; this skips most of the pass for the later layers (conv6's input is 96% of the way through).
 
 //!
