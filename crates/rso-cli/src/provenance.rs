@@ -43,11 +43,15 @@ impl Provenance {
     }
 }
 
-/// How the provenance names an engine and device: `engine cpu, device cpu`, or for a CUDA
-/// device also the card, as `nvidia-smi` names it when it is there
-/// (`engine tch, device cuda:0 (NVIDIA H100 80GB HBM3)`).
+/// How the provenance names a backend and device: for the pure-Rust backend also the SIMD
+/// level its kernels ran at (`backend cpu, device cpu, kernels avx2`), for a CUDA device also
+/// the card, as `nvidia-smi` names it when it is there
+/// (`backend tch, device cuda:0 (NVIDIA H100 80GB HBM3)`).
 pub fn device_label(backend: &str, device: &str) -> String {
-    let mut label = format!("engine {backend}, device {device}");
+    let mut label = format!("backend {backend}, device {device}");
+    if backend == "cpu" {
+        label.push_str(&format!(", kernels {}", rso_cpu::simd::level().name()));
+    }
     if let Some(ordinal) = device.strip_prefix("cuda") {
         let ordinal = ordinal.strip_prefix(':').unwrap_or("0");
         let name = Command::new("nvidia-smi")

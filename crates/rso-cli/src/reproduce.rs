@@ -436,7 +436,7 @@ mod tests {
             command: "rso reproduce seed-table".into(),
             revision: "abc".into(),
             machine: "m".into(),
-            device: "engine cpu, device cpu".into(),
+            device: "backend cpu, device cpu, kernels avx2".into(),
             date: "2026-01-01T00:00:00Z".into(),
         };
         let row = SeedTableRow {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{mnist_dir, rso};
+use common::{mnist_dir, rso, rso_command};
 use std::path::Path;
 
 fn small_run(extra: &[&str]) -> Vec<String> {
@@ -68,6 +68,55 @@ fn sgd_epoch_learns() {
     let last = lines.last().unwrap();
     let acc: f64 = field(last, "test_acc").parse().unwrap();
     assert!(acc > 0.6, "test_acc {acc}");
+}
+
+#[test]
+fn the_header_names_the_kernels_simd_level() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("portable.csv");
+    let dir = mnist_dir();
+    let args = [
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "40",
+        "--test-limit",
+        "20",
+        "--data-dir",
+    ];
+    let run = rso_command()
+        .env("RSO_SIMD", "portable")
+        .args(args)
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains("# device: backend cpu, device cpu, kernels portable\n"),
+        "{text}"
+    );
+    let bad = rso_command()
+        .env("RSO_SIMD", "sse9")
+        .args(args)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("RSO_SIMD=sse9"));
 }
 
 #[test]
