@@ -119,7 +119,7 @@ impl Executor {
         params: &Params,
         data: Split,
     ) -> Result<Executor, BackendError> {
-        params.check_layout(spec, "cpu engine")?;
+        params.check_layout(spec, "cpu backend")?;
         let plan = build_plan(spec)?;
         check_set(spec, &data.train, "training")?;
         check_set(spec, &data.test, "test")?;

@@ -422,11 +422,13 @@ fn visit_cached(
     let mut dirty = std::mem::take(&mut cache.dirty);
     dirty.clear();
     dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(exec, c)));
-    let next_conv = matches!(cache.next, Next::Conv { .. });
-    let remaining = cache.remaining_visits(exec, param, index);
-    if !dirty.is_empty() && fold_now(next_conv, dirty.len(), remaining, batch.len(), n_train) {
-        fold(inc, cache, exec, &dirty);
-        dirty.clear();
+    if !dirty.is_empty() {
+        let next_conv = matches!(cache.next, Next::Conv { .. });
+        let remaining = cache.remaining_visits(exec, param, index);
+        if fold_now(next_conv, dirty.len(), remaining, batch.len(), n_train) {
+            fold(inc, cache, exec, &dirty);
+            dirty.clear();
+        }
     }
     cache.prepare_next(exec, &dirty, k);
     let mut parts = std::mem::take(&mut cache.parts);
