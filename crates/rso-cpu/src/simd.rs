@@ -4,9 +4,15 @@
 //! few routines written in AVX2 intrinsics.
 //!
 //! The level is chosen once per process: the widest the CPU has, unless `RSO_SIMD` names a
-//! lower one (`portable` or `avx2`; a level the CPU lacks, or an unknown value, is not taken:
-//! see [`requested_level`]). Kernels compiled for AVX2 + FMA may fuse multiply-adds, so the
-//! level can change results in the last bits; on one machine at one level they are fixed.
+//! lower one (`portable`, `avx2` or `avx512`; a level the CPU lacks, or an unknown value, is not
+//! taken: see [`requested_level`]). Kernels compiled for AVX2 + FMA may fuse multiply-adds, so
+//! `portable` can differ from the others in the last bits; `avx2` and `avx512` fuse the same
+//! multiply-adds in the same order, so they give the same values. On one machine at one level
+//! results are fixed.
+//!
+//! Kernels written on [`Lanes`] (the convolution) are compiled three times — portable, AVX2,
+//! AVX-512 — by the `=> body(lanes)` form of [`simd_dispatch!`]; the others twice (portable,
+//! AVX2; the AVX-512 level runs their AVX2 copy).
 
 use std::sync::OnceLock;
 
@@ -17,6 +23,8 @@ pub enum SimdLevel {
     Portable,
     /// AVX2 and FMA (x86-64).
     Avx2,
+    /// AVX-512F as well as AVX2 and FMA (x86-64).
+    Avx512,
 }
 
 impl SimdLevel {
@@ -25,6 +33,7 @@ impl SimdLevel {
         match self {
             SimdLevel::Portable => "portable",
             SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
         }
     }
 
@@ -33,6 +42,9 @@ impl SimdLevel {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return SimdLevel::Avx512;
+            }
             return SimdLevel::Avx2;
         }
         SimdLevel::Portable
@@ -42,7 +54,7 @@ impl SimdLevel {
 /// The level `RSO_SIMD` asks for: `Ok(None)` when unset or empty.
 ///
 /// # Errors
-/// A value other than `portable` or `avx2`, or a level this CPU does not have, as a message
+/// A value other than `portable`, `avx2` or `avx512`, or a level this CPU does not have, as a message
 /// naming the variable (the `rso` program refuses to start with it; the library then ignores
 /// the variable).
 pub fn requested_level() -> Result<Option<SimdLevel>, String> {
@@ -53,9 +65,10 @@ pub fn requested_level() -> Result<Option<SimdLevel>, String> {
         Some("") => return Ok(None),
         Some("portable") => SimdLevel::Portable,
         Some("avx2") => SimdLevel::Avx2,
+        Some("avx512") => SimdLevel::Avx512,
         _ => {
             return Err(format!(
-                "RSO_SIMD={}: expected portable or avx2",
+                "RSO_SIMD={}: expected portable, avx2 or avx512",
                 value.to_string_lossy()
             ))
         }
@@ -81,14 +94,49 @@ pub fn level() -> SimdLevel {
     })
 }
 
-/// Defines `fn $name(args) -> R` that runs `$body` compiled for AVX2 + FMA when [`level`] is
-/// [`SimdLevel::Avx2`], else the portable copy: the same source compiled twice, the wide copy
-/// chosen at run time (the workspace builds for baseline x86-64).
+/// Defines `fn $name(args) -> R` that runs `$body` compiled for the widest level allowed by
+/// [`level`]: the same source compiled once per level, the copy chosen at run time (the
+/// workspace builds for baseline x86-64).
 ///
-/// Two forms: `=> body::<FMA>` for a body generic over `const FMA: bool` (whether it may fuse
-/// multiply-adds, see [`madd`](crate::kernels)), and `=> body` for one that never fuses (no
-/// `mul_add`), whose two copies round identically, so the level changes its speed only.
+/// Three forms:
+/// - `=> body(lanes)` for a body generic over [`Lanes`], taking the level's token first
+///   (`fn body<L: Lanes>(lanes: L, args…)`): compiled for AVX-512, AVX2 + FMA and portable;
+/// - `=> body::<FMA>` for a body generic over `const FMA: bool` (whether it may fuse
+///   multiply-adds, see [`madd`](crate::kernels)): compiled for AVX2 + FMA (used at both wide
+///   levels) and portable;
+/// - `=> body` for one that never fuses (no `mul_add`), whose two copies round identically,
+///   so the level changes its speed only.
 macro_rules! simd_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident(lanes)) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(lanes) = $crate::simd::Avx512::new() {
+                    #[target_feature(enable = "avx512f,avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    fn wide512(lanes: $crate::simd::Avx512, $($arg: $ty),*) $(-> $ret)? {
+                        $body(lanes, $($arg),*)
+                    }
+                    #[allow(unsafe_code)]
+                    // SAFETY: the token exists only when the CPU has AVX-512F, AVX2 and FMA.
+                    return unsafe { wide512(lanes, $($arg),*) };
+                }
+                if let Some(lanes) = $crate::simd::Avx2::new() {
+                    #[target_feature(enable = "avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    fn wide256(lanes: $crate::simd::Avx2, $($arg: $ty),*) $(-> $ret)? {
+                        $body(lanes, $($arg),*)
+                    }
+                    #[allow(unsafe_code)]
+                    // SAFETY: the token exists only when the CPU has AVX2 and FMA.
+                    return unsafe { wide256(lanes, $($arg),*) };
+                }
+            }
+            $body($crate::simd::Portable, $($arg),*)
+        }
+    };
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident::<FMA>) => {
         $crate::simd::simd_dispatch!(@ $(#[$meta])* $vis fn $name($($arg: $ty),*) $(-> $ret)?
             => ($body::<true>, $body::<false>));
@@ -102,7 +150,7 @@ macro_rules! simd_dispatch {
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
-            if $crate::simd::level() == $crate::simd::SimdLevel::Avx2 {
+            if $crate::simd::level() >= $crate::simd::SimdLevel::Avx2 {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn wide($($arg: $ty),*) $(-> $ret)? {
@@ -110,7 +158,7 @@ macro_rules! simd_dispatch {
                 }
                 // Written once, here: the expansion lands in the kernel's module.
                 #[allow(unsafe_code)]
-                // SAFETY: `level()` is `Avx2` only when the CPU has AVX2 and FMA, the features
+                // SAFETY: `level()` is `Avx2` or wider only when the CPU has AVX2 and FMA, the features
                 // `wide` is compiled for.
                 return unsafe { wide($($arg),*) };
             }
@@ -119,6 +167,146 @@ macro_rules! simd_dispatch {
     };
 }
 pub(crate) use simd_dispatch;
+
+/// `f32` vectors at one SIMD level, for kernels written once for every level (the
+/// `=> body(lanes)` form of [`simd_dispatch!`]). A value of the type is a *token*: the wide
+/// ones exist only when the CPU has their features (their constructors check [`level`]), so
+/// the safe methods below cannot run an instruction the CPU lacks.
+///
+/// [`Lanes::madd`] fuses at the wide levels and not at the portable one, as
+/// [`madd`](crate::kernels) does, so a kernel that adds its products in the same order at every
+/// level gives the same values at `avx2` and `avx512`.
+pub(crate) trait Lanes: Copy {
+    /// A vector of [`Lanes::LANES`] values.
+    type V: Copy;
+    /// Values per vector.
+    const LANES: usize;
+    /// Every lane `v`.
+    fn splat(self, v: f32) -> Self::V;
+    /// The first `LANES` values of `s`.
+    ///
+    /// # Panics
+    /// When `s` is shorter than `LANES`.
+    fn load(self, s: &[f32]) -> Self::V;
+    /// `v` into the first `LANES` values of `s`.
+    ///
+    /// # Panics
+    /// When `s` is shorter than `LANES`.
+    fn store(self, v: Self::V, s: &mut [f32]);
+    /// `acc + a·b` per lane (fused at the wide levels).
+    fn madd(self, acc: Self::V, a: Self::V, b: Self::V) -> Self::V;
+}
+
+/// The portable token: 8 lanes as an array, unfused (the compiler vectorises what it can).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Portable;
+
+impl Lanes for Portable {
+    type V = [f32; 8];
+    const LANES: usize = 8;
+    #[inline(always)]
+    fn splat(self, v: f32) -> [f32; 8] {
+        [v; 8]
+    }
+    #[inline(always)]
+    fn load(self, s: &[f32]) -> [f32; 8] {
+        s[..8].try_into().expect("8 values")
+    }
+    #[inline(always)]
+    fn store(self, v: [f32; 8], s: &mut [f32]) {
+        s[..8].copy_from_slice(&v);
+    }
+    #[inline(always)]
+    fn madd(self, acc: [f32; 8], a: [f32; 8], b: [f32; 8]) -> [f32; 8] {
+        std::array::from_fn(|i| acc[i] + a[i] * b[i])
+    }
+}
+
+/// The AVX2 + FMA token (8 lanes); exists only when [`level`] is [`SimdLevel::Avx2`] or wider.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// The token, when the process runs at AVX2 or wider.
+    #[inline(always)]
+    pub(crate) fn new() -> Option<Avx2> {
+        (level() >= SimdLevel::Avx2).then_some(Avx2(()))
+    }
+}
+
+/// The AVX-512F token (16 lanes); exists only when [`level`] is [`SimdLevel::Avx512`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512(());
+
+impl Avx512 {
+    /// The token, when the process runs at AVX-512.
+    #[inline(always)]
+    pub(crate) fn new() -> Option<Avx512> {
+        (level() >= SimdLevel::Avx512).then_some(Avx512(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Avx2, Avx512, Lanes};
+    use std::arch::x86_64::*;
+
+    // Every `unsafe` below runs an intrinsic of the token's features; a token exists only when
+    // the CPU has them (its constructor), and the pointer ones are bounds-checked first.
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const LANES: usize = 8;
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m256 {
+            // SAFETY: the token proves AVX2 (see above).
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn load(self, s: &[f32]) -> __m256 {
+            let s = &s[..8];
+            // SAFETY: the token proves AVX2; `s` holds 8 values (unaligned load).
+            unsafe { _mm256_loadu_ps(s.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store(self, v: __m256, s: &mut [f32]) {
+            let s = &mut s[..8];
+            // SAFETY: the token proves AVX2; `s` holds 8 values (unaligned store).
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn madd(self, acc: __m256, a: __m256, b: __m256) -> __m256 {
+            // SAFETY: the token proves FMA.
+            unsafe { _mm256_fmadd_ps(a, b, acc) }
+        }
+    }
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const LANES: usize = 16;
+        #[inline(always)]
+        fn splat(self, v: f32) -> __m512 {
+            // SAFETY: the token proves AVX-512F.
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn load(self, s: &[f32]) -> __m512 {
+            let s = &s[..16];
+            // SAFETY: the token proves AVX-512F; `s` holds 16 values (unaligned load).
+            unsafe { _mm512_loadu_ps(s.as_ptr()) }
+        }
+        #[inline(always)]
+        fn store(self, v: __m512, s: &mut [f32]) {
+            let s = &mut s[..16];
+            // SAFETY: the token proves AVX-512F; `s` holds 16 values (unaligned store).
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), v) }
+        }
+        #[inline(always)]
+        fn madd(self, acc: __m512, a: __m512, b: __m512) -> __m512 {
+            // SAFETY: the token proves AVX-512F (which has the fused multiply-add).
+            unsafe { _mm512_fmadd_ps(a, b, acc) }
+        }
+    }
+}
 
 /// Asks the CPU to bring the cache line of `r` closer (a hint; no effect on results).
 #[inline(always)]
@@ -166,7 +354,7 @@ pub(crate) fn add_pending_avx2(
         assert!(x.len() >= n && *f < 16, "add_pending: x");
     }
     #[cfg(target_arch = "x86_64")]
-    if level() == SimdLevel::Avx2 {
+    if level() >= SimdLevel::Avx2 {
         // SAFETY: the CPU has AVX2 (`level`); the lengths are checked above.
         unsafe { add_pending_x86(pending, lines, stride, z, x) };
         return true;
@@ -239,7 +427,7 @@ pub(crate) fn logit_changes_avx2(w: &[f64], d: &[f32], z: &mut [f64]) -> bool {
     let cp = z.len();
     assert!(w.len() >= d.len() * cp, "logit_changes: shapes");
     #[cfg(target_arch = "x86_64")]
-    if level() == SimdLevel::Avx2 {
+    if level() >= SimdLevel::Avx2 {
         // SAFETY: the CPU has AVX2 (`level`); `z.len() == 4·G` and `w` is long enough.
         unsafe {
             match cp {
@@ -298,6 +486,27 @@ unsafe fn logit_changes_x86<const G: usize>(w: &[f64], d: &[f32], z: &mut [f64])
             _mm256_storeu_pd(zp, _mm256_add_pd(zv, _mm256_add_pd(*s0, *s1)));
         }
     }
+}
+
+/// For tests of kernels written on [`Lanes`]: prints which levels `kernel`'s test ran and
+/// which it skipped (the CPU, or `RSO_SIMD`, does not allow them).
+///
+/// # Panics
+/// When `RSO_REQUIRE_AVX512=1` and AVX-512 was skipped (for CI on machines that have it).
+#[cfg(test)]
+pub(crate) fn report_levels(kernel: &str, ran: &[&str]) {
+    let skipped: Vec<&str> = ["portable", "avx2", "avx512"]
+        .into_iter()
+        .filter(|l| !ran.contains(l))
+        .collect();
+    eprintln!("{kernel}: checked levels {ran:?}, skipped {skipped:?}");
+    let require = std::env::var_os("RSO_REQUIRE_AVX512").is_some_and(|v| v == "1");
+    assert!(
+        !(require && skipped.contains(&"avx512")),
+        "{kernel}: RSO_REQUIRE_AVX512=1 but the AVX-512 path was skipped (CPU supports {}, level {})",
+        SimdLevel::detected().name(),
+        level().name()
+    );
 }
 
 #[cfg(test)]

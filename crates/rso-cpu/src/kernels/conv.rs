@@ -5,8 +5,8 @@
 //! `c_in·9` taps in the same order as the rows of the im2col matrix. The kernels take
 //! [`Conv3x3`] as the shape and views whose shapes must agree with it.
 
-use super::{copy_row, gemm, madd, values, values_mut, Mat};
-use crate::simd::simd_dispatch;
+use super::{copy_row, gemm, values, values_mut, Mat};
+use crate::simd::{simd_dispatch, Lanes};
 use ndarray::{ArrayView1, ArrayView4, ArrayViewMut1, ArrayViewMut4, Axis};
 use std::cell::RefCell;
 
@@ -176,10 +176,8 @@ fn col2im(s: &Conv3x3, col: &[f32], dx: &mut [f32]) {
     }
 }
 
-/// Output values computed at once per block of output channels (the register tile).
+/// Output runs are padded to whole multiples of this many values (the widest vector).
 const TILE: usize = 16;
-/// Output channels computed at once.
-const CO_BLOCK: usize = 4;
 
 /// Forward pass of `n` samples: `y[i] = weight ∗ x[i] + bias` (cross-correlation).
 ///
@@ -213,21 +211,12 @@ pub fn conv3x3_forward(
 }
 
 fn forward(s: &Conv3x3, n: usize, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    let (h, w) = (s.h, s.w);
-    if h * w == 0 {
+    if s.h * s.w == 0 {
         return;
     }
-    let wp = w + 2;
-    let run_pad = (h * wp).div_ceil(TILE) * TILE;
-    // Every tap of every tile stays inside the padded plane plus this slack.
-    let plane_p = (h + 2) * wp + (run_pad - h * wp) + 2;
-    let geometry = Padded {
-        wp,
-        run_pad,
-        plane_p,
-    };
-    with_col(s.c_in * plane_p + s.c_out * run_pad, |scratch| {
-        direct(s, &geometry, n, x, weight, bias, y, scratch)
+    let g = Padded::new(s);
+    with_col(g.scratch_len(s), |scratch| {
+        direct(s, &g, n, x, weight, bias, y, scratch)
     });
 }
 
@@ -241,6 +230,24 @@ struct Padded {
     plane_p: usize,
 }
 
+impl Padded {
+    fn new(s: &Conv3x3) -> Padded {
+        let wp = s.w + 2;
+        let run_pad = (s.h * wp).div_ceil(TILE) * TILE;
+        Padded {
+            wp,
+            run_pad,
+            // Every tap of every tile stays inside the padded plane plus this slack.
+            plane_p: (s.h + 2) * wp + (run_pad - s.h * wp) + 2,
+        }
+    }
+
+    /// Scratch values of one call: the padded input planes, then the output runs.
+    fn scratch_len(&self, s: &Conv3x3) -> usize {
+        s.c_in * self.plane_p + s.c_out * self.run_pad
+    }
+}
+
 simd_dispatch! {
     fn direct(
         s: &Conv3x3,
@@ -251,12 +258,39 @@ simd_dispatch! {
         bias: Option<&[f32]>,
         y: &mut [f32],
         scratch: &mut [f32],
-    ) => direct_body::<FMA>
+    ) => direct_at(lanes)
 }
 
+/// The register tile of one level: 4 output channels × `PV` vectors of `L::LANES` values
+/// (`4·PV` accumulators; 8 vectors for a single output channel). Per input channel and tap a
+/// tile loads `PV` input vectors and broadcasts 4 weights for `4·PV` multiply-adds. 8 of the
+/// 16 AVX2 registers hold accumulators (12 measured slower on AMD EPYC: the compiler spilled
+/// them), 16 of the 32 AVX-512 ones.
+trait Tile: Lanes {
+    const PV: usize;
+}
+
+impl Tile for crate::simd::Portable {
+    const PV: usize = 2;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile for crate::simd::Avx2 {
+    const PV: usize = 3;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tile for crate::simd::Avx512 {
+    const PV: usize = 4;
+}
+
+/// Every output value is `bias + Σ_ci Σ_taps w·x`, added in that order (input channel, then
+/// tap), whatever the level and tile: the wide levels fuse each multiply-add, so they agree
+/// bit for bit; the tiles only change which values are computed together.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn direct_body<const FMA: bool>(
+fn direct_at<L: Tile>(
+    lanes: L,
     s: &Conv3x3,
     g: &Padded,
     n: usize,
@@ -269,6 +303,7 @@ fn direct_body<const FMA: bool>(
     let (w, hw) = (s.w, s.plane());
     let (xp, yp) = scratch.split_at_mut(s.c_in * g.plane_p);
     xp.fill(0.0);
+    let k = Kernel { s, g, weight, bias };
     for i in 0..n {
         let xi = &x[i * s.in_len()..][..s.in_len()];
         for (src, dst) in xi.chunks_exact(hw).zip(xp.chunks_exact_mut(g.plane_p)) {
@@ -276,41 +311,22 @@ fn direct_body<const FMA: bool>(
                 copy_row(&mut dst[(r + 1) * g.wp + 1..][..w], row);
             }
         }
+        // Runs of `PV` vectors, then the rest in shorter runs; tiles outermost, so the input
+        // window of a tile is reused from L1 by every block of output channels.
+        let nv = g.run_pad / L::LANES;
+        let mut v = 0;
         if s.c_out == 1 {
-            // One channel: a single tile's accumulators form one dependency chain of `taps`
-            // multiply-adds, so several tiles are computed together (the same sums in the
-            // same order as [`tile`], so the same values).
-            let mut j0 = 0;
-            while j0 + 7 * TILE <= g.run_pad {
-                tiles1::<7, FMA>(s, g, j0, xp, weight, bias, yp);
-                j0 += 7 * TILE;
-            }
-            while j0 + 4 * TILE <= g.run_pad {
-                tiles1::<4, FMA>(s, g, j0, xp, weight, bias, yp);
-                j0 += 4 * TILE;
-            }
-            while j0 + 2 * TILE <= g.run_pad {
-                tiles1::<2, FMA>(s, g, j0, xp, weight, bias, yp);
-                j0 += 2 * TILE;
-            }
-            while j0 < g.run_pad {
-                tiles1::<1, FMA>(s, g, j0, xp, weight, bias, yp);
-                j0 += TILE;
-            }
-        } else {
-            // Tiles outermost, so the input window of a tile is reused from L1 by every channel.
-            for j0 in (0..g.run_pad).step_by(TILE) {
-                let mut co = 0;
-                while co + CO_BLOCK <= s.c_out {
-                    tile::<CO_BLOCK, FMA>(s, g, j0, co, xp, weight, bias, yp);
-                    co += CO_BLOCK;
-                }
-                while co < s.c_out {
-                    tile::<1, FMA>(s, g, j0, co, xp, weight, bias, yp);
-                    co += 1;
-                }
-            }
+            // One channel: one tile's accumulators would form too few dependency chains to
+            // hide the multiply-add latency, so the tile is wider.
+            v = k.run::<L, 1, 8>(lanes, xp, yp, v, nv);
+            v = k.run::<L, 1, 4>(lanes, xp, yp, v, nv);
+        } else if L::PV == 4 {
+            v = k.run::<L, 4, 4>(lanes, xp, yp, v, nv);
+        } else if L::PV == 3 {
+            v = k.run::<L, 4, 3>(lanes, xp, yp, v, nv);
         }
+        v = k.run::<L, 4, 2>(lanes, xp, yp, v, nv);
+        k.run::<L, 4, 1>(lanes, xp, yp, v, nv);
         let yi = &mut y[i * s.out_len()..][..s.out_len()];
         for (dst, src) in yi.chunks_exact_mut(hw).zip(yp.chunks_exact(g.run_pad)) {
             for (r, row) in dst.chunks_exact_mut(w).enumerate() {
@@ -320,76 +336,88 @@ fn direct_body<const FMA: bool>(
     }
 }
 
-/// Output values `j0..j0 + TILE` of channels `co..co + CB` of one sample into the
-/// padded-width runs `yp`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile<const CB: usize, const FMA: bool>(
-    s: &Conv3x3,
-    g: &Padded,
-    j0: usize,
-    co: usize,
-    xp: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    yp: &mut [f32],
-) {
-    let taps = s.taps();
-    let rows: [&[f32]; CB] = std::array::from_fn(|c| &weight[(co + c) * taps..][..taps]);
-    let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
-    let mut acc = [[0.0f32; TILE]; CB];
-    for (c, a) in acc.iter_mut().enumerate() {
-        *a = [bias.map_or(0.0, |b| b[co + c]); TILE];
-    }
-    for ci in 0..s.c_in {
-        let plane = &xp[ci * g.plane_p..][..g.plane_p];
-        let w9: [&[f32; 9]; CB] =
-            std::array::from_fn(|c| rows[c][ci * 9..][..9].try_into().expect("9 taps"));
-        for (t, &off) in offsets.iter().enumerate() {
-            let xs: &[f32; TILE] = plane[j0 + off..][..TILE].try_into().expect("TILE values");
-            for (c, a) in acc.iter_mut().enumerate() {
-                let wv = w9[c][t];
-                for (a, &xv) in a.iter_mut().zip(xs) {
-                    *a = madd::<FMA>(*a, wv, xv);
-                }
-            }
-        }
-    }
-    for (c, a) in acc.iter().enumerate() {
-        yp[(co + c) * g.run_pad + j0..][..TILE].copy_from_slice(a);
-    }
+/// What every tile of one [`conv3x3_forward`] call reads.
+struct Kernel<'a> {
+    s: &'a Conv3x3,
+    g: &'a Padded,
+    weight: &'a [f32],
+    bias: Option<&'a [f32]>,
 }
 
-/// Output values `j0..j0 + NT·TILE` of the only output channel of one sample into the
-/// padded-width run `yp`: [`tile`] for `NT` consecutive tiles at once, so that `NT`
-/// independent accumulator chains hide the multiply-add latency.
-#[inline(always)]
-fn tiles1<const NT: usize, const FMA: bool>(
-    s: &Conv3x3,
-    g: &Padded,
-    j0: usize,
-    xp: &[f32],
-    weight: &[f32],
-    bias: Option<&[f32]>,
-    yp: &mut [f32],
-) {
-    let offsets: [usize; 9] = std::array::from_fn(|t| (t / 3) * g.wp + t % 3);
-    let mut acc = [[bias.map_or(0.0, |b| b[0]); TILE]; NT];
-    for ci in 0..s.c_in {
-        let plane = &xp[ci * g.plane_p..][..g.plane_p];
-        let w9: &[f32; 9] = weight[ci * 9..][..9].try_into().expect("9 taps");
-        for (t, &off) in offsets.iter().enumerate() {
-            let wv = w9[t];
-            let xs = &plane[j0 + off..][..NT * TILE];
-            for (a, xs) in acc.iter_mut().zip(xs.chunks_exact(TILE)) {
-                for (a, &xv) in a.iter_mut().zip(xs) {
-                    *a = madd::<FMA>(*a, wv, xv);
+impl Kernel<'_> {
+    /// Tiles of `PV` vectors from vector `v` while whole ones fit below `nv`, each for every
+    /// block of `CB` output channels (the remaining channels one at a time); returns the first
+    /// vector not done.
+    #[inline(always)]
+    fn run<L: Lanes, const CB: usize, const PV: usize>(
+        &self,
+        lanes: L,
+        xp: &[f32],
+        yp: &mut [f32],
+        mut v: usize,
+        nv: usize,
+    ) -> usize {
+        while v + PV <= nv {
+            let j0 = v * L::LANES;
+            let mut co = 0;
+            while co + CB <= self.s.c_out {
+                self.tile::<L, CB, PV>(lanes, j0, co, xp, yp);
+                co += CB;
+            }
+            while co < self.s.c_out {
+                self.tile::<L, 1, PV>(lanes, j0, co, xp, yp);
+                co += 1;
+            }
+            v += PV;
+        }
+        v
+    }
+
+    /// Output values `j0..j0 + PV·LANES` of channels `co..co + CB` of one sample into the
+    /// padded-width runs `yp`.
+    #[inline(always)]
+    fn tile<L: Lanes, const CB: usize, const PV: usize>(
+        &self,
+        lanes: L,
+        j0: usize,
+        co: usize,
+        xp: &[f32],
+        yp: &mut [f32],
+    ) {
+        let (s, g) = (self.s, self.g);
+        let (taps, l) = (s.taps(), L::LANES);
+        let mut acc: [[L::V; PV]; CB] =
+            std::array::from_fn(|c| [lanes.splat(self.bias.map_or(0.0, |b| b[co + c])); PV]);
+        // The tile's window of every input plane: rows `0..3` of `wp` values from `j0`, plus
+        // the tile's width (checked once here, so the loads below need no checks).
+        let span = 2 * g.wp + 2 + PV * l;
+        for ci in 0..s.c_in {
+            let win = &xp[ci * g.plane_p + j0..][..span];
+            let w9: [&[f32; 9]; CB] = std::array::from_fn(|c| {
+                self.weight[(co + c) * taps + ci * 9..][..9]
+                    .try_into()
+                    .expect("9 taps")
+            });
+            for ky in 0..3 {
+                let row = &win[ky * g.wp..][..2 + PV * l];
+                for kx in 0..3 {
+                    let xs: [L::V; PV] =
+                        std::array::from_fn(|p| lanes.load(&row[kx + p * l..][..l]));
+                    for (a, w9) in acc.iter_mut().zip(&w9) {
+                        let wv = lanes.splat(w9[ky * 3 + kx]);
+                        for (a, &xv) in a.iter_mut().zip(&xs) {
+                            *a = lanes.madd(*a, wv, xv);
+                        }
+                    }
                 }
             }
         }
-    }
-    for (q, a) in acc.iter().enumerate() {
-        yp[j0 + q * TILE..][..TILE].copy_from_slice(a);
+        for (c, a) in acc.iter().enumerate() {
+            let out = &mut yp[(co + c) * g.run_pad + j0..][..PV * l];
+            for (p, &a) in a.iter().enumerate() {
+                lanes.store(a, &mut out[p * l..]);
+            }
+        }
     }
 }
 
@@ -587,6 +615,118 @@ mod tests {
                 assert_eq!(wide(&y), want, "{s:?} bias {}", bias.is_some());
             }
         }
+    }
+
+    /// The scalar sum each output value must equal bit for bit: `bias`, then every input
+    /// channel's 9 taps in order (zeros outside the image included), fused or not.
+    fn scalar_sum(
+        s: &Conv3x3,
+        n: usize,
+        x: &[f32],
+        wt: &[f32],
+        b: Option<&[f32]>,
+        fused: bool,
+    ) -> Vec<f32> {
+        let (h, w) = (s.h as isize, s.w as isize);
+        let mut y = Vec::with_capacity(n * s.out_len());
+        for i in 0..n {
+            for co in 0..s.c_out {
+                for oy in 0..h {
+                    for ox in 0..w {
+                        let mut acc = b.map_or(0.0, |b| b[co]);
+                        for ci in 0..s.c_in {
+                            for t in 0..9 {
+                                let (iy, ix) = (oy + t as isize / 3 - 1, ox + t as isize % 3 - 1);
+                                let v = if (0..h).contains(&iy) && (0..w).contains(&ix) {
+                                    x[((i * s.c_in + ci) * s.h + iy as usize) * s.w + ix as usize]
+                                } else {
+                                    0.0
+                                };
+                                let wv = wt[(co * s.c_in + ci) * 9 + t];
+                                acc = if fused {
+                                    wv.mul_add(v, acc)
+                                } else {
+                                    acc + wv * v
+                                };
+                            }
+                        }
+                        y.push(acc);
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// [`direct_at`] at the level of `lanes` (called directly: correct, if slow, outside the
+    /// dispatch's target-feature copy).
+    fn at_level<L: Tile>(
+        lanes: L,
+        s: &Conv3x3,
+        n: usize,
+        x: &[f32],
+        wt: &[f32],
+        b: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let g = Padded::new(s);
+        let mut scratch = vec![f32::NAN; g.scratch_len(s)];
+        let mut y = vec![f32::NAN; n * s.out_len()];
+        direct_at(lanes, s, &g, n, x, wt, b, &mut y, &mut scratch);
+        y
+    }
+
+    #[test]
+    fn every_simd_level_adds_in_the_stated_order_bit_for_bit() {
+        use crate::simd::{Avx2, Avx512, Portable};
+        let mut rng = tu::rng(5);
+        let mut ran = vec!["portable"];
+        for (n, c_in, c_out, h, w) in [
+            (2, 1, 1, 1, 1),
+            (1, 1, 4, 28, 28),
+            (2, 16, 16, 7, 7),
+            (1, 16, 16, 14, 14),
+            (1, 16, 1, 14, 14),
+            (2, 2, 5, 5, 3),
+            (1, 3, 6, 2, 9),
+            (1, 16, 16, 28, 28),
+        ] {
+            let s = Conv3x3 { c_in, c_out, h, w };
+            let x = uniform(&mut rng, n * s.in_len(), 1.0);
+            let wt = uniform(&mut rng, c_out * s.taps(), 1.0);
+            let b = uniform(&mut rng, c_out, 1.0);
+            for bias in [None, Some(b.as_slice())] {
+                let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+                let (plain, fused) = (
+                    bits(scalar_sum(&s, n, &x, &wt, bias, false)),
+                    bits(scalar_sum(&s, n, &x, &wt, bias, true)),
+                );
+                assert_eq!(
+                    bits(at_level(Portable, &s, n, &x, &wt, bias)),
+                    plain,
+                    "portable {s:?}"
+                );
+                #[cfg(target_arch = "x86_64")]
+                if let Some(l) = Avx2::new() {
+                    assert_eq!(bits(at_level(l, &s, n, &x, &wt, bias)), fused, "avx2 {s:?}");
+                    ran.push("avx2");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if let Some(l) = Avx512::new() {
+                    assert_eq!(
+                        bits(at_level(l, &s, n, &x, &wt, bias)),
+                        fused,
+                        "avx512 {s:?}"
+                    );
+                    ran.push("avx512");
+                }
+                // And the dispatched kernel, at this process's level.
+                let fuses = crate::simd::level() > crate::simd::SimdLevel::Portable;
+                let want = if fuses { &fused } else { &plain };
+                assert_eq!(&bits(run(&s, n, &x, &wt, bias)), want, "dispatched {s:?}");
+            }
+        }
+        ran.dedup();
+        crate::simd::report_levels("conv3x3_forward", &ran);
     }
 
     #[test]
