@@ -14,7 +14,9 @@
 //! extrapolated from `--reference-fraction` (default 0.01) of each array, because a full
 //! reference round takes minutes to tens of minutes.
 //!
-//! MNIST is read from `data/mnist` (60 000 training images) when present, else random images.
+//! MNIST is read from `data/mnist` (60 000 training images) when present, else random images;
+//! `--train-limit N` keeps the first `N` (with a fraction `f`, `N ≈ f·60 000` keeps the share
+//! of visits that find their batch in the paper model's memo about as in a whole round).
 
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -103,6 +105,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .parse()?;
         args.drain(i..i + 2);
     }
+    let mut train_limit = usize::MAX;
+    if let Some(i) = args.iter().position(|a| a == "--train-limit") {
+        train_limit = args
+            .get(i + 1)
+            .ok_or("--train-limit needs a value")?
+            .parse()?;
+        args.drain(i..i + 2);
+    }
     let skip_reference = args.iter().any(|a| a == "--no-reference");
     args.retain(|a| a != "--no-reference");
     if args.is_empty() {
@@ -112,7 +122,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "paper:256:0.02".into(),
         ];
     }
-    let (split, source) = data();
+    let (mut split, source) = data();
+    split.train.truncate(train_limit);
     println!(
         "data: {source}, {} training images; rayon threads: {}",
         split.train.len(),

@@ -5,9 +5,11 @@
 //! - [`params`]: [`Params`], the host copy of a model's parameters, and its safetensors I/O.
 //! - [`init`]: the two presets' initialisers.
 //! - [`network`]: the [`Network`] trait, the seam between optimizers and engines.
+//! - [`cost`]: multiply-adds of an RSO round (reference and incremental floor), for the benches.
 
 #![forbid(unsafe_code)]
 
+pub mod cost;
 pub mod init;
 pub mod network;
 pub mod params;

@@ -18,7 +18,7 @@ use rso_models::Reduction;
 
 /// The plan index of the parameter layer after `first`'s chain, checking that every layer in
 /// between is channel-local.
-fn next_after(exec: &Executor, first: usize) -> Option<Next> {
+pub(super) fn next_after(exec: &Executor, first: usize) -> Option<Next> {
     for (i, step) in exec.plan.iter().enumerate().skip(first) {
         match step.op {
             Op::Relu
@@ -49,7 +49,7 @@ fn next_after(exec: &Executor, first: usize) -> Option<Next> {
 /// (`[n][hw]`), leaving the result in `a` (using `b`). A BatchNorm normalises with these
 /// planes' batch statistics and channel `k`'s γ, β — or, with `gb = Some((layer, γ, β))`, that γ, β for that layer.
 #[allow(clippy::too_many_arguments)]
-fn chain(
+pub(super) fn chain(
     exec: &Executor,
     ops: std::ops::Range<usize>,
     k: usize,
@@ -368,12 +368,7 @@ fn next_losses(
             debug_assert_eq!(hw, hwo);
             let base_p = grown(&mut s.base_p, n * p_len, 0.0);
             base_p.copy_from_slice(&exec.ws.acts[layer + 1][..n * p_len]);
-            let w = &exec.params.values[weight];
-            s.w_k.clear();
-            for o in 0..conv.c_out {
-                s.w_k.extend_from_slice(&w[(o * conv.c_in + k) * 9..][..9]);
-            }
-            let one = Conv3x3 { c_in: 1, ..conv };
+            input_channel(&exec.params.values[weight], conv, k, &mut s.w_k);
             let mut out = [base, 0.0, 0.0];
             for (v, slot) in out.iter_mut().enumerate().skip(1) {
                 let delta = grown(&mut s.delta, n * hw, 0.0);
@@ -384,19 +379,8 @@ fn next_losses(
                 {
                     *d = a - b;
                 }
-                let delta = &s.delta[..n * hw];
-                let w_k = &s.w_k;
                 let dp = grown(&mut s.dp, n * p_len, 0.0);
-                let task = |(c, dp): (usize, &mut [f32])| {
-                    let m = dp.len() / p_len;
-                    let x = &delta[c * CHUNK * hw..][..m * hw];
-                    conv_forward(&one, m, x, w_k, None, dp);
-                };
-                if parallel(n * one.macs()) {
-                    dp.par_chunks_mut(CHUNK * p_len).enumerate().for_each(task);
-                } else {
-                    dp.chunks_mut(CHUNK * p_len).enumerate().for_each(task);
-                }
+                one_channel_effect(conv, &s.w_k, n, &s.delta[..n * hw], dp);
                 let dst = &mut exec.ws.acts[layer + 1][..n * p_len];
                 for ((d, &p), &q) in dst.iter_mut().zip(&s.base_p[..n * p_len]).zip(&s.dp[..]) {
                     *d = p + q;
@@ -419,5 +403,39 @@ fn channels_in(exec: &Executor, i: usize) -> usize {
             d_in / plane_out(exec, prev).max(1)
         }
         _ => unreachable!(),
+    }
+}
+
+/// The weights of input channel `k` of convolution `conv` (weight array `w`), `[c_out][9]`,
+/// into `w_k`.
+pub(super) fn input_channel(w: &[f32], conv: Conv3x3, k: usize, w_k: &mut Vec<f32>) {
+    w_k.clear();
+    for o in 0..conv.c_out {
+        w_k.extend_from_slice(&w[(o * conv.c_in + k) * 9..][..9]);
+    }
+}
+
+/// What a change `delta` (`[n][h·w]`) of one input channel does to the output of convolution
+/// `conv` whose weights of that channel are `w_k` (`[c_out][9]`): `dp` (`[n][c_out·h·w]`),
+/// in chunks of [`CHUNK`] samples (over threads when large; the same values either way).
+pub(super) fn one_channel_effect(
+    conv: Conv3x3,
+    w_k: &[f32],
+    n: usize,
+    delta: &[f32],
+    dp: &mut [f32],
+) {
+    let one = Conv3x3 { c_in: 1, ..conv };
+    let (hw, p_len) = (conv.h * conv.w, conv.out_len());
+    let task = |(c, dp): (usize, &mut [f32])| {
+        let m = dp.len() / p_len;
+        let x = &delta[c * CHUNK * hw..][..m * hw];
+        conv_forward(&one, m, x, w_k, None, dp);
+    };
+    let dp = &mut dp[..n * p_len];
+    if parallel(n * one.macs()) {
+        dp.par_chunks_mut(CHUNK * p_len).enumerate().for_each(task);
+    } else {
+        dp.chunks_mut(CHUNK * p_len).enumerate().for_each(task);
     }
 }

@@ -1,10 +1,11 @@
 //! The per-batch memo of the BatchNorm models' paths: activations around the visited layer,
 //! kept per recurring batch (see [`ActivationMemo`]).
 
+use super::conv::{chain, input_channel, next_after, one_channel_effect};
 use super::CHUNK;
 use crate::executor::{view, view_mut, Executor, Mode, Op};
 use crate::incremental::util::{conv_forward, grown, parallel};
-use crate::incremental::Clock;
+use crate::incremental::{Clock, Next};
 use crate::kernels::conv::Conv3x3;
 use crate::kernels::pool::{avgpool2_forward, maxpool2_forward};
 use rayon::prelude::*;
@@ -13,6 +14,24 @@ use std::collections::HashMap;
 
 /// Bytes each array of a [`ActivationMemo`] may hold.
 const MEMO_BUDGET: usize = 1 << 30;
+
+/// Channel updates a kept next-convolution output takes before it is recomputed whole.
+pub(crate) const REFRESH: usize = 16;
+
+/// What an [`ActivationMemo`] keeps per sample, in values (0: not kept).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Shape {
+    /// The visited layer's input.
+    in_len: usize,
+    /// The activation index of the kept convolution output (after its pooling), and its length.
+    out_act: usize,
+    out_len: usize,
+    /// The convolution's weights and biases (one copy per entry).
+    w_len: usize,
+    /// The plan index of the next convolution, and its output's length.
+    next: usize,
+    next_len: usize,
+}
 
 /// Per-batch copies of activations around the visited layer, for batches that recur: preset
 /// `seed` cuts each round's shuffled training set into ⌈N/B⌉ batches and draws one per visit,
@@ -23,6 +42,11 @@ const MEMO_BUDGET: usize = 1 << 30;
 /// - A convolution's *output* (after the pooling that follows it, if any), with the weights it
 ///   was computed with: on a hit only the channels whose weights changed since (channel `k`,
 ///   the one being swept) are recomputed, and the pass starts after the convolution.
+/// - The *next* convolution's output, when only channel-local layers lie between the two (as
+///   the libtorch engine keeps it): on a hit each changed channel `c` moves it by
+///   `W_next[:, c] ⊛ (x_c − x_c')`, the change of that channel's input to the next
+///   convolution, so the pass starts after the next convolution. After [`REFRESH`] such
+///   updates an entry is recomputed whole, which bounds the rounding they add up.
 ///
 /// Batches that do not recur (preset `paper`'s sliding windows) stop the memo from storing
 /// after a while.
@@ -33,12 +57,8 @@ pub(crate) struct ActivationMemo {
     act: usize,
     tick: u64,
     active: bool,
-    /// Values per sample of the kept input (0: not kept), of the kept output and the index of
-    /// that activation (0: not kept), and of the convolution's weights and biases.
-    in_len: usize,
-    out_act: usize,
-    out_len: usize,
-    w_len: usize,
+    /// What is kept.
+    shape: Shape,
     /// Entry by hash of the batch's indices; the entries' indices, one after the other.
     index: HashMap<u64, usize>,
     entries: Vec<Entry>,
@@ -48,11 +68,23 @@ pub(crate) struct ActivationMemo {
     input: Vec<f32>,
     output: Vec<f32>,
     weights: Vec<f32>,
+    next_out: Vec<f32>,
     in_used: usize,
     out_used: usize,
+    next_used: usize,
     hits: usize,
     /// Scratch of the channel recomputation.
     tmp: Vec<f32>,
+    /// Scratch of the next convolution's updates: channels whose weights changed, chain planes
+    /// (two buffers, moments), their values before the change `[changed][n][h·w]`, input-channel
+    /// weights, the output change.
+    changed: Vec<usize>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    moments: Vec<(f64, f64)>,
+    old: Vec<f32>,
+    w_k: Vec<f32>,
+    dp: Vec<f32>,
 }
 
 /// One memoised batch: where its indices are in `ActivationMemo::batches`, and the offsets of its
@@ -63,6 +95,9 @@ struct Entry {
     input: Option<usize>,
     /// Offsets of its output rows and of its copy of the weights.
     output: Option<(usize, usize)>,
+    /// Offset of its next-convolution output rows, and the channel updates they took since
+    /// they were last computed whole.
+    next: Option<(usize, usize)>,
 }
 
 /// The visited convolution, for [`forward`]'s output memo.
@@ -116,14 +151,21 @@ pub(crate) fn forward(
     let n = batch.len();
     exec.load_batch(batch);
     let shape = kept_shape(exec, act, visited);
-    if shape == (0, 0, 0, 0) {
+    if shape == Shape::default() {
         exec.forward_from(0, n, Mode::Train, true);
         return reduction.finish(exec.loss_sum(n), n);
     }
+    // The kept next-convolution outputs also depend on the layers up to it (BatchNorm's γ, β).
+    let after = if shape.next > 0 {
+        act + 1..shape.next + 1
+    } else {
+        0..0
+    };
     let same = memo.active
         && memo.act == act
-        && (memo.in_len, memo.out_act, memo.out_len, memo.w_len) == shape
-        && clock.unchanged_since(memo.tick, 0..act);
+        && memo.shape == shape
+        && clock.unchanged_since(memo.tick, 0..act)
+        && clock.unchanged_since(memo.tick, after);
     if !same {
         memo.reset(act, clock.now(), shape, exec.train.len(), n);
     }
@@ -143,14 +185,8 @@ pub(crate) fn forward(
     reduction.finish(exec.loss_sum(n), n)
 }
 
-/// What the memo keeps for visited layer `act` (see [`ActivationMemo`]): values per sample of
-/// its input (0: not kept), the activation index and values per sample of the convolution's
-/// output (0: not kept), values of the convolution's weights and biases.
-fn kept_shape(
-    exec: &Executor,
-    act: usize,
-    visited: Option<Visited>,
-) -> (usize, usize, usize, usize) {
+/// What the memo keeps for visited layer `act` (see [`ActivationMemo`]).
+fn kept_shape(exec: &Executor, act: usize, visited: Option<Visited>) -> Shape {
     let n_train = exec.train.len();
     let prefix: usize = exec.plan[..act].iter().map(|s| s.work).sum();
     let total: usize = exec.plan.iter().map(|s| s.work).sum();
@@ -161,8 +197,12 @@ fn kept_shape(
         0
     };
     // The output kept: after the convolution and the pooling right after it.
+    let only_input = Shape {
+        in_len,
+        ..Shape::default()
+    };
     let Some(v) = visited else {
-        return (in_len, 0, 0, 0);
+        return only_input;
     };
     let mut o = act + 1;
     while matches!(exec.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
@@ -171,10 +211,20 @@ fn kept_shape(
     let len = exec.plan[o - 1].out_len;
     let w_len =
         exec.params.values[v.weight].len() + v.bias.map_or(0, |b| exec.params.values[b].len());
-    if fits(len) {
-        (in_len, o, len, w_len)
-    } else {
-        (in_len, 0, 0, 0)
+    if !fits(len) {
+        return only_input;
+    }
+    let (next, next_len) = match next_after(exec, o) {
+        Some(Next::Conv { layer, conv, .. }) if fits(conv.out_len()) => (layer, conv.out_len()),
+        _ => (0, 0),
+    };
+    Shape {
+        in_len,
+        out_act: o,
+        out_len: len,
+        w_len,
+        next,
+        next_len,
     }
 }
 
@@ -182,20 +232,13 @@ impl ActivationMemo {
     /// Starts afresh for layer `act` at clock tick `tick`, keeping the buffers, with room for
     /// every batch (of `n` samples) of a partition of `n_train` samples twice (so that visits
     /// allocate nothing once the memo is set up).
-    fn reset(
-        &mut self,
-        act: usize,
-        tick: u64,
-        shape: (usize, usize, usize, usize),
-        n_train: usize,
-        n: usize,
-    ) {
+    fn reset(&mut self, act: usize, tick: u64, shape: Shape, n_train: usize, n: usize) {
         let slots = 2 * n_train.div_ceil(n);
         self.act = act;
         self.tick = tick;
         self.active = true;
-        (self.in_len, self.out_act, self.out_len, self.w_len) = shape;
-        let (in_len, out_len, w_len) = (self.in_len, self.out_len, self.w_len);
+        self.shape = shape;
+        let (in_len, out_len, w_len) = (shape.in_len, shape.out_len, shape.w_len);
         self.index.clear();
         self.index.reserve(slots);
         self.entries.clear();
@@ -208,51 +251,144 @@ impl ActivationMemo {
         self.output.reserve(n_train * out_len + n * out_len);
         self.weights.clear();
         self.weights.reserve(slots * w_len);
+        self.next_out.clear();
+        self.next_out.reserve((n_train + n) * shape.next_len);
         self.chans.reserve(64);
-        (self.in_used, self.out_used, self.hits) = (0, 0, 0);
+        (self.in_used, self.out_used, self.next_used, self.hits) = (0, 0, 0, 0);
     }
 
     /// The forward pass of the loaded batch of entry `e` from what the entry keeps: its input
-    /// to the visited layer, and its convolution output with the channels whose weights
-    /// changed since (and channel `k`) recomputed; the entry is brought up to date.
+    /// to the visited layer, its convolution output with the channels whose weights changed
+    /// since (and channel `k`) recomputed, and its next convolution's output moved by those
+    /// channels' changes; the entry is brought up to date.
     fn replay(&mut self, exec: &mut Executor, e: usize, n: usize, visited: Option<Visited>) {
         self.hits += 1;
-        let (act, in_len, out_act, out_len) = (self.act, self.in_len, self.out_act, self.out_len);
+        let (act, sh) = (self.act, self.shape);
         let (input, output) = (self.entries[e].input, self.entries[e].output);
         match input {
-            Some(off) => {
-                exec.ws.acts[act][..n * in_len].copy_from_slice(&self.input[off..off + n * in_len])
-            }
+            Some(off) => exec.ws.acts[act][..n * sh.in_len]
+                .copy_from_slice(&self.input[off..off + n * sh.in_len]),
             None => forward_prefix(exec, n, act),
         }
         let (Some((off, w_off)), Some(v)) = (output, visited) else {
             exec.forward_from(act, n, Mode::Train, true);
             return;
         };
-        let mut chans = std::mem::take(&mut self.chans);
-        self.changed_channels(exec, v, w_off, &mut chans);
+        let mut changed = std::mem::take(&mut self.changed);
+        self.changed_channels(exec, v, w_off, &mut changed);
+        let (out_act, out_len) = (sh.out_act, sh.out_len);
         exec.ws.acts[out_act][..n * out_len].copy_from_slice(&self.output[off..off + n * out_len]);
+        let next = self.entries[e]
+            .next
+            .filter(|&(_, updates)| updates + changed.len() <= REFRESH);
+        if next.is_some() {
+            self.old_inputs(exec, &changed, n);
+        }
+        let mut chans = std::mem::take(&mut self.chans);
+        chans.clone_from(&changed);
+        if !chans.contains(&v.k) {
+            chans.push(v.k);
+        }
         recompute_channels(&mut self.tmp, exec, act, out_act, v, &chans, n);
-        exec.forward_from(out_act, n, Mode::Train, true);
+        let p_len = n * sh.next_len;
+        match next {
+            Some((p_off, updates)) => {
+                exec.ws.acts[sh.next + 1][..p_len]
+                    .copy_from_slice(&self.next_out[p_off..p_off + p_len]);
+                self.move_next_output(exec, &changed, n);
+                self.next_out[p_off..p_off + p_len]
+                    .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
+                self.entries[e].next = Some((p_off, updates + changed.len()));
+                exec.forward_from(sh.next + 1, n, Mode::Train, true);
+            }
+            None => {
+                exec.forward_from(out_act, n, Mode::Train, true);
+                if let Some((p_off, _)) = self.entries[e].next {
+                    self.next_out[p_off..p_off + p_len]
+                        .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
+                    self.entries[e].next = Some((p_off, 0));
+                }
+            }
+        }
         // Keep the entry current, so that the next hit recomputes only what changes until then.
         self.output[off..off + n * out_len].copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
-        copy_weights(exec, v, &mut self.weights[w_off..w_off + self.w_len]);
+        copy_weights(exec, v, &mut self.weights[w_off..w_off + sh.w_len]);
         self.chans = chans;
+        self.changed = changed;
     }
 
-    /// Into `chans`: channel `k` and the channels whose weights differ from the entry's copy at
-    /// `w_off`.
+    /// Into `self.old`: the next convolution's input planes of channels `changed` (`[c][n][h·w]`),
+    /// from the kept convolution output in `acts[out_act]` (before its channels are
+    /// recomputed) through the chain.
+    fn old_inputs(&mut self, exec: &Executor, changed: &[usize], n: usize) {
+        self.old.clear();
+        for &c in changed {
+            self.chain_of(exec, c, n);
+            let len = n * next_plane(exec, self.shape.next);
+            self.old.extend_from_slice(&self.a[..len]);
+        }
+    }
+
+    /// Channel `c`'s planes of `acts[out_act]` through the chain to the next convolution's
+    /// input, left in `self.a` (`[n][h·w]` of the next convolution).
+    fn chain_of(&mut self, exec: &Executor, c: usize, n: usize) {
+        let (out_act, out_len) = (self.shape.out_act, self.shape.out_len);
+        let plane = out_len / channels_of(exec, out_act);
+        let a = grown(
+            &mut self.a,
+            n * plane.max(next_plane(exec, self.shape.next)),
+            0.0,
+        );
+        let y = &exec.ws.acts[out_act];
+        for (t, dst) in a.chunks_exact_mut(plane).take(n).enumerate() {
+            dst.copy_from_slice(&y[t * out_len + c * plane..][..plane]);
+        }
+        let ops = out_act..self.shape.next;
+        chain(
+            exec,
+            ops,
+            c,
+            n,
+            &mut self.a,
+            &mut self.b,
+            &mut self.moments,
+            None,
+        );
+    }
+
+    /// Moves the next convolution's output in `acts[next + 1]` by the change of each channel
+    /// of `changed` between `self.old` and its recomputed planes (in channel order).
+    fn move_next_output(&mut self, exec: &mut Executor, changed: &[usize], n: usize) {
+        let Op::Conv { conv, weight, .. } = exec.plan[self.shape.next].op else {
+            unreachable!("the kept next layer is a convolution");
+        };
+        let hw = conv.h * conv.w;
+        for (i, &c) in changed.iter().enumerate() {
+            self.chain_of(exec, c, n);
+            for (new, &old) in self.a[..n * hw].iter_mut().zip(&self.old[i * n * hw..]) {
+                *new -= old;
+            }
+            input_channel(&exec.params.values[weight], conv, c, &mut self.w_k);
+            let dp = grown(&mut self.dp, n * conv.out_len(), 0.0);
+            one_channel_effect(conv, &self.w_k, n, &self.a[..n * hw], dp);
+            let p = &mut exec.ws.acts[self.shape.next + 1][..n * conv.out_len()];
+            for (p, &d) in p.iter_mut().zip(&self.dp[..]) {
+                *p += d;
+            }
+        }
+    }
+
+    /// Into `chans`: the channels whose weights differ from the entry's copy at `w_off`.
     fn changed_channels(&self, exec: &Executor, v: Visited, w_off: usize, chans: &mut Vec<usize>) {
         let p = &exec.params.values;
         let taps = v.conv.taps();
-        let w = &self.weights[w_off..w_off + self.w_len];
+        let w = &self.weights[w_off..w_off + self.shape.w_len];
         let wl = p[v.weight].len();
         let differs =
             |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(a, b)| a.to_bits() != b.to_bits());
         chans.clear();
         chans.extend((0..v.conv.c_out).filter(|&c| {
-            c == v.k
-                || differs(&p[v.weight][c * taps..(c + 1) * taps], &w[c * taps..])
+            differs(&p[v.weight][c * taps..(c + 1) * taps], &w[c * taps..])
                 || v.bias
                     .is_some_and(|b| differs(&p[b][c..c + 1], &w[wl + c..]))
         }));
@@ -269,7 +405,8 @@ impl ActivationMemo {
         if !recurs || !room || self.index.contains_key(&h) {
             return;
         }
-        let (act, in_len, out_act, out_len) = (self.act, self.in_len, self.out_act, self.out_len);
+        let (act, sh) = (self.act, self.shape);
+        let (in_len, out_act, out_len) = (sh.in_len, sh.out_act, sh.out_len);
         let input = (in_len > 0 && self.in_used + n * in_len <= self.input.capacity()).then(|| {
             let off = self.in_used;
             grown(&mut self.input, off + n * in_len, 0.0)[off..]
@@ -283,13 +420,23 @@ impl ActivationMemo {
                 grown(&mut self.output, off + n * out_len, 0.0)[off..]
                     .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
                 self.out_used += n * out_len;
-                let w_off = self.entries.len() * self.w_len;
-                let w = grown(&mut self.weights, w_off + self.w_len, 0.0);
+                let w_off = self.entries.len() * sh.w_len;
+                let w = grown(&mut self.weights, w_off + sh.w_len, 0.0);
                 copy_weights(exec, v, &mut w[w_off..]);
                 Some((off, w_off))
             }
             _ => None,
         };
+        let p_len = n * sh.next_len;
+        let next =
+            (output.is_some() && sh.next > 0 && self.next_used + p_len <= self.next_out.capacity())
+                .then(|| {
+                    let off = self.next_used;
+                    grown(&mut self.next_out, off + p_len, 0.0)[off..]
+                        .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
+                    self.next_used += p_len;
+                    (off, 0)
+                });
         if input.is_some() || output.is_some() {
             self.index.insert(h, self.entries.len());
             let start = self.batches.len();
@@ -298,6 +445,7 @@ impl ActivationMemo {
                 batch: start..start + n,
                 input,
                 output,
+                next,
             });
         }
     }
@@ -377,4 +525,24 @@ fn recompute_channels(
         }
         let _ = plane;
     }
+}
+
+/// Values per channel plane of the input of the convolution at plan index `next`.
+fn next_plane(exec: &Executor, next: usize) -> usize {
+    match exec.plan[next].op {
+        Op::Conv { conv, .. } => conv.h * conv.w,
+        _ => 0,
+    }
+}
+
+/// Channels of activation `i` (the output of plan layer `i − 1`), from the convolution that
+/// made them.
+fn channels_of(exec: &Executor, i: usize) -> usize {
+    (0..i)
+        .rev()
+        .find_map(|l| match exec.plan[l].op {
+            Op::Conv { conv, .. } => Some(conv.c_out),
+            _ => None,
+        })
+        .unwrap_or(1)
 }
