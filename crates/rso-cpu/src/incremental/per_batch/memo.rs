@@ -42,11 +42,13 @@ struct Shape {
 /// - A convolution's *output* (after the pooling that follows it, if any), with the weights it
 ///   was computed with: on a hit only the channels whose weights changed since (channel `k`,
 ///   the one being swept) are recomputed, and the pass starts after the convolution.
-/// - The *next* convolution's output, when only channel-local layers lie between the two (as
-///   the libtorch engine keeps it): on a hit each changed channel `c` moves it by
-///   `W_next[:, c] ⊛ (x_c − x_c')`, the change of that channel's input to the next
-///   convolution, so the pass starts after the next convolution. After [`REFRESH`] such
-///   updates an entry is recomputed whole, which bounds the rounding they add up.
+/// - Or, in place of the output, when only channel-local layers lie between the visited
+///   convolution and the next one: the *next* convolution's output (as the libtorch engine
+///   keeps it), with the weights it was computed with. On a hit each changed channel `c` moves
+///   it by `W_next[:, c] ⊛ (x_c − x_c')`, the change of that channel's input to the next
+///   convolution (both planes recomputed from the kept input, with the entry's and the current
+///   weights), so the pass starts after the next convolution. After [`REFRESH`] such updates
+///   an entry is recomputed whole, which bounds the rounding they add up.
 ///
 /// Batches that do not recur (preset `paper`'s sliding windows) stop the memo from storing
 /// after a while.
@@ -94,7 +96,8 @@ struct Entry {
     batch: std::ops::Range<usize>,
     input: Option<usize>,
     /// Offsets of its output rows and of its copy of the weights.
-    output: Option<(usize, usize)>,
+    output: Option<usize>,
+    weights: Option<usize>,
     /// Offset of its next-convolution output rows, and the channel updates they took since
     /// they were last computed whole.
     next: Option<(usize, usize)>,
@@ -211,17 +214,15 @@ fn kept_shape(exec: &Executor, act: usize, visited: Option<Visited>) -> Shape {
     let len = exec.plan[o - 1].out_len;
     let w_len =
         exec.params.values[v.weight].len() + v.bias.map_or(0, |b| exec.params.values[b].len());
-    if !fits(len) {
-        return only_input;
-    }
     let (next, next_len) = match next_after(exec, o) {
         Some(Next::Conv { layer, conv, .. }) if fits(conv.out_len()) => (layer, conv.out_len()),
+        _ if !fits(len) => return only_input,
         _ => (0, 0),
     };
     Shape {
         in_len,
         out_act: o,
-        out_len: len,
+        out_len: if next > 0 { 0 } else { len },
         w_len,
         next,
         next_len,
@@ -258,41 +259,52 @@ impl ActivationMemo {
     }
 
     /// The forward pass of the loaded batch of entry `e` from what the entry keeps: its input
-    /// to the visited layer, its convolution output with the channels whose weights changed
-    /// since (and channel `k`) recomputed, and its next convolution's output moved by those
-    /// channels' changes; the entry is brought up to date.
+    /// to the visited layer, then either its next convolution's output moved by the changes
+    /// of the channels whose weights changed since, or its convolution output with those
+    /// channels (and channel `k`) recomputed; the entry is brought up to date.
     fn replay(&mut self, exec: &mut Executor, e: usize, n: usize, visited: Option<Visited>) {
         self.hits += 1;
         let (act, sh) = (self.act, self.shape);
-        let (input, output) = (self.entries[e].input, self.entries[e].output);
+        let Entry {
+            input,
+            output,
+            weights,
+            next,
+            ..
+        } = self.entries[e];
         match input {
             Some(off) => exec.ws.acts[act][..n * sh.in_len]
                 .copy_from_slice(&self.input[off..off + n * sh.in_len]),
             None => forward_prefix(exec, n, act),
         }
-        let (Some((off, w_off)), Some(v)) = (output, visited) else {
+        let (Some(w_off), Some(v)) = (weights, visited) else {
             exec.forward_from(act, n, Mode::Train, true);
             return;
         };
         let mut changed = std::mem::take(&mut self.changed);
         self.changed_channels(exec, v, w_off, &mut changed);
-        let (out_act, out_len) = (sh.out_act, sh.out_len);
-        exec.ws.acts[out_act][..n * out_len].copy_from_slice(&self.output[off..off + n * out_len]);
-        let next = self.entries[e]
-            .next
-            .filter(|&(_, updates)| updates + changed.len() <= REFRESH);
-        if next.is_some() {
-            self.old_inputs(exec, &changed, n);
-        }
         let mut chans = std::mem::take(&mut self.chans);
         chans.clone_from(&changed);
         if !chans.contains(&v.k) {
             chans.push(v.k);
         }
-        recompute_channels(&mut self.tmp, exec, act, out_act, v, &chans, n);
         let p_len = n * sh.next_len;
-        match next {
-            Some((p_off, updates)) => {
+        match (next, output) {
+            (Some((p_off, updates)), _) if updates + changed.len() <= REFRESH => {
+                // The changed channels' inputs to the next convolution before the change.
+                let old = &self.weights[w_off..w_off + sh.w_len];
+                recompute_channels(
+                    &mut self.tmp,
+                    exec,
+                    act,
+                    sh.out_act,
+                    v,
+                    &changed,
+                    n,
+                    Some(old),
+                );
+                self.old_inputs(exec, &changed, n);
+                recompute_channels(&mut self.tmp, exec, act, sh.out_act, v, &chans, n, None);
                 exec.ws.acts[sh.next + 1][..p_len]
                     .copy_from_slice(&self.next_out[p_off..p_off + p_len]);
                 self.move_next_output(exec, &changed, n);
@@ -301,25 +313,31 @@ impl ActivationMemo {
                 self.entries[e].next = Some((p_off, updates + changed.len()));
                 exec.forward_from(sh.next + 1, n, Mode::Train, true);
             }
-            None => {
-                exec.forward_from(out_act, n, Mode::Train, true);
-                if let Some((p_off, _)) = self.entries[e].next {
-                    self.next_out[p_off..p_off + p_len]
-                        .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
-                    self.entries[e].next = Some((p_off, 0));
-                }
+            (Some((p_off, _)), _) => {
+                exec.forward_from(act, n, Mode::Train, true);
+                self.next_out[p_off..p_off + p_len]
+                    .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
+                self.entries[e].next = Some((p_off, 0));
             }
+            (None, Some(off)) => {
+                let (out_act, out_len) = (sh.out_act, sh.out_len);
+                let kept = &mut self.output[off..off + n * out_len];
+                exec.ws.acts[out_act][..n * out_len].copy_from_slice(kept);
+                recompute_channels(&mut self.tmp, exec, act, out_act, v, &chans, n, None);
+                exec.forward_from(out_act, n, Mode::Train, true);
+                // Keep the entry current, so that the next hit recomputes only what changed.
+                self.output[off..off + n * out_len]
+                    .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+            }
+            (None, None) => exec.forward_from(act, n, Mode::Train, true),
         }
-        // Keep the entry current, so that the next hit recomputes only what changes until then.
-        self.output[off..off + n * out_len].copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
         copy_weights(exec, v, &mut self.weights[w_off..w_off + sh.w_len]);
         self.chans = chans;
         self.changed = changed;
     }
 
     /// Into `self.old`: the next convolution's input planes of channels `changed` (`[c][n][h·w]`),
-    /// from the kept convolution output in `acts[out_act]` (before its channels are
-    /// recomputed) through the chain.
+    /// from their planes in `acts[out_act]` through the chain.
     fn old_inputs(&mut self, exec: &Executor, changed: &[usize], n: usize) {
         self.old.clear();
         for &c in changed {
@@ -332,7 +350,9 @@ impl ActivationMemo {
     /// Channel `c`'s planes of `acts[out_act]` through the chain to the next convolution's
     /// input, left in `self.a` (`[n][h·w]` of the next convolution).
     fn chain_of(&mut self, exec: &Executor, c: usize, n: usize) {
-        let (out_act, out_len) = (self.shape.out_act, self.shape.out_len);
+        let out_act = self.shape.out_act;
+        // Values per sample of `acts[out_act]` (kept or not).
+        let out_len = exec.plan[out_act - 1].out_len;
         let plane = out_len / channels_of(exec, out_act);
         let a = grown(
             &mut self.a,
@@ -414,30 +434,37 @@ impl ActivationMemo {
             self.in_used += n * in_len;
             off
         });
-        let output = match visited {
-            Some(v) if out_act > 0 && self.out_used + n * out_len <= self.output.capacity() => {
-                let off = self.out_used;
-                grown(&mut self.output, off + n * out_len, 0.0)[off..]
-                    .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
-                self.out_used += n * out_len;
+        let output = (visited.is_some()
+            && out_len > 0
+            && self.out_used + n * out_len <= self.output.capacity())
+        .then(|| {
+            let off = self.out_used;
+            grown(&mut self.output, off + n * out_len, 0.0)[off..]
+                .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
+            self.out_used += n * out_len;
+            off
+        });
+        let p_len = n * sh.next_len;
+        let next = (visited.is_some()
+            && sh.next > 0
+            && self.next_used + p_len <= self.next_out.capacity())
+        .then(|| {
+            let off = self.next_used;
+            grown(&mut self.next_out, off + p_len, 0.0)[off..]
+                .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
+            self.next_used += p_len;
+            (off, 0)
+        });
+        let weights = match visited {
+            Some(v) if output.is_some() || next.is_some() => {
                 let w_off = self.entries.len() * sh.w_len;
                 let w = grown(&mut self.weights, w_off + sh.w_len, 0.0);
                 copy_weights(exec, v, &mut w[w_off..]);
-                Some((off, w_off))
+                Some(w_off)
             }
             _ => None,
         };
-        let p_len = n * sh.next_len;
-        let next =
-            (output.is_some() && sh.next > 0 && self.next_used + p_len <= self.next_out.capacity())
-                .then(|| {
-                    let off = self.next_used;
-                    grown(&mut self.next_out, off + p_len, 0.0)[off..]
-                        .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
-                    self.next_used += p_len;
-                    (off, 0)
-                });
-        if input.is_some() || output.is_some() {
+        if input.is_some() || weights.is_some() {
             self.index.insert(h, self.entries.len());
             let start = self.batches.len();
             self.batches.extend_from_slice(batch);
@@ -445,6 +472,7 @@ impl ActivationMemo {
                 batch: start..start + n,
                 input,
                 output,
+                weights,
                 next,
             });
         }
@@ -462,7 +490,9 @@ fn copy_weights(exec: &Executor, v: Visited, out: &mut [f32]) {
 
 /// Recomputes channels `chans` of the convolution at plan index `act` from its input in
 /// `acts[act]`: the full-resolution output into `acts[act + 1]`, and through the pooling layers
-/// up to `acts[out_act]`.
+/// up to `acts[out_act]`. With the current weights, or with `weights` (a copy laid out as
+/// [`copy_weights`] writes it).
+#[allow(clippy::too_many_arguments)]
 fn recompute_channels(
     tmp: &mut Vec<f32>,
     exec: &mut Executor,
@@ -471,6 +501,7 @@ fn recompute_channels(
     v: Visited,
     chans: &[usize],
     n: usize,
+    weights: Option<&[f32]>,
 ) {
     let conv = v.conv;
     let (hw, taps, c_out) = (conv.h * conv.w, conv.taps(), conv.c_out);
@@ -479,8 +510,17 @@ fn recompute_channels(
     let (y, z) = buf.split_at_mut(n * hw);
     for &c in chans {
         let p = &exec.params.values;
-        let w = &p[v.weight][c * taps..(c + 1) * taps];
-        let b = v.bias.map(|b| &p[b][c..c + 1]);
+        let (w, b) = match weights {
+            Some(copy) => {
+                let wl = p[v.weight].len();
+                let b = v.bias.map(|_| &copy[wl + c..wl + c + 1]);
+                (&copy[c * taps..(c + 1) * taps], b)
+            }
+            None => (
+                &p[v.weight][c * taps..(c + 1) * taps],
+                v.bias.map(|b| &p[b][c..c + 1]),
+            ),
+        };
         let x = &exec.ws.acts[act][..n * conv.in_len()];
         let task = |(t, y): (usize, &mut [f32])| {
             let m = y.len() / hw;
