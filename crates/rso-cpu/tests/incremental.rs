@@ -139,13 +139,16 @@ fn mnist_shapes_match_the_reference() {
 }
 
 /// Batches that recur, as preset `seed` draws them (the paper model's per-batch memo of the
-/// visited layer's input and output): sweeps of every array with batches drawn from a fixed
-/// partition, accepted changes between the visits, against the reference path.
+/// visited layer's input, output and next convolution's output, and of the previous
+/// convolution's input for the next sweep): sweeps of every array, last to first, with batches
+/// drawn from a fixed partition, accepted changes between the visits and — in the second
+/// pass — a change of the first layer between sweeps, against the reference path.
 #[test]
 fn recurring_batches_match_the_reference() {
-    for (spec, n) in [
-        (slim_paper(8, 10, 4), 48),
-        (ModelKind::Paper.spec(1, 8, 10), 24),
+    for (spec, n, touch_first) in [
+        (slim_paper(8, 10, 4), 48, false),
+        (ModelKind::Paper.spec(1, 8, 10), 24, false),
+        (ModelKind::Paper.spec(1, 8, 10), 24, true),
     ] {
         let (mut net, _) = network_of(&spec, n, Preset::Seed, 41);
         let mut rng = rng(42);
@@ -172,6 +175,11 @@ fn recurring_batches_match_the_reference() {
                     rso_optim::Choice::Plus => net.set_weight(param, index, w + delta),
                     rso_optim::Choice::Minus => net.set_weight(param, index, w - delta),
                 }
+            }
+            if touch_first {
+                // What the memo kept for the next sweep no longer holds.
+                let w = net.weight(0, param % lens[0]);
+                net.set_weight(0, param % lens[0], w + 0.05);
             }
         }
     }

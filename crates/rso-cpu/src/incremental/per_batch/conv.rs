@@ -239,14 +239,31 @@ pub(crate) fn norm(
     };
     let next = next_after(exec, layer + 1)?;
     let n = batch.len();
-    // RSO visits γ and β right after the convolution before them (preset `paper`), whose
-    // input the memo then still holds for the batches it has seen.
-    let conv = (0..layer)
-        .rev()
-        .find(|&i| matches!(exec.plan[i].op, Op::Conv { .. }))
-        .unwrap_or(0);
-    let base = forward(&mut s.memo, clock, exec, batch, reduction, conv, None);
+    // RSO visits γ and β next to the convolution before them, so they share its memo: the
+    // forward pass is that of a visit of the convolution's channel `k` (which recomputes
+    // channel k of its output, the planes the candidates start from).
     let k = index;
+    let (conv, visited) = (0..layer).rev().find_map(|i| match exec.plan[i].op {
+        Op::Conv { conv, weight, bias } => Some((
+            i,
+            Visited {
+                conv,
+                weight,
+                bias,
+                k,
+            },
+        )),
+        _ => None,
+    })?;
+    let base = forward(
+        &mut s.memo,
+        clock,
+        exec,
+        batch,
+        reduction,
+        conv,
+        Some(visited),
+    );
     let w = exec.params.values[param][index];
     let x = &exec.ws.acts[layer];
     // The BatchNorm's input planes of channel k, once per variant; the chain applies each

@@ -31,6 +31,10 @@ struct Shape {
     /// The plan index of the next convolution, and its output's length.
     next: usize,
     next_len: usize,
+    /// The plan index of the convolution before the visited one, and its input's length: kept
+    /// for the sweep of that layer, which comes next in RSO's order (last layer first).
+    prev: usize,
+    prev_len: usize,
 }
 
 /// Per-batch copies of activations around the visited layer, for batches that recur: preset
@@ -49,6 +53,10 @@ struct Shape {
 ///   convolution (both planes recomputed from the kept input, with the entry's and the current
 ///   weights), so the pass starts after the next convolution. After [`REFRESH`] such updates
 ///   an entry is recomputed whole, which bounds the rounding they add up.
+/// - The *previous* convolution's input, recorded when a batch is first seen: RSO sweeps the
+///   layers last to first, and the layers before that convolution do not change during this
+///   sweep, so the next sweep starts with its inputs in place (see [`ActivationMemo::reset`]).
+/// - BatchNorm scalars visited right after their convolution use the same inputs.
 ///
 /// Batches that do not recur (preset `paper`'s sliding windows) stop the memo from storing
 /// after a while.
@@ -71,6 +79,8 @@ pub(crate) struct ActivationMemo {
     output: Vec<f32>,
     weights: Vec<f32>,
     next_out: Vec<f32>,
+    prev_input: Vec<f32>,
+    prev_used: usize,
     in_used: usize,
     out_used: usize,
     next_used: usize,
@@ -91,7 +101,7 @@ pub(crate) struct ActivationMemo {
 
 /// One memoised batch: where its indices are in `ActivationMemo::batches`, and the offsets of its
 /// rows (in values).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Entry {
     batch: std::ops::Range<usize>,
     input: Option<usize>,
@@ -101,6 +111,8 @@ struct Entry {
     /// Offset of its next-convolution output rows, and the channel updates they took since
     /// they were last computed whole.
     next: Option<(usize, usize)>,
+    /// Offset of its rows of the previous convolution's input.
+    prev: Option<usize>,
 }
 
 /// The visited convolution, for [`forward`]'s output memo.
@@ -170,7 +182,7 @@ pub(crate) fn forward(
         && clock.unchanged_since(memo.tick, 0..act)
         && clock.unchanged_since(memo.tick, after);
     if !same {
-        memo.reset(act, clock.now(), shape, exec.train.len(), n);
+        memo.reset(act, clock, shape, exec.train.len(), n);
     }
     let h = batch_hash(batch);
     let hit = memo
@@ -200,8 +212,18 @@ fn kept_shape(exec: &Executor, act: usize, visited: Option<Visited>) -> Shape {
         0
     };
     // The output kept: after the convolution and the pooling right after it.
+    let prev = (1..act)
+        .rev()
+        .find(|&p| matches!(exec.plan[p].op, Op::Conv { .. }))
+        .filter(|&p| {
+            let prefix: usize = exec.plan[..p].iter().map(|s| s.work).sum();
+            4 * prefix >= total && fits(exec.plan[p - 1].out_len)
+        });
+    let (prev, prev_len) = prev.map_or((0, 0), |p| (p, exec.plan[p - 1].out_len));
     let only_input = Shape {
         in_len,
+        prev,
+        prev_len,
         ..Shape::default()
     };
     let Some(v) = visited else {
@@ -226,28 +248,62 @@ fn kept_shape(exec: &Executor, act: usize, visited: Option<Visited>) -> Shape {
         w_len,
         next,
         next_len,
+        prev,
+        prev_len,
     }
 }
 
 impl ActivationMemo {
-    /// Starts afresh for layer `act` at clock tick `tick`, keeping the buffers, with room for
+    /// Starts afresh for layer `act` at the clock's tick, keeping the buffers, with room for
     /// every batch (of `n` samples) of a partition of `n_train` samples twice (so that visits
-    /// allocate nothing once the memo is set up).
-    fn reset(&mut self, act: usize, tick: u64, shape: Shape, n_train: usize, n: usize) {
+    /// allocate nothing once the memo is set up). When the memo was recording the inputs of
+    /// `act` for the sweep before (its previous convolution) and nothing before `act` changed
+    /// since, those become the entries' inputs.
+    fn reset(&mut self, act: usize, clock: &Clock, shape: Shape, n_train: usize, n: usize) {
+        let unchanged = self.active && clock.unchanged_since(self.tick, 0..act);
+        let adopt = unchanged
+            && self.shape.prev == act
+            && self.shape.prev_len == shape.in_len
+            && shape.in_len > 0;
+        // The same layer after a change behind it (a BatchNorm scalar): the inputs still hold.
+        let same_inputs = unchanged && self.act == act && self.shape.in_len == shape.in_len;
+        let same_prev =
+            same_inputs && (self.shape.prev, self.shape.prev_len) == (shape.prev, shape.prev_len);
         let slots = 2 * n_train.div_ceil(n);
         self.act = act;
-        self.tick = tick;
+        self.tick = clock.now();
         self.active = true;
         self.shape = shape;
         let (in_len, out_len, w_len) = (shape.in_len, shape.out_len, shape.w_len);
-        self.index.clear();
+        if adopt || same_inputs {
+            if adopt {
+                std::mem::swap(&mut self.input, &mut self.prev_input);
+                self.in_used = self.prev_used;
+            }
+            for e in &mut self.entries {
+                *e = Entry {
+                    batch: e.batch.clone(),
+                    input: if adopt { e.prev } else { e.input },
+                    prev: e.prev.filter(|_| same_prev),
+                    ..Entry::default()
+                };
+            }
+        } else {
+            self.index.clear();
+            self.entries.clear();
+            self.batches.clear();
+            self.input.clear();
+            self.in_used = 0;
+        }
         self.index.reserve(slots);
-        self.entries.clear();
         self.entries.reserve(slots);
-        self.batches.clear();
         self.batches.reserve(2 * n_train + n);
-        self.input.clear();
         self.input.reserve(n_train * in_len + n * in_len);
+        if !same_prev {
+            self.prev_input.clear();
+            self.prev_used = 0;
+        }
+        self.prev_input.reserve((n_train + n) * shape.prev_len);
         self.output.clear();
         self.output.reserve(n_train * out_len + n * out_len);
         self.weights.clear();
@@ -255,7 +311,7 @@ impl ActivationMemo {
         self.next_out.clear();
         self.next_out.reserve((n_train + n) * shape.next_len);
         self.chans.reserve(64);
-        (self.in_used, self.out_used, self.next_used, self.hits) = (0, 0, 0, 0);
+        (self.out_used, self.next_used, self.hits) = (0, 0, 0);
     }
 
     /// The forward pass of the loaded batch of entry `e` from what the entry keeps: its input
@@ -279,6 +335,8 @@ impl ActivationMemo {
         }
         let (Some(w_off), Some(v)) = (weights, visited) else {
             exec.forward_from(act, n, Mode::Train, true);
+            // An entry adopted from the sweep before gets the rest now.
+            self.fill(exec, e, n, visited, false);
             return;
         };
         let mut changed = std::mem::take(&mut self.changed);
@@ -425,57 +483,79 @@ impl ActivationMemo {
         if !recurs || !room || self.index.contains_key(&h) {
             return;
         }
+        let e = self.entries.len();
+        let start = self.batches.len();
+        self.batches.extend_from_slice(batch);
+        self.entries.push(Entry {
+            batch: start..start + n,
+            ..Entry::default()
+        });
+        self.fill(exec, e, n, visited, true);
+        let Entry {
+            input,
+            weights,
+            prev,
+            ..
+        } = self.entries[e];
+        if input.is_some() || weights.is_some() || prev.is_some() {
+            self.index.insert(h, e);
+        } else {
+            self.entries.pop();
+            self.batches.truncate(start);
+        }
+    }
+
+    /// Stores what entry `e` lacks from the activations just computed for its batch, while
+    /// within the room reserved at [`ActivationMemo::reset`]: the input, the convolution output
+    /// or the next convolution's output with the weights, and — after a pass from the first
+    /// layer (`from_start`) — the previous convolution's input.
+    fn fill(
+        &mut self,
+        exec: &Executor,
+        e: usize,
+        n: usize,
+        visited: Option<Visited>,
+        from_start: bool,
+    ) {
         let (act, sh) = (self.act, self.shape);
-        let (in_len, out_act, out_len) = (sh.in_len, sh.out_act, sh.out_len);
-        let input = (in_len > 0 && self.in_used + n * in_len <= self.input.capacity()).then(|| {
-            let off = self.in_used;
-            grown(&mut self.input, off + n * in_len, 0.0)[off..]
-                .copy_from_slice(&exec.ws.acts[act][..n * in_len]);
-            self.in_used += n * in_len;
-            off
-        });
-        let output = (visited.is_some()
-            && out_len > 0
-            && self.out_used + n * out_len <= self.output.capacity())
-        .then(|| {
-            let off = self.out_used;
-            grown(&mut self.output, off + n * out_len, 0.0)[off..]
-                .copy_from_slice(&exec.ws.acts[out_act][..n * out_len]);
-            self.out_used += n * out_len;
-            off
-        });
-        let p_len = n * sh.next_len;
-        let next = (visited.is_some()
-            && sh.next > 0
-            && self.next_used + p_len <= self.next_out.capacity())
-        .then(|| {
-            let off = self.next_used;
-            grown(&mut self.next_out, off + p_len, 0.0)[off..]
-                .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
-            self.next_used += p_len;
-            (off, 0)
-        });
-        let weights = match visited {
-            Some(v) if output.is_some() || next.is_some() => {
-                let w_off = self.entries.len() * sh.w_len;
+        let take = |store: &mut Vec<f32>, used: &mut usize, src: &[f32]| {
+            (*used + src.len() <= store.capacity()).then(|| {
+                let off = *used;
+                grown(store, off + src.len(), 0.0)[off..].copy_from_slice(src);
+                *used += src.len();
+                off
+            })
+        };
+        let acts = &exec.ws.acts;
+        let mut entry = std::mem::take(&mut self.entries[e]);
+        if entry.input.is_none() && sh.in_len > 0 {
+            entry.input = take(
+                &mut self.input,
+                &mut self.in_used,
+                &acts[act][..n * sh.in_len],
+            );
+        }
+        if let Some(v) = visited.filter(|_| entry.weights.is_none()) {
+            if sh.out_len > 0 {
+                let src = &acts[sh.out_act][..n * sh.out_len];
+                entry.output = take(&mut self.output, &mut self.out_used, src);
+            }
+            if sh.next > 0 {
+                let src = &acts[sh.next + 1][..n * sh.next_len];
+                entry.next = take(&mut self.next_out, &mut self.next_used, src).map(|o| (o, 0));
+            }
+            if entry.output.is_some() || entry.next.is_some() {
+                let w_off = e * sh.w_len;
                 let w = grown(&mut self.weights, w_off + sh.w_len, 0.0);
                 copy_weights(exec, v, &mut w[w_off..]);
-                Some(w_off)
+                entry.weights = Some(w_off);
             }
-            _ => None,
-        };
-        if input.is_some() || weights.is_some() {
-            self.index.insert(h, self.entries.len());
-            let start = self.batches.len();
-            self.batches.extend_from_slice(batch);
-            self.entries.push(Entry {
-                batch: start..start + n,
-                input,
-                output,
-                weights,
-                next,
-            });
         }
+        if from_start && entry.prev.is_none() && sh.prev > 0 {
+            let src = &acts[sh.prev][..n * sh.prev_len];
+            entry.prev = take(&mut self.prev_input, &mut self.prev_used, src);
+        }
+        self.entries[e] = entry;
     }
 }
 
