@@ -1,11 +1,12 @@
 //! Fixtures shared by the criterion benches in `benches/`: data, networks and optimizers set up
 //! the way `rso train` sets them up.
 
+use rand::seq::SliceRandom;
 use rand::Rng;
 use rso_data::Split;
 use rso_models::network::reference_candidate_losses;
 use rso_models::{init_params, ModelKind, Network, Preset};
-use rso_optim::{choose, Choice, Rso, RsoEval};
+use rso_optim::{choose, BatchPolicy, Choice, Rso, RsoEval};
 use rso_testkit::{rng, Labels, RandomData};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -63,8 +64,9 @@ pub fn tch_network(
 /// The time of one RSO round of `rso`, estimated from a round scaled down by `fraction`: `net`
 /// should hold `fraction` of the training set (see [`scaled_split`]), and the first
 /// `⌈fraction·len⌉` scalars of every array are visited in RSO's order (`begin_sweep`, then in
-/// order; random batches of a shuffled partition of that training set; Δ ~ N(0, σ); the argmin
-/// accepted), each array's time scaled by `len / visited`. Scaling the training set with the
+/// order; batches as `rso`'s policy draws them — random batches of a shuffled partition of
+/// that training set, or consecutive windows of a shuffle made per layer's sweep; Δ ~ N(0, σ);
+/// the argmin accepted), each array's time scaled by `len / visited`. Scaling the training set with the
 /// visits keeps what the incremental path's costs depend on in proportion: work per training
 /// sample (forward passes of the training set, folds) and how often a batch recurs within a
 /// sweep (the paper model's per-batch memo); the reference path's cost does not depend on the
@@ -81,18 +83,34 @@ pub fn extrapolated_round<N: Network + ?Sized>(
     let n = net.train_len();
     let batch = rso.config().batch_size.min(n);
     let reduction = rso.config().reduction;
-    let order = rso_optim::shuffled(n, &mut rng);
+    let mut order = rso_optim::shuffled(n, &mut rng);
     let batches = n.div_ceil(batch);
+    let sequential = rso.config().batch_policy == BatchPolicy::Sequential;
+    let (mut group, mut pos, mut window) = (usize::MAX, 0, Vec::with_capacity(batch));
     let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
     let mut total = 0.0;
     for step in rso.schedule() {
+        if sequential && step.group != group {
+            // As the sequential policy does: a fresh shuffle per layer's sweep.
+            group = step.group;
+            order.shuffle(&mut rng);
+            pos = 0;
+        }
         let len = lens[step.param];
         let visits = ((fraction * len as f64).ceil() as usize).clamp(1, len);
         let t = Instant::now();
         net.begin_sweep(step.param);
         for index in 0..visits {
-            let k = rng.random_range(0..batches);
-            let b = &order[k * batch..((k + 1) * batch).min(n)];
+            let b = if sequential {
+                // Consecutive windows of the shuffle, wrapping around.
+                window.clear();
+                window.extend((0..batch).map(|i| order[(pos + i) % n]));
+                pos = (pos + batch) % n;
+                &window[..]
+            } else {
+                let k = rng.random_range(0..batches);
+                &order[k * batch..((k + 1) * batch).min(n)]
+            };
             // Δ ~ N(0, σ) by Box–Muller (timings do not depend on the exact draws).
             let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
             let delta =

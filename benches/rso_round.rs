@@ -6,7 +6,8 @@
 //! ids `{eval}/{batch}` (`incremental/1024`, `reference/32`),
 //! throughput in weights per second (one round visits every weight once). Preset `seed` (the
 //! CLI's default: random batches, mean loss) on MNIST's 60 000 training images (random images
-//! when `data/mnist` is absent). Cases whose round takes minutes are timed on a round scaled
+//! when `data/mnist` is absent, said on stderr); the paper model also with preset `paper` (ids
+//! `…-preset-paper/{batch}`: sum loss, sequential batches, σ of round 0 of 50, weight decay). Cases whose round takes minutes are timed on a round scaled
 //! down by a fraction (that fraction of the training set and of every array's scalars) and
 //! scaled back up (see [`rso_bench::extrapolated_round`]); their ids say so
 //! (`reference-est/1024`), and the case table below gives the fraction. `RSO_BENCH_FULL=1` adds the long cases as whole rounds
@@ -17,6 +18,7 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use rso_bench::{cpu_network, extrapolated_round, mnist_or_synthetic, scaled_split};
+use rso_models::cost::round_macs;
 use rso_models::{ModelKind, Network, Preset, Reduction};
 use rso_optim::{Optimizer, Rso, RsoConfig, RsoEval};
 use std::time::{Duration, Instant};
@@ -74,17 +76,31 @@ fn rso_round(c: &mut Criterion) {
         cases.push((TwoConv, 1000, Incremental, Round));
         cases.push((Paper, 256, Incremental, Round));
     }
+    // Preset `paper` (sum loss, sequential batches, σ annealed over 50 rounds, weight decay) on
+    // the paper model at its own batch sizes. At B = 1000 the windows recur (1000 divides the
+    // training set, and the 1/30 fraction keeps it so: 2000 images); at B = 256 none does.
+    let paper: Vec<Case> = vec![
+        (Paper, 256, Incremental, Fraction(0.05)),
+        (Paper, 1000, Incremental, Fraction(1.0 / 30.0)),
+    ];
     let split = mnist_or_synthetic(Preset::Seed, 60_000, 10);
+    let split_paper = mnist_or_synthetic(Preset::Paper, 60_000, 10);
     let only = std::env::var("RSO_BENCH_ENGINE").ok();
     if only.as_deref().is_none_or(|e| e == "cpu") {
-        run_cases(
-            c,
-            "cpu",
-            &cases,
-            &split,
-            |model, data| cpu_network(model, Preset::Seed, data),
-            |_| {},
-        );
+        for (preset, cases, split) in [
+            (Preset::Seed, &cases, &split),
+            (Preset::Paper, &paper, &split_paper),
+        ] {
+            run_cases(
+                c,
+                "cpu",
+                preset,
+                cases,
+                split,
+                |model, data| cpu_network(model, preset, data),
+                |_| {},
+            );
+        }
     }
     #[cfg(feature = "tch")]
     if only.as_deref().is_none_or(|e| e == "tch") {
@@ -115,14 +131,20 @@ fn rso_round(c: &mut Criterion) {
                 (Paper, 256, Incremental, Fraction(0.01)),
             ]
         };
-        run_cases(
-            c,
-            &format!("tch-{device}"),
-            &cases,
-            &split,
-            |model, data| rso_bench::tch_network(model, Preset::Seed, &data, &device),
-            |net| net.sync(),
-        );
+        for (preset, cases, split) in [
+            (Preset::Seed, &cases, &split),
+            (Preset::Paper, &paper, &split_paper),
+        ] {
+            run_cases(
+                c,
+                &format!("tch-{device}"),
+                preset,
+                cases,
+                split,
+                |model, data| rso_bench::tch_network(model, preset, &data, &device),
+                |net| net.sync(),
+            );
+        }
     }
 }
 
@@ -131,6 +153,7 @@ fn rso_round(c: &mut Criterion) {
 fn run_cases<N: Network>(
     c: &mut Criterion,
     engine: &str,
+    preset: Preset,
     cases: &[Case],
     split: &rso_data::Split,
     make: impl Fn(ModelKind, rso_data::Split) -> N,
@@ -149,7 +172,9 @@ fn run_cases<N: Network>(
                 Fraction(f) => scaled_split(split, f, batch),
             };
             let mut net = make(model, data);
-            let mut cfg = RsoConfig::preset(Preset::Seed, 1, batch, 0);
+            // Round 0 of the preset's own schedule (σ annealed over 50 rounds for `paper`).
+            let rounds = if preset == Preset::Paper { 50 } else { 1 };
+            let mut cfg = RsoConfig::preset(preset, rounds, batch, 0);
             cfg.eval = eval;
             let mut rso = Rso::new(net.spec(), cfg).expect("config");
             group.throughput(Throughput::Elements(net.spec().param_count() as u64));
@@ -157,11 +182,32 @@ fn run_cases<N: Network>(
                 RsoEval::Reference => "reference",
                 RsoEval::Incremental => "incremental",
             };
-            // Extrapolated cases say so in their id: `incremental-est/1000`.
-            let id = match timing {
-                Round => BenchmarkId::new(name, batch),
-                Fraction(_) => BenchmarkId::new(format!("{name}-est"), batch),
+            // Extrapolated cases say so in their id (`incremental-est/1000`), and preset `paper`
+            // cases too (`incremental-est-preset-paper/256`).
+            let est = if matches!(timing, Fraction(_)) {
+                "-est"
+            } else {
+                ""
             };
+            let tag = if preset == Preset::Paper {
+                "-preset-paper"
+            } else {
+                ""
+            };
+            let id = BenchmarkId::new(format!("{name}{est}{tag}"), batch);
+            // MACs a round cannot avoid (rso_models::cost), reported as achieved GMAC/s.
+            let macs = round_macs(net.spec(), batch);
+            // Sequential windows recur only when the batch size divides the training set.
+            let recur = preset != Preset::Paper || net.train_len().is_multiple_of(batch);
+            let floor = match eval {
+                RsoEval::Reference => macs.reference,
+                _ if recur => macs.floor,
+                _ => macs.floor_new_batches,
+            };
+            let what = format!(
+                "rso_round/{}/{engine} {name}{est}{tag}/{batch}",
+                model.name()
+            );
             let mut seed = 0;
             group.bench_function(id, |b| {
                 b.iter_custom(|iters| {
@@ -178,6 +224,12 @@ fn run_cases<N: Network>(
                             Fraction(f) => extrapolated_round(&mut net, &rso, f, seed, sync),
                         };
                     }
+                    let secs = total.as_secs_f64() / iters.max(1) as f64;
+                    eprintln!(
+                        "{what}: {secs:.3} s/round; floor {:.3} TMAC, {:.1} GMAC/s",
+                        floor as f64 / 1e12,
+                        floor as f64 / secs / 1e9
+                    );
                     total
                 })
             });
