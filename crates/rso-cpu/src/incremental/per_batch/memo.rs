@@ -298,18 +298,18 @@ impl ActivationMemo {
         self.index.reserve(slots);
         self.entries.reserve(slots);
         self.batches.reserve(2 * n_train + n);
-        self.input.reserve(n_train * in_len + n * in_len);
+        room(&mut self.input, (n_train + n) * in_len);
         if !same_prev {
             self.prev_input.clear();
             self.prev_used = 0;
         }
-        self.prev_input.reserve((n_train + n) * shape.prev_len);
+        room(&mut self.prev_input, (n_train + n) * shape.prev_len);
         self.output.clear();
-        self.output.reserve(n_train * out_len + n * out_len);
+        room(&mut self.output, (n_train + n) * out_len);
         self.weights.clear();
-        self.weights.reserve(slots * w_len);
+        room(&mut self.weights, slots * w_len);
         self.next_out.clear();
-        self.next_out.reserve((n_train + n) * shape.next_len);
+        room(&mut self.next_out, (n_train + n) * shape.next_len);
         self.chans.reserve(64);
         (self.out_used, self.next_used, self.hits) = (0, 0, 0);
     }
@@ -557,6 +557,20 @@ impl ActivationMemo {
         }
         self.entries[e] = entry;
     }
+}
+
+/// Gives `v` room for `len` values and no more than half as much again: a layer's sweep needs
+/// other arrays than the sweep before (up to `MEMO_BUDGET` each), and what one no longer needs
+/// goes back to the system rather than adding up over the sweeps. Values already in `v` (kept
+/// entries' rows) stay.
+fn room(v: &mut Vec<f32>, len: usize) {
+    let len = len.max(v.len());
+    if v.capacity() > len + len / 2 {
+        let mut fresh = Vec::with_capacity(len);
+        fresh.extend_from_slice(v);
+        *v = fresh;
+    }
+    v.reserve(len - v.len());
 }
 
 /// The visited convolution's weights then biases into `out`.
