@@ -15,6 +15,8 @@ use std::hint::black_box;
 
 /// `conv3x3_forward` on 8 images for each (c_in, c_out, size) the models run.
 fn conv(c: &mut Criterion) {
+    // The level the kernels run at (criterion compares runs by id, not by level).
+    eprintln!("kernels: SIMD level {}", rso_cpu::simd::level().name());
     let mut group = c.benchmark_group("kernels/conv3x3_forward");
     let mut rng = rng(9);
     let n = 8;

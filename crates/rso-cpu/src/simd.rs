@@ -3,15 +3,15 @@
 //! dispatch macro that compiles a kernel body once per level, cache prefetch hints, and the
 //! few routines written in AVX2 intrinsics.
 //!
-//! The level is chosen once per process: the widest the CPU has, unless `RSO_SIMD` names a
-//! lower one (`portable`, `avx2` or `avx512`; a level the CPU lacks, or an unknown value, is not
-//! taken: see [`requested_level`]). Kernels compiled for AVX2 + FMA may fuse multiply-adds, so
+//! The level is chosen once per process: the widest the CPU has, unless `RSO_SIMD` names
+//! another (`portable`, `avx2` or `avx512`; a level the CPU lacks, or an unknown value, is not
+//! taken — the `rso` program refuses it, the library ignores it: see [`requested_level`]). Kernels compiled for AVX2 + FMA may fuse multiply-adds, so
 //! `portable` can differ from the others in the last bits; `avx2` and `avx512` fuse the same
 //! multiply-adds in the same order, so they give the same values. On one machine at one level
 //! results are fixed.
 //!
-//! Kernels written on [`Lanes`] (the convolution) are compiled three times — portable, AVX2,
-//! AVX-512 — by the `=> body(lanes)` form of [`simd_dispatch!`]; the others twice (portable,
+//! Kernels written on `Lanes` (the convolution) are compiled three times — portable, AVX2,
+//! AVX-512 — by the `=> body(lanes)` form of `simd_dispatch!`; the others twice (portable,
 //! AVX2; the AVX-512 level runs their AVX2 copy).
 
 use std::sync::OnceLock;

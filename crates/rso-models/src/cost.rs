@@ -44,7 +44,8 @@ pub fn layer_macs(spec: &ModelSpec) -> Vec<u64> {
 /// The floor counts, per visited scalar of layer `L` (a convolution's weight or bias, or the
 /// γ, β of the BatchNorm in the channel-local chain after it), with `N` the next layer with
 /// weights:
-/// - recomputing the visited channel of `L` (a convolution weight or bias: `MACs(L)/c_out`);
+/// - recomputing the visited channel of `L` (`MACs(L)/c_out`; counted for the γ, β visits too,
+///   which start from that channel's planes);
 /// - each candidate's effect on `N` through one input channel (`2·MACs(N)/c_in(N)`), or, when
 ///   `N` is the final dense layer, each candidate's move of the logits (`2·MACs(N)/channels`);
 /// - the layers after `N`, once per candidate and, for models with BatchNorm on batch
@@ -52,7 +53,9 @@ pub fn layer_macs(spec: &ModelSpec) -> Vec<u64> {
 ///
 /// and per scalar of a final dense layer one logit update per candidate (2). Everything is per
 /// sample, times `batch`. `floor_new_batches` adds, per visit of a BatchNorm model, the layers up
-/// to and including `N` for W.
+/// to and including `N` for W (the whole forward pass for a final dense layer's scalars).
+/// Models without BatchNorm keep W's activations for the whole training set, so for them the
+/// two floors are equal.
 pub fn round_macs(spec: &ModelSpec, batch: usize) -> RoundMacs {
     let macs = layer_macs(spec);
     let full: u64 = macs.iter().sum();
@@ -63,7 +66,10 @@ pub fn round_macs(spec: &ModelSpec, batch: usize) -> RoundMacs {
     for (j, &l) in weighted.iter().enumerate() {
         let scalars = layer_scalars(spec, l);
         let per_visit = match (weighted.get(j + 1), &spec.layers[l]) {
-            (None, _) => 2,
+            (None, _) => {
+                fresh += scalars * full * base_passes;
+                2
+            }
             (Some(&n), Layer::Conv { c_out, .. }) => {
                 let after: u64 = macs[n + 1..].iter().sum();
                 let (into_next, channels) = match &spec.layers[n] {

@@ -190,10 +190,12 @@ const TILE: usize = 16;
 ///
 /// Computed directly rather than through im2col + `sgemm`, which measured 3.7× slower for
 /// 1→4 channels, 1.5–1.9× slower on 14×14 and 7×7 planes and about as fast for 16→16 on 28×28
-/// (the models' shapes, 32 images, one thread): each input plane is copied into a zero-bordered `(h+2)×(w+2)` plane; the output, laid out
-/// with the same padded row width, is then one flat run per channel in which every value is
-/// `Σ_ci Σ_taps w·xp[j + ky·(w+2) + kx]`, with no edge cases (the two extra columns per row are
-/// computed and dropped). Tiles of 16 values × 4 channels (`TILE`, `CO_BLOCK`) stay in registers.
+/// (the models' shapes, 32 images, one thread): each input plane is copied into a
+/// zero-bordered `(h+2)×(w+2)` plane; the output, laid out with the same padded row width, is
+/// then one flat run per channel (padded to whole multiples of `TILE` values) in which every
+/// value is `Σ_ci Σ_taps w·xp[j + ky·(w+2) + kx]`, with no edge cases (the two extra columns per
+/// row are computed and dropped). A register tile is 4 channels × `PV` vectors of the level's
+/// lanes (see `Tile`: 24 values per channel at AVX2, 64 at AVX-512).
 pub fn conv3x3_forward(
     s: &Conv3x3,
     x: ArrayView4<f32>,

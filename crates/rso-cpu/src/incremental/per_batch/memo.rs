@@ -58,8 +58,15 @@ struct Shape {
 ///   sweep, so the next sweep starts with its inputs in place (see [`ActivationMemo::reset`]).
 /// - BatchNorm scalars visited right after their convolution use the same inputs.
 ///
-/// Batches that do not recur (preset `paper`'s sliding windows) stop the memo from storing
-/// after a while.
+/// Which of these are kept is decided per sweep by `kept_shape`: an array is kept only when
+/// the whole training set's rows fit [`MEMO_BUDGET`] (so the 16×28×28 activations of the first
+/// two convolutions never are), the input only when the layers before the visited one are at
+/// least a quarter of the forward pass, and the next convolution's output in place of the
+/// visited one's whenever it fits. Arrays a sweep does not use are given back (at most three
+/// are in use at once: ≈ 1.7 GB for the paper model on MNIST). Batches that do not recur
+/// (preset `paper`'s windows when B does not divide N) stop the memo from storing after
+/// 2·⌈N/B⌉ entries without a hit. Indices: `act`, `out_act` are activation indices (the input
+/// of plan layer `i` is activation `i`), `next`, `prev` plan indices of convolutions.
 #[derive(Debug, Default)]
 pub(crate) struct ActivationMemo {
     /// The visited layer, and the clock tick the entries were made at (valid while no layer

@@ -16,10 +16,11 @@
 //! candidate that changes nothing ties with W exactly, as on the reference path.
 //!
 //! The layers before the visited one do not change during its sweep, so when a batch comes
-//! back (preset `seed` draws every visit's batch from the ⌈N/B⌉ batches of the round) its
-//! input to the visited layer is taken from an [`ActivationMemo`] and
-//! the forward pass starts there; this skips most of the pass for the later layers (conv6's input is 96% of the way through).
-
+//! back (preset `seed` draws every visit's batch from the ⌈N/B⌉ batches of the round; preset
+//! `paper`'s windows recur when B divides N) an [`ActivationMemo`] supplies its input to the
+//! visited layer and, for a convolution, the next convolution's output at W moved by the
+//! channels changed since, so W's pass starts after the next convolution. What it keeps, and
+//! when, is listed on [`ActivationMemo`].
 //!
 //! Files: [`memo`] (the per-batch activations and the forward pass that uses them), [`conv`]
 //! (convolution and BatchNorm scalars), [`dense`] (the final dense layer).
