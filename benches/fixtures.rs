@@ -1,12 +1,11 @@
 //! Fixtures shared by the criterion benches in `benches/`: data, networks and optimizers set up
 //! the way `rso train` sets them up.
 
-use rand::seq::SliceRandom;
 use rand::Rng;
 use rso_data::Split;
 use rso_models::network::reference_candidate_losses;
 use rso_models::{init_params, ModelKind, Network, Preset};
-use rso_optim::{choose, BatchPolicy, Choice, Rso, RsoEval};
+use rso_optim::{choose, Batches, Choice, Rso, RsoEval};
 use rso_testkit::{rng, Labels, RandomData};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -83,34 +82,21 @@ pub fn extrapolated_round<N: Network + ?Sized>(
     let n = net.train_len();
     let batch = rso.config().batch_size.min(n);
     let reduction = rso.config().reduction;
-    let mut order = rso_optim::shuffled(n, &mut rng);
-    let batches = n.div_ceil(batch);
-    let sequential = rso.config().batch_policy == BatchPolicy::Sequential;
-    let (mut group, mut pos, mut window) = (usize::MAX, 0, Vec::with_capacity(batch));
+    let mut batches = Batches::new(rso.config().batch_policy, batch, n, &mut rng);
+    let mut group = usize::MAX;
     let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
     let mut total = 0.0;
     for step in rso.schedule() {
-        if sequential && step.group != group {
-            // As the sequential policy does: a fresh shuffle per layer's sweep.
+        if step.group != group {
             group = step.group;
-            order.shuffle(&mut rng);
-            pos = 0;
+            batches.start_group(&mut rng);
         }
         let len = lens[step.param];
         let visits = ((fraction * len as f64).ceil() as usize).clamp(1, len);
         let t = Instant::now();
         net.begin_sweep(step.param);
         for index in 0..visits {
-            let b = if sequential {
-                // Consecutive windows of the shuffle, wrapping around.
-                window.clear();
-                window.extend((0..batch).map(|i| order[(pos + i) % n]));
-                pos = (pos + batch) % n;
-                &window[..]
-            } else {
-                let k = rng.random_range(0..batches);
-                &order[k * batch..((k + 1) * batch).min(n)]
-            };
+            let b = batches.next(&mut rng);
             // Δ ~ N(0, σ) by Box–Muller (timings do not depend on the exact draws).
             let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random());
             let delta =

@@ -18,13 +18,12 @@
 //! `--train-limit N` keeps the first `N` (with a fraction `f`, `N ≈ f·60 000` keeps the share
 //! of visits that find their batch in the paper model's memo about as in a whole round).
 
-use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use rso_cpu::CpuNetwork;
 use rso_data::Split;
 use rso_models::network::reference_candidate_losses;
 use rso_models::{init_params, ModelKind, Network, Preset, Reduction};
-use rso_optim::{choose, Choice, Optimizer, Rso, RsoConfig};
+use rso_optim::{choose, Batches, Choice, Optimizer, Rso, RsoConfig};
 use rso_testkit::{rng, Labels, RandomData};
 use std::path::Path;
 use std::time::Instant;
@@ -54,8 +53,7 @@ fn partial_round(
 ) -> (f64, Vec<(String, f64, usize)>) {
     let mut rng = rng(9);
     let n = net.train_len();
-    let order: Vec<u32> = rso_optim::shuffled(n, &mut rng);
-    let batches = n.div_ceil(batch);
+    let mut batches = Batches::new(rso.config().batch_policy, batch, n, &mut rng);
     let params = net.spec().params();
     let mut total = 0.0;
     let mut per_array = Vec::new();
@@ -73,8 +71,7 @@ fn partial_round(
         let t = Instant::now();
         net.begin_sweep(step.param);
         for index in 0..visits {
-            let k = rng.random_range(0..batches);
-            let b = &order[k * batch..((k + 1) * batch).min(n)];
+            let b = batches.next(&mut rng);
             let delta = normal.sample(&mut rng) as f32;
             let w = net.weight(step.param, index);
             let losses = if reference {

@@ -13,7 +13,9 @@
 mod rso;
 mod sgd;
 
-pub use rso::{choose, BatchPolicy, Choice, Rso, RsoConfig, RsoEval, SigmaRule, SweepStep};
+pub use rso::{
+    choose, BatchPolicy, Batches, Choice, Rso, RsoConfig, RsoEval, SigmaRule, SweepStep,
+};
 pub use sgd::{Sgd, SgdConfig};
 
 use rand::SeedableRng;

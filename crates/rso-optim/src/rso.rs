@@ -321,8 +321,10 @@ fn sigmas(spec: &ModelSpec, config: &RsoConfig) -> Vec<f64> {
     }
 }
 
-/// Supplies each visit's minibatch according to the batch policy.
-struct Batches {
+/// Supplies each visit's minibatch according to the batch policy, as [`Rso::run_round`] draws
+/// them (the benches use it to time scaled-down rounds with the same batches).
+#[derive(Debug)]
+pub struct Batches {
     policy: BatchPolicy,
     batch_size: usize,
     order: Vec<u32>,
@@ -331,7 +333,8 @@ struct Batches {
 }
 
 impl Batches {
-    fn new(policy: BatchPolicy, batch_size: usize, n: usize, rng: &mut impl Rng) -> Batches {
+    /// A shuffle of `n ≥ 1` training samples, cut `batch_size` (at most `n`) at a time.
+    pub fn new(policy: BatchPolicy, batch_size: usize, n: usize, rng: &mut impl Rng) -> Batches {
         let order = shuffled(n, rng);
         Batches {
             policy,
@@ -342,14 +345,18 @@ impl Batches {
         }
     }
 
-    /// Sequential policy: start a layer's sweep on a fresh shuffle.
-    fn reshuffle(&mut self, rng: &mut impl Rng) {
+    /// At the start of a layer's sweep (a new [`SweepStep::group`]): the sequential policy
+    /// starts on a fresh shuffle; the random one draws nothing.
+    pub fn start_group(&mut self, rng: &mut impl Rng) {
         use rand::seq::SliceRandom;
-        self.order.shuffle(rng);
-        self.pos = 0;
+        if self.policy == BatchPolicy::Sequential {
+            self.order.shuffle(rng);
+            self.pos = 0;
+        }
     }
 
-    fn next(&mut self, rng: &mut impl Rng) -> &[u32] {
+    /// The next visit's minibatch (training-set indices).
+    pub fn next(&mut self, rng: &mut impl Rng) -> &[u32] {
         let n = self.order.len();
         match self.policy {
             BatchPolicy::Random => {
@@ -402,9 +409,7 @@ impl Optimizer for Rso {
         for step in &self.schedule {
             if step.group != group {
                 group = step.group;
-                if cfg.batch_policy == BatchPolicy::Sequential {
-                    batches.reshuffle(&mut rng);
-                }
+                batches.start_group(&mut rng);
             }
             net.begin_sweep(step.param);
             let normal = Normal::new(0.0, step.sigma * anneal).map_err(|e| {

@@ -265,9 +265,10 @@ simd_dispatch! {
 
 /// The register tile of one level: 4 output channels × `PV` vectors of `L::LANES` values
 /// (`4·PV` accumulators; 8 vectors for a single output channel). Per input channel and tap a
-/// tile loads `PV` input vectors and broadcasts 4 weights for `4·PV` multiply-adds. 8 of the
-/// 16 AVX2 registers hold accumulators (12 measured slower on AMD EPYC: the compiler spilled
-/// them), 16 of the 32 AVX-512 ones.
+/// tile loads `PV` input vectors and broadcasts 4 weights for `4·PV` multiply-adds. 12 of the
+/// 16 AVX2 registers hold accumulators, 16 of the 32 AVX-512 ones (untested on hardware). The
+/// window of a tile is sliced once per input channel so the loads need no bounds checks: with
+/// a check per load the compiler spilled the accumulators (measured on AMD EPYC).
 trait Tile: Lanes {
     const PV: usize;
 }

@@ -47,7 +47,8 @@ pub(super) fn next_after(exec: &Executor, first: usize) -> Option<Next> {
 
 /// Runs the channel-local layers `ops` on the channel-`k` planes of `n` samples held in `a`
 /// (`[n][hw]`), leaving the result in `a` (using `b`). A BatchNorm normalises with these
-/// planes' batch statistics and channel `k`'s γ, β — or, with `gb = Some((layer, γ, β))`, that γ, β for that layer.
+/// planes' batch statistics and channel `k`'s γ, β — or, with `gb = Some((layer, γ, β))`,
+/// that γ, β for that layer.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn chain(
     exec: &Executor,

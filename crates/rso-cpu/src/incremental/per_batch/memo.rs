@@ -87,10 +87,6 @@ pub(crate) struct ActivationMemo {
     weights: Vec<f32>,
     next_out: Vec<f32>,
     prev_input: Vec<f32>,
-    prev_used: usize,
-    in_used: usize,
-    out_used: usize,
-    next_used: usize,
     hits: usize,
     /// Scratch of the channel recomputation.
     tmp: Vec<f32>,
@@ -218,7 +214,6 @@ fn kept_shape(exec: &Executor, act: usize, visited: Option<Visited>) -> Shape {
     } else {
         0
     };
-    // The output kept: after the convolution and the pooling right after it.
     let prev = (1..act)
         .rev()
         .find(|&p| matches!(exec.plan[p].op, Op::Conv { .. }))
@@ -236,6 +231,7 @@ fn kept_shape(exec: &Executor, act: usize, visited: Option<Visited>) -> Shape {
     let Some(v) = visited else {
         return only_input;
     };
+    // The output kept: after the convolution and the pooling right after it.
     let mut o = act + 1;
     while matches!(exec.plan[o].op, Op::AvgPool { .. } | Op::MaxPool { .. }) {
         o += 1;
@@ -285,7 +281,6 @@ impl ActivationMemo {
         if adopt || same_inputs {
             if adopt {
                 std::mem::swap(&mut self.input, &mut self.prev_input);
-                self.in_used = self.prev_used;
             }
             for e in &mut self.entries {
                 *e = Entry {
@@ -300,7 +295,6 @@ impl ActivationMemo {
             self.entries.clear();
             self.batches.clear();
             self.input.clear();
-            self.in_used = 0;
         }
         self.index.reserve(slots);
         self.entries.reserve(slots);
@@ -308,7 +302,6 @@ impl ActivationMemo {
         room(&mut self.input, (n_train + n) * in_len);
         if !same_prev {
             self.prev_input.clear();
-            self.prev_used = 0;
         }
         room(&mut self.prev_input, (n_train + n) * shape.prev_len);
         self.output.clear();
@@ -318,7 +311,7 @@ impl ActivationMemo {
         self.next_out.clear();
         room(&mut self.next_out, (n_train + n) * shape.next_len);
         self.chans.reserve(64);
-        (self.out_used, self.next_used, self.hits) = (0, 0, 0);
+        self.hits = 0;
     }
 
     /// The forward pass of the loaded batch of entry `e` from what the entry keeps: its input
@@ -525,31 +518,26 @@ impl ActivationMemo {
         from_start: bool,
     ) {
         let (act, sh) = (self.act, self.shape);
-        let take = |store: &mut Vec<f32>, used: &mut usize, src: &[f32]| {
-            (*used + src.len() <= store.capacity()).then(|| {
-                let off = *used;
-                grown(store, off + src.len(), 0.0)[off..].copy_from_slice(src);
-                *used += src.len();
-                off
+        // Appended while within the room reserved at reset (no reallocation): the offset.
+        let take = |store: &mut Vec<f32>, src: &[f32]| {
+            (store.len() + src.len() <= store.capacity()).then(|| {
+                store.extend_from_slice(src);
+                store.len() - src.len()
             })
         };
         let acts = &exec.ws.acts;
         let mut entry = std::mem::take(&mut self.entries[e]);
         if entry.input.is_none() && sh.in_len > 0 {
-            entry.input = take(
-                &mut self.input,
-                &mut self.in_used,
-                &acts[act][..n * sh.in_len],
-            );
+            entry.input = take(&mut self.input, &acts[act][..n * sh.in_len]);
         }
         if let Some(v) = visited.filter(|_| entry.weights.is_none()) {
             if sh.out_len > 0 {
                 let src = &acts[sh.out_act][..n * sh.out_len];
-                entry.output = take(&mut self.output, &mut self.out_used, src);
+                entry.output = take(&mut self.output, src);
             }
             if sh.next > 0 {
                 let src = &acts[sh.next + 1][..n * sh.next_len];
-                entry.next = take(&mut self.next_out, &mut self.next_used, src).map(|o| (o, 0));
+                entry.next = take(&mut self.next_out, src).map(|o| (o, 0));
             }
             if entry.output.is_some() || entry.next.is_some() {
                 let w_off = e * sh.w_len;
@@ -560,7 +548,7 @@ impl ActivationMemo {
         }
         if from_start && entry.prev.is_none() && sh.prev > 0 {
             let src = &acts[sh.prev][..n * sh.prev_len];
-            entry.prev = take(&mut self.prev_input, &mut self.prev_used, src);
+            entry.prev = take(&mut self.prev_input, src);
         }
         self.entries[e] = entry;
     }
