@@ -2,7 +2,7 @@
 //! per-thread scratch.
 
 use crate::executor::{view, view_mut};
-use crate::kernels::conv::{conv3x3_forward, Conv3x3};
+use crate::kernels::conv::{conv3x3_forward, conv3x3_forward_onto, Conv3x3};
 use ndarray::aview1;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -26,6 +26,25 @@ pub(crate) fn conv_forward(
         x,
         weight,
         bias.map(aview1),
+        view_mut(s.output_shape(n), y),
+    );
+}
+
+/// [`conv3x3_forward_onto`] of `n` samples in flat buffers (as [`conv_forward`]):
+/// `y = base + weight ∗ x`.
+pub(crate) fn conv_forward_onto(
+    s: &Conv3x3,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    base: &[f32],
+    y: &mut [f32],
+) {
+    conv3x3_forward_onto(
+        s,
+        view(s.input_shape(n), x),
+        view(s.weight_shape(), weight),
+        view(s.output_shape(n), base),
         view_mut(s.output_shape(n), y),
     );
 }

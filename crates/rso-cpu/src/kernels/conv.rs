@@ -209,17 +209,59 @@ pub fn conv3x3_forward(
     check(K, s, n, Some(x.dim()), Some(y.dim()), weight.dim(), b_len);
     let (x, weight) = (values(x, K, "x"), values(weight, K, "weight"));
     let bias = bias.map(|b| values(b, K, "bias"));
-    forward(s, n, x, weight, bias, values_mut(y, K, "y"));
+    forward(s, n, x, weight, bias, None, values_mut(y, K, "y"));
 }
 
-fn forward(s: &Conv3x3, n: usize, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+/// Forward pass added onto a base: `y[i] = base[i] + weight ∗ x[i]` (no bias), each value
+/// `base + (Σ_ci Σ_taps w·x)` — the same bits as [`conv3x3_forward`] into a buffer and then
+/// added, without that buffer's pass over memory. The incremental paths move a kept
+/// convolution output by the effect of one changed input channel this way.
+///
+/// # Shapes
+/// `x: [n, c_in, h, w]`, `weight: [c_out, c_in, 3, 3]`, `base` and `y: [n, c_out, h, w]`.
+///
+/// # Panics
+/// If a shape does not agree with `s` or with the others, or a view is not in standard layout.
+pub fn conv3x3_forward_onto(
+    s: &Conv3x3,
+    x: ArrayView4<f32>,
+    weight: ArrayView4<f32>,
+    base: ArrayView4<f32>,
+    y: ArrayViewMut4<f32>,
+) {
+    const K: &str = "conv3x3_forward_onto";
+    let n = x.len_of(Axis(0));
+    check(K, s, n, Some(x.dim()), Some(y.dim()), weight.dim(), None);
+    check(K, s, n, None, Some(base.dim()), weight.dim(), None);
+    let (x, weight) = (values(x, K, "x"), values(weight, K, "weight"));
+    let base = values(base, K, "base");
+    forward(s, n, x, weight, None, Some(base), values_mut(y, K, "y"));
+}
+
+fn forward(
+    s: &Conv3x3,
+    n: usize,
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    base: Option<&[f32]>,
+    y: &mut [f32],
+) {
     if s.h * s.w == 0 {
         return;
     }
     let g = Padded::new(s);
+    let io = Io { x, base, y };
     with_col(g.scratch_len(s), |scratch| {
-        direct(s, &g, n, x, weight, bias, y, scratch)
+        direct(s, &g, n, io, weight, bias, scratch)
     });
+}
+
+/// The samples a forward call reads and writes: `y = base + conv(x)` (or `conv(x) + bias`).
+struct Io<'a> {
+    x: &'a [f32],
+    base: Option<&'a [f32]>,
+    y: &'a mut [f32],
 }
 
 /// Layout of the zero-bordered planes of [`conv3x3_forward`].
@@ -255,10 +297,9 @@ simd_dispatch! {
         s: &Conv3x3,
         g: &Padded,
         n: usize,
-        x: &[f32],
+        io: Io,
         weight: &[f32],
         bias: Option<&[f32]>,
-        y: &mut [f32],
         scratch: &mut [f32],
     ) => direct_at(lanes)
 }
@@ -297,12 +338,12 @@ fn direct_at<L: Tile>(
     s: &Conv3x3,
     g: &Padded,
     n: usize,
-    x: &[f32],
+    io: Io,
     weight: &[f32],
     bias: Option<&[f32]>,
-    y: &mut [f32],
     scratch: &mut [f32],
 ) {
+    let Io { x, base, y } = io;
     let (w, hw) = (s.w, s.plane());
     let (xp, yp) = scratch.split_at_mut(s.c_in * g.plane_p);
     xp.fill(0.0);
@@ -331,9 +372,23 @@ fn direct_at<L: Tile>(
         v = k.run::<L, 4, 2>(lanes, xp, yp, v, nv);
         k.run::<L, 4, 1>(lanes, xp, yp, v, nv);
         let yi = &mut y[i * s.out_len()..][..s.out_len()];
-        for (dst, src) in yi.chunks_exact_mut(hw).zip(yp.chunks_exact(g.run_pad)) {
+        let bi = base.map(|b| &b[i * s.out_len()..][..s.out_len()]);
+        for (c, (dst, src)) in yi
+            .chunks_exact_mut(hw)
+            .zip(yp.chunks_exact(g.run_pad))
+            .enumerate()
+        {
             for (r, row) in dst.chunks_exact_mut(w).enumerate() {
-                copy_row(row, &src[r * g.wp..][..w]);
+                let src = &src[r * g.wp..][..w];
+                match bi {
+                    None => copy_row(row, src),
+                    Some(b) => {
+                        let b = &b[c * hw + r * w..][..w];
+                        for ((y, &b), &v) in row.iter_mut().zip(b).zip(src) {
+                            *y = b + v;
+                        }
+                    }
+                }
             }
         }
     }
@@ -674,7 +729,12 @@ mod tests {
         let g = Padded::new(s);
         let mut scratch = vec![f32::NAN; g.scratch_len(s)];
         let mut y = vec![f32::NAN; n * s.out_len()];
-        direct_at(lanes, s, &g, n, x, wt, b, &mut y, &mut scratch);
+        let io = Io {
+            x,
+            base: None,
+            y: &mut y,
+        };
+        direct_at(lanes, s, &g, n, io, wt, b, &mut scratch);
         y
     }
 
@@ -730,6 +790,33 @@ mod tests {
         }
         ran.dedup();
         crate::simd::report_levels("conv3x3_forward", &ran);
+    }
+
+    #[test]
+    fn forward_onto_adds_the_base_to_the_same_sums() {
+        let mut rng = tu::rng(8);
+        for (n, c_in, c_out, h, w) in [(3, 1, 16, 14, 14), (2, 16, 16, 7, 7), (1, 2, 3, 5, 4)] {
+            let s = Conv3x3 { c_in, c_out, h, w };
+            let x = uniform(&mut rng, n * s.in_len(), 1.0);
+            let wt = uniform(&mut rng, c_out * s.taps(), 1.0);
+            let base = uniform(&mut rng, n * s.out_len(), 4.0);
+            let sums = run(&s, n, &x, &wt, None);
+            let want: Vec<u32> = base
+                .iter()
+                .zip(&sums)
+                .map(|(b, v)| (b + v).to_bits())
+                .collect();
+            let mut y = vec![f32::NAN; n * s.out_len()];
+            conv3x3_forward_onto(
+                &s,
+                v4(s.input_shape(n), &x),
+                v4(s.weight_shape(), &wt),
+                v4(s.output_shape(n), &base),
+                v4m(s.output_shape(n), &mut y),
+            );
+            let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "{s:?}");
+        }
     }
 
     #[test]

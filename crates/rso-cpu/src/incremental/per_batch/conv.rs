@@ -5,7 +5,7 @@ use super::memo::{forward, Visited};
 use super::{PerBatch, CHUNK};
 use crate::executor::{view, view_mut, Executor, Mode, Op};
 use crate::incremental::util::{
-    add_shifted, changes, conv_forward, grown, parallel, push_ce, LogProd,
+    add_shifted, changes, conv_forward_onto, grown, parallel, push_ce, LogProd,
 };
 use crate::incremental::{Clock, Next, Visit};
 use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
@@ -308,7 +308,7 @@ fn finish(
 ) -> [f64; 3] {
     let end = next.layer();
     let hwo = chain_out_plane(exec, end);
-    let mut one = std::mem::take(&mut s.dp);
+    let mut one = std::mem::take(&mut s.one);
     let mut outs = std::mem::take(&mut s.delta);
     outs.clear();
     for (v, gb) in variants.into_iter().enumerate() {
@@ -327,7 +327,7 @@ fn finish(
         outs.extend_from_slice(&one[..n * hwo]);
     }
     grown(&mut s.a, 3 * n * hwo, 0.0).copy_from_slice(&outs);
-    s.dp = one;
+    s.one = one;
     s.delta = outs;
     next_losses(s, exec, next, k, n, base, reduction)
 }
@@ -384,8 +384,11 @@ fn next_losses(
             let p_len = conv.out_len();
             let hw = conv.h * conv.w;
             debug_assert_eq!(hw, hwo);
-            let base_p = grown(&mut s.base_p, n * p_len, 0.0);
-            base_p.copy_from_slice(&exec.ws.acts[layer + 1][..n * p_len]);
+            // W's output of the next convolution goes aside for the candidates' (a swap of
+            // buffers of equal length, not a copy) and comes back after them.
+            let len = exec.ws.acts[layer + 1].len();
+            s.base_p.resize(len, 0.0);
+            std::mem::swap(&mut exec.ws.acts[layer + 1], &mut s.base_p);
             input_channel(&exec.params.values[weight], conv, k, &mut s.w_k);
             let mut out = [base, 0.0, 0.0];
             for (v, slot) in out.iter_mut().enumerate().skip(1) {
@@ -397,15 +400,19 @@ fn next_losses(
                 {
                     *d = a - b;
                 }
-                let dp = grown(&mut s.dp, n * p_len, 0.0);
-                one_channel_effect(conv, &s.w_k, n, &s.delta[..n * hw], dp);
                 let dst = &mut exec.ws.acts[layer + 1][..n * p_len];
-                for ((d, &p), &q) in dst.iter_mut().zip(&s.base_p[..n * p_len]).zip(&s.dp[..]) {
-                    *d = p + q;
-                }
+                one_channel_effect(
+                    conv,
+                    &s.w_k,
+                    n,
+                    &s.delta[..n * hw],
+                    &s.base_p[..n * p_len],
+                    dst,
+                );
                 exec.forward_from(layer + 1, n, Mode::Train, false);
                 *slot = reduction.finish(exec.loss_sum(n), n);
             }
+            std::mem::swap(&mut exec.ws.acts[layer + 1], &mut s.base_p);
             out
         }
     }
@@ -433,27 +440,29 @@ pub(super) fn input_channel(w: &[f32], conv: Conv3x3, k: usize, w_k: &mut Vec<f3
     }
 }
 
-/// What a change `delta` (`[n][h·w]`) of one input channel does to the output of convolution
-/// `conv` whose weights of that channel are `w_k` (`[c_out][9]`): `dp` (`[n][c_out·h·w]`),
-/// in chunks of [`CHUNK`] samples (over threads when large; the same values either way).
+/// The output of convolution `conv` after a change `delta` (`[n][h·w]`) of one input channel
+/// whose weights are `w_k` (`[c_out][9]`): `p = base + w_k ⊛ delta` (`[n][c_out·h·w]`), in
+/// chunks of [`CHUNK`] samples (over threads when large; the same values either way).
 pub(super) fn one_channel_effect(
     conv: Conv3x3,
     w_k: &[f32],
     n: usize,
     delta: &[f32],
-    dp: &mut [f32],
+    base: &[f32],
+    p: &mut [f32],
 ) {
     let one = Conv3x3 { c_in: 1, ..conv };
     let (hw, p_len) = (conv.h * conv.w, conv.out_len());
-    let task = |(c, dp): (usize, &mut [f32])| {
-        let m = dp.len() / p_len;
+    let task = |(c, p): (usize, &mut [f32])| {
+        let m = p.len() / p_len;
         let x = &delta[c * CHUNK * hw..][..m * hw];
-        conv_forward(&one, m, x, w_k, None, dp);
+        let base = &base[c * CHUNK * p_len..][..m * p_len];
+        conv_forward_onto(&one, m, x, w_k, base, p);
     };
-    let dp = &mut dp[..n * p_len];
+    let p = &mut p[..n * p_len];
     if parallel(n * one.macs()) {
-        dp.par_chunks_mut(CHUNK * p_len).enumerate().for_each(task);
+        p.par_chunks_mut(CHUNK * p_len).enumerate().for_each(task);
     } else {
-        dp.chunks_mut(CHUNK * p_len).enumerate().for_each(task);
+        p.chunks_mut(CHUNK * p_len).enumerate().for_each(task);
     }
 }

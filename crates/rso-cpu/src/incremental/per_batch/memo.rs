@@ -88,18 +88,20 @@ pub(crate) struct ActivationMemo {
     next_out: Vec<f32>,
     prev_input: Vec<f32>,
     hits: usize,
-    /// Scratch of the channel recomputation.
+    /// Scratch of the channel recomputation: the versions' planes `[n][m][h·w]`, their weight
+    /// rows, one version's planes as it is pooled.
     tmp: Vec<f32>,
+    rows: Vec<f32>,
+    planes: Vec<f32>,
     /// Scratch of the next convolution's updates: channels whose weights changed, chain planes
     /// (two buffers, moments), their values before the change `[changed][n][h·w]`, input-channel
-    /// weights, the output change.
+    /// weights.
     changed: Vec<usize>,
     a: Vec<f32>,
     b: Vec<f32>,
     moments: Vec<(f64, f64)>,
     old: Vec<f32>,
     w_k: Vec<f32>,
-    dp: Vec<f32>,
 }
 
 /// One memoised batch: where its indices are in `ActivationMemo::batches`, and the offsets of its
@@ -129,8 +131,10 @@ pub(crate) struct Visited {
     pub(crate) k: usize,
 }
 
-/// Runs layers `..end` on the `n` loaded samples, leaving every activation up to `acts[end]`
-/// (BatchNorm with the batch's statistics).
+/// Runs layers `..end` on the `n` loaded samples, leaving `acts[end]` and the inputs of the
+/// BatchNorm layers before it (which use the batch's statistics); the other activations in
+/// between are not written (a visit reads none of them, and at the 28×28 planes their memory
+/// traffic is most of the prefix's time).
 fn forward_prefix(exec: &mut Executor, n: usize, end: usize) {
     let is_bn = |op: &Op| matches!(op, Op::BatchNorm { .. });
     let mut a = 0;
@@ -141,7 +145,7 @@ fn forward_prefix(exec: &mut Executor, n: usize, end: usize) {
         let b = (a + 1..end)
             .find(|&i| is_bn(&exec.plan[i].op))
             .unwrap_or(end);
-        exec.forward_segment(a..b, n, Mode::Train, true);
+        exec.forward_segment(a..b, n, Mode::Train, false);
         a = b;
     }
 }
@@ -349,25 +353,8 @@ impl ActivationMemo {
         let p_len = n * sh.next_len;
         match (next, output) {
             (Some((p_off, updates)), _) if updates + changed.len() <= REFRESH => {
-                // The changed channels' inputs to the next convolution before the change.
-                let old = &self.weights[w_off..w_off + sh.w_len];
-                recompute_channels(
-                    &mut self.tmp,
-                    exec,
-                    act,
-                    sh.out_act,
-                    v,
-                    &changed,
-                    n,
-                    Some(old),
-                );
-                self.old_inputs(exec, &changed, n);
-                recompute_channels(&mut self.tmp, exec, act, sh.out_act, v, &chans, n, None);
-                exec.ws.acts[sh.next + 1][..p_len]
-                    .copy_from_slice(&self.next_out[p_off..p_off + p_len]);
-                self.move_next_output(exec, &changed, n);
-                self.next_out[p_off..p_off + p_len]
-                    .copy_from_slice(&exec.ws.acts[sh.next + 1][..p_len]);
+                self.recompute_channels(exec, v, Some(w_off), &changed, &chans, n);
+                self.move_next_output(exec, &changed, n, p_off);
                 self.entries[e].next = Some((p_off, updates + changed.len()));
                 exec.forward_from(sh.next + 1, n, Mode::Train, true);
             }
@@ -381,7 +368,7 @@ impl ActivationMemo {
                 let (out_act, out_len) = (sh.out_act, sh.out_len);
                 let kept = &mut self.output[off..off + n * out_len];
                 exec.ws.acts[out_act][..n * out_len].copy_from_slice(kept);
-                recompute_channels(&mut self.tmp, exec, act, out_act, v, &chans, n, None);
+                self.recompute_channels(exec, v, None, &[], &chans, n);
                 exec.forward_from(out_act, n, Mode::Train, true);
                 // Keep the entry current, so that the next hit recomputes only what changed.
                 self.output[off..off + n * out_len]
@@ -394,14 +381,38 @@ impl ActivationMemo {
         self.changed = changed;
     }
 
-    /// Into `self.old`: the next convolution's input planes of channels `changed` (`[c][n][h·w]`),
-    /// from their planes in `acts[out_act]` through the chain.
-    fn old_inputs(&mut self, exec: &Executor, changed: &[usize], n: usize) {
+    /// Recomputes channels `changed` with the weights the entry kept at `w_off` and channels
+    /// `chans` with the current ones, in one pass over the visited layer's input; the former
+    /// through the chain to the next convolution's input into `self.old` (`[c][n][h·w]`),
+    /// the latter into place in `acts` (the output and its pooled copies up to `out_act`).
+    fn recompute_channels(
+        &mut self,
+        exec: &mut Executor,
+        v: Visited,
+        w_off: Option<usize>,
+        changed: &[usize],
+        chans: &[usize],
+        n: usize,
+    ) {
+        let (act, sh) = (self.act, self.shape);
+        let olds = changed.iter().map(|&c| Version { c, old: true });
+        let versions: Vec<Version> = olds
+            .chain(chans.iter().map(|&c| Version { c, old: false }))
+            .collect();
+        let m = versions.len();
+        let old = w_off.map_or(&[][..], |o| &self.weights[o..o + sh.w_len]);
+        let (tmp, rows) = (&mut self.tmp, &mut self.rows);
+        conv_versions(tmp, rows, exec, act, v, &versions, old, n);
         self.old.clear();
-        for &c in changed {
-            self.chain_of(exec, c, n);
-            let len = n * next_plane(exec, self.shape.next);
-            self.old.extend_from_slice(&self.a[..len]);
+        for (j, version) in versions.iter().enumerate() {
+            let (tmp, planes) = (&self.tmp, &mut self.planes);
+            let jmc = (j, m, version.c);
+            place_version(tmp, planes, exec, act, sh.out_act, v.conv, jmc, n);
+            if version.old {
+                self.chain_of(exec, version.c, n);
+                let len = n * next_plane(exec, sh.next);
+                self.old.extend_from_slice(&self.a[..len]);
+            }
         }
     }
 
@@ -434,25 +445,34 @@ impl ActivationMemo {
         );
     }
 
-    /// Moves the next convolution's output in `acts[next + 1]` by the change of each channel
-    /// of `changed` between `self.old` and its recomputed planes (in channel order).
-    fn move_next_output(&mut self, exec: &mut Executor, changed: &[usize], n: usize) {
+    /// Moves the entry's next-convolution output (at `p_off` in `next_out`) by the change of
+    /// each channel of `changed` between `self.old` and its recomputed planes (in channel
+    /// order), leaving the result both there and in `acts[next + 1]`. Each move writes
+    /// `base + effect` from one of the two buffers into the other.
+    fn move_next_output(&mut self, exec: &mut Executor, changed: &[usize], n: usize, p_off: usize) {
         let Op::Conv { conv, weight, .. } = exec.plan[self.shape.next].op else {
             unreachable!("the kept next layer is a convolution");
         };
-        let hw = conv.h * conv.w;
+        let (hw, p_len) = (conv.h * conv.w, n * conv.out_len());
+        let mut in_acts = false;
         for (i, &c) in changed.iter().enumerate() {
             self.chain_of(exec, c, n);
             for (new, &old) in self.a[..n * hw].iter_mut().zip(&self.old[i * n * hw..]) {
                 *new -= old;
             }
             input_channel(&exec.params.values[weight], conv, c, &mut self.w_k);
-            let dp = grown(&mut self.dp, n * conv.out_len(), 0.0);
-            one_channel_effect(conv, &self.w_k, n, &self.a[..n * hw], dp);
-            let p = &mut exec.ws.acts[self.shape.next + 1][..n * conv.out_len()];
-            for (p, &d) in p.iter_mut().zip(&self.dp[..]) {
-                *p += d;
-            }
+            let kept = &mut self.next_out[p_off..p_off + p_len];
+            let acts = &mut exec.ws.acts[self.shape.next + 1][..p_len];
+            let (from, to) = if in_acts { (acts, kept) } else { (kept, acts) };
+            one_channel_effect(conv, &self.w_k, n, &self.a[..n * hw], from, to);
+            in_acts = !in_acts;
+        }
+        let kept = &mut self.next_out[p_off..p_off + p_len];
+        let acts = &mut exec.ws.acts[self.shape.next + 1][..p_len];
+        if in_acts {
+            kept.copy_from_slice(acts);
+        } else {
+            acts.copy_from_slice(kept);
         }
     }
 
@@ -577,82 +597,102 @@ fn copy_weights(exec: &Executor, v: Visited, out: &mut [f32]) {
     }
 }
 
-/// Recomputes channels `chans` of the convolution at plan index `act` from its input in
-/// `acts[act]`: the full-resolution output into `acts[act + 1]`, and through the pooling layers
-/// up to `acts[out_act]`. With the current weights, or with `weights` (a copy laid out as
-/// [`copy_weights`] writes it).
+/// A channel of the visited convolution to recompute, with the current weights or (`old`)
+/// with an entry's copy of them.
+#[derive(Clone, Copy, Debug)]
+struct Version {
+    c: usize,
+    old: bool,
+}
+
+/// Recomputes the channel `versions` of the convolution at plan index `act` from its input in
+/// `acts[act]`, all in one pass over that input (one convolution whose output channels are
+/// the versions' weight rows), into `tmp` as `[n][m][h·w]`; `old` is the entry's copy of the
+/// weights (laid out as [`copy_weights`] writes it). Then [`place_version`] writes them out.
 #[allow(clippy::too_many_arguments)]
-fn recompute_channels(
+fn conv_versions(
     tmp: &mut Vec<f32>,
+    rows: &mut Vec<f32>,
+    exec: &Executor,
+    act: usize,
+    v: Visited,
+    versions: &[Version],
+    old: &[f32],
+    n: usize,
+) {
+    let conv = v.conv;
+    let (hw, taps, m) = (conv.h * conv.w, conv.taps(), versions.len());
+    let p = &exec.params.values;
+    let wl = p[v.weight].len();
+    // The versions' weight rows, then their biases.
+    rows.clear();
+    for &Version { c, old: o } in versions {
+        let w = if o { &old[..wl] } else { &p[v.weight][..] };
+        rows.extend_from_slice(&w[c * taps..(c + 1) * taps]);
+    }
+    if let Some(b) = v.bias {
+        for &Version { c, old: o } in versions {
+            rows.push(if o { old[wl + c] } else { p[b][c] });
+        }
+    }
+    let (w, b) = rows.split_at(m * taps);
+    let b = v.bias.map(|_| b);
+    let s = Conv3x3 { c_out: m, ..conv };
+    let x = &exec.ws.acts[act][..n * conv.in_len()];
+    let task = |(t, y): (usize, &mut [f32])| {
+        let k = y.len() / s.out_len();
+        let x = &x[t * CHUNK * conv.in_len()..][..k * conv.in_len()];
+        conv_forward(&s, k, x, w, b, y);
+    };
+    let y = &mut grown(tmp, n * m * hw, 0.0)[..n * m * hw];
+    if parallel(n * s.macs()) {
+        y.par_chunks_mut(CHUNK * s.out_len())
+            .enumerate()
+            .for_each(task);
+    } else {
+        y.chunks_mut(CHUNK * s.out_len()).enumerate().for_each(task);
+    }
+}
+
+/// Writes version `j` of the `m` in `tmp` (from [`conv_versions`]) as channel `c` of the
+/// convolution's output `acts[act + 1]`, and pools it layer by layer up to `acts[out_act]`.
+#[allow(clippy::too_many_arguments)]
+fn place_version(
+    tmp: &[f32],
+    planes: &mut Vec<f32>,
     exec: &mut Executor,
     act: usize,
     out_act: usize,
-    v: Visited,
-    chans: &[usize],
+    conv: Conv3x3,
+    (j, m, c): (usize, usize, usize),
     n: usize,
-    weights: Option<&[f32]>,
 ) {
-    let conv = v.conv;
-    let (hw, taps, c_out) = (conv.h * conv.w, conv.taps(), conv.c_out);
-    let one = Conv3x3 { c_out: 1, ..conv };
-    let buf = grown(tmp, 2 * n * hw, 0.0);
+    let (hw, c_out) = (conv.h * conv.w, conv.c_out);
+    let buf = grown(planes, 2 * n * hw, 0.0);
     let (y, z) = buf.split_at_mut(n * hw);
-    for &c in chans {
-        let p = &exec.params.values;
-        let (w, b) = match weights {
-            Some(copy) => {
-                let wl = p[v.weight].len();
-                let b = v.bias.map(|_| &copy[wl + c..wl + c + 1]);
-                (&copy[c * taps..(c + 1) * taps], b)
+    for t in 0..n {
+        let src = &tmp[(t * m + j) * hw..][..hw];
+        y[t * hw..][..hw].copy_from_slice(src);
+        exec.ws.acts[act + 1][(t * c_out + c) * hw..][..hw].copy_from_slice(src);
+    }
+    for i in act + 1..out_act {
+        let (h, w) = match exec.plan[i].op {
+            Op::AvgPool { h, w, .. } => {
+                avgpool2_forward(view((n, 1, h, w), y), view_mut((n, 1, h / 2, w / 2), z));
+                (h, w)
             }
-            None => (
-                &p[v.weight][c * taps..(c + 1) * taps],
-                v.bias.map(|b| &p[b][c..c + 1]),
-            ),
+            Op::MaxPool { h, w, .. } => {
+                maxpool2_forward(view((n, 1, h, w), y), view_mut((n, 1, h / 2, w / 2), z));
+                (h, w)
+            }
+            _ => unreachable!("only pooling between a convolution and its kept output"),
         };
-        let x = &exec.ws.acts[act][..n * conv.in_len()];
-        let task = |(t, y): (usize, &mut [f32])| {
-            let m = y.len() / hw;
-            conv_forward(
-                &one,
-                m,
-                &x[t * CHUNK * conv.in_len()..][..m * conv.in_len()],
-                w,
-                b,
-                y,
-            );
-        };
-        if parallel(n * conv.macs() / c_out) {
-            y.par_chunks_mut(CHUNK * hw).enumerate().for_each(task);
-        } else {
-            y.chunks_mut(CHUNK * hw).enumerate().for_each(task);
-        }
-        // Write the channel's planes into the full-resolution output, then pool them layer by
-        // layer up to the kept activation.
-        let mut plane = hw;
+        let plane = (h / 2) * (w / 2);
         for t in 0..n {
-            exec.ws.acts[act + 1][(t * c_out + c) * hw..][..hw].copy_from_slice(&y[t * hw..][..hw]);
+            exec.ws.acts[i + 1][(t * c_out + c) * plane..][..plane]
+                .copy_from_slice(&z[t * plane..][..plane]);
         }
-        for i in act + 1..out_act {
-            let out = match exec.plan[i].op {
-                Op::AvgPool { h, w, .. } => {
-                    avgpool2_forward(view((n, 1, h, w), y), view_mut((n, 1, h / 2, w / 2), z));
-                    (h / 2) * (w / 2)
-                }
-                Op::MaxPool { h, w, .. } => {
-                    maxpool2_forward(view((n, 1, h, w), y), view_mut((n, 1, h / 2, w / 2), z));
-                    (h / 2) * (w / 2)
-                }
-                _ => unreachable!("only pooling between a convolution and its kept output"),
-            };
-            plane = out;
-            for t in 0..n {
-                exec.ws.acts[i + 1][(t * c_out + c) * plane..][..plane]
-                    .copy_from_slice(&z[t * plane..][..plane]);
-            }
-            y[..n * plane].copy_from_slice(&z[..n * plane]);
-        }
-        let _ = plane;
+        y[..n * plane].copy_from_slice(&z[..n * plane]);
     }
 }
 

@@ -43,11 +43,12 @@ pub(crate) struct PerBatch {
     pub(super) a: Vec<f32>,
     pub(super) b: Vec<f32>,
     pub(super) moments: Vec<(f64, f64)>,
-    /// The next convolution's output at W, `[B][len]`.
+    /// The next convolution's output at W, `[B][len]`, while the candidates run (swapped
+    /// with the executor's buffer, whose length it takes).
     pub(super) base_p: Vec<f32>,
-    /// `Δo_k` of a candidate, `[B][hw]`, and its effect on the next convolution, `[B][len]`.
+    /// `Δo_k` of a candidate, `[B][hw]`, and one variant's planes through the chain.
     pub(super) delta: Vec<f32>,
-    pub(super) dp: Vec<f32>,
+    pub(super) one: Vec<f32>,
     /// The next convolution's weights of input channel `k`, `[c_out][9]`.
     pub(super) w_k: Vec<f32>,
     /// Per-chunk loss accumulators of a dense visit.
