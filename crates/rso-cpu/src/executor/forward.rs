@@ -5,8 +5,8 @@ use super::{
     grown, par_samples, samples, view, view_mut, BnStats, Executor, Mode, Op, Step,
     SEGMENT_CHUNK_BYTES,
 };
-use crate::kernels::batchnorm::{batchnorm_apply, combine_moments, plane_moments};
-use crate::kernels::conv::conv3x3_forward;
+use crate::kernels::batchnorm::{batchnorm_apply, bn_affine, combine_moments, plane_moments};
+use crate::kernels::conv::{bn_relu_conv3x3_forward, conv3x3_forward};
 use crate::kernels::dense::dense_forward;
 use crate::kernels::loss::cross_entropy;
 use crate::kernels::pool::{avgpool2_forward, global_avgpool_forward, maxpool2_forward};
@@ -141,6 +141,8 @@ impl Executor {
 thread_local! {
     /// Per-thread buffer for the intermediate activations of one chunk of a forward segment.
     static CHUNK_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread buffer for a fused BatchNorm's per-channel scales, then shifts.
+    static AFFINE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs the per-sample `steps` on `n` samples, `chunk` samples at a time through all steps:
@@ -178,9 +180,15 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
         }
         for start in (0..n).step_by(chunk) {
             let r = start..(start + chunk).min(n);
-            for (k, step) in steps.iter().enumerate() {
-                let (prev, cur) = outputs.split_at_mut(k);
-                let (before, after) = scratch.split_at_mut(offset(k));
+            let mut k = 0;
+            while k < steps.len() {
+                // Step `k` alone, or BatchNorm, ReLU, convolution in one kernel when their
+                // outputs before the convolution's are not kept (`end` is the last step run).
+                let fused = !keep_all && bn_relu_conv(&steps[k..]).is_some();
+                let end = if fused { k + 2 } else { k };
+                let (step, out) = (&steps[k], &steps[end]);
+                let (prev, cur) = outputs.split_at_mut(end);
+                let (before, after) = scratch.split_at_mut(offset(end));
                 let x = if k == 0 {
                     &input[r.start * step.in_len..r.end * step.in_len]
                 } else if keep_all {
@@ -188,14 +196,77 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
                 } else {
                     &before[offset(k - 1)..][..r.len() * step.in_len]
                 };
-                let y = if keep_all || k == last {
-                    &mut cur[0].as_mut()[r.start * step.out_len..r.end * step.out_len]
+                let y = if keep_all || end == last {
+                    &mut cur[0].as_mut()[r.start * out.out_len..r.end * out.out_len]
                 } else {
-                    &mut after[..r.len() * step.out_len]
+                    &mut after[..r.len() * out.out_len]
                 };
-                layer_forward(&step.op, params, stats, r.len(), x, y);
+                match bn_relu_conv(&steps[k..]).filter(|_| fused) {
+                    Some((bn, conv)) => fused_forward(bn, conv, params, stats, r.len(), x, y),
+                    None => layer_forward(&step.op, params, stats, r.len(), x, y),
+                }
+                k = end + 1;
             }
         }
+    });
+}
+
+/// The BatchNorm and convolution of `steps` when they start BatchNorm, ReLU, convolution.
+fn bn_relu_conv(steps: &[Step]) -> Option<(&Op, &Op)> {
+    match steps {
+        [a, b, c, ..]
+            if matches!(a.op, Op::BatchNorm { .. })
+                && matches!(b.op, Op::Relu)
+                && matches!(c.op, Op::Conv { .. }) =>
+        {
+            Some((&a.op, &c.op))
+        }
+        _ => None,
+    }
+}
+
+/// Forward pass of BatchNorm `bn` (with `stats`), ReLU and convolution `conv` on `n` samples
+/// in one kernel ([`bn_relu_conv3x3_forward`]: the same values as the three layers one after
+/// the other, without their intermediate outputs).
+fn fused_forward(
+    bn: &Op,
+    conv: &Op,
+    params: &[Vec<f32>],
+    stats: &[BnStats],
+    n: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let (
+        &Op::BatchNorm {
+            c,
+            gamma,
+            beta,
+            slot,
+            ..
+        },
+        &Op::Conv { conv, weight, bias },
+    ) = (bn, conv)
+    else {
+        unreachable!("checked by bn_relu_conv");
+    };
+    let s = &stats[slot];
+    AFFINE.with(|affine| {
+        let mut affine = affine.borrow_mut();
+        affine.clear();
+        let pairs =
+            (0..c).map(|ch| bn_affine(s.mean[ch], s.var[ch], params[gamma][ch], params[beta][ch]));
+        affine.extend(pairs.clone().map(|(scale, _)| scale));
+        affine.extend(pairs.map(|(_, shift)| shift));
+        let (scale, shift) = affine.split_at(c);
+        bn_relu_conv3x3_forward(
+            &conv,
+            view(conv.input_shape(n), x),
+            (aview1(scale), aview1(shift)),
+            view(conv.weight_shape(), &params[weight]),
+            bias.map(|b| aview1(&params[b])),
+            view_mut(conv.output_shape(n), y),
+        );
     });
 }
 

@@ -27,6 +27,15 @@ fn check_channels(kernel: &str, c: usize, args: &[(&str, usize)]) {
     }
 }
 
+/// The `f32` affine map `x·scale + shift` that [`batchnorm_apply`] applies to one channel with
+/// batch mean `mean`, variance `var` and parameters `gamma`, `beta` (computed in `f64`, then
+/// rounded once each).
+pub fn bn_affine(mean: f64, var: f64, gamma: f32, beta: f32) -> (f32, f32) {
+    let scale = f64::from(gamma) * inv_std(var);
+    let shift = f64::from(beta) - mean * scale;
+    (scale as f32, shift as f32)
+}
+
 /// `1/sqrt(var + ε)` in f64.
 fn inv_std(var: f64) -> f64 {
     1.0 / (var + f64::from(BN_EPS)).sqrt()
@@ -191,9 +200,7 @@ fn apply_body<const FMA: bool>(
 ) {
     for i in 0..n {
         for ch in 0..c {
-            let scale = f64::from(gamma[ch]) * inv_std(var[ch]);
-            let shift = f64::from(beta[ch]) - mean[ch] * scale;
-            let (scale, shift) = (scale as f32, shift as f32);
+            let (scale, shift) = bn_affine(mean[ch], var[ch], gamma[ch], beta[ch]);
             let off = (i * c + ch) * hw;
             for (y, &x) in y[off..off + hw].iter_mut().zip(&x[off..off + hw]) {
                 *y = x * scale + shift;

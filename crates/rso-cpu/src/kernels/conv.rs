@@ -238,6 +238,47 @@ pub fn conv3x3_forward_onto(
     forward(s, n, x, weight, None, Some(base), values_mut(y, K, "y"));
 }
 
+/// Forward pass of ReLU(BatchNorm(x)) in one: `y[i] = weight ∗ relu(x[i]·scale + shift) +
+/// bias`, the normalisation applied per input channel as each plane is copied into the
+/// kernel's zero-bordered scratch (the same `f32` multiply, add and `max(·, 0)` as
+/// [`batchnorm_apply`](super::batchnorm::batchnorm_apply) with
+/// [`bn_affine`](super::batchnorm::bn_affine)'s `scale`, `shift` and then
+/// [`relu_forward`](super::relu::relu_forward), so the same bits), without writing the
+/// normalised activations anywhere.
+///
+/// # Shapes
+/// `x: [n, c_in, h, w]`, `scale`, `shift: [c_in]`, `weight: [c_out, c_in, 3, 3]`,
+/// `bias: [c_out]`, `y: [n, c_out, h, w]`.
+///
+/// # Panics
+/// If a shape does not agree with `s` or with the others, or a view is not in standard layout.
+pub fn bn_relu_conv3x3_forward(
+    s: &Conv3x3,
+    x: ArrayView4<f32>,
+    (scale, shift): (ArrayView1<f32>, ArrayView1<f32>),
+    weight: ArrayView4<f32>,
+    bias: Option<ArrayView1<f32>>,
+    y: ArrayViewMut4<f32>,
+) {
+    const K: &str = "bn_relu_conv3x3_forward";
+    let n = x.len_of(Axis(0));
+    let b_len = bias.as_ref().map(|b| b.len());
+    check(K, s, n, Some(x.dim()), Some(y.dim()), weight.dim(), b_len);
+    assert_eq!(scale.len(), s.c_in, "{K}: scale is not [c_in] of {s:?}");
+    assert_eq!(shift.len(), s.c_in, "{K}: shift is not [c_in] of {s:?}");
+    let (x, weight) = (values(x, K, "x"), values(weight, K, "weight"));
+    let norm = (values(scale, K, "scale"), values(shift, K, "shift"));
+    let bias = bias.map(|b| values(b, K, "bias"));
+    let y = values_mut(y, K, "y");
+    let io = Io {
+        x,
+        norm: Some(norm),
+        base: None,
+        y,
+    };
+    run_io(s, n, io, weight, bias);
+}
+
 fn forward(
     s: &Conv3x3,
     n: usize,
@@ -247,19 +288,30 @@ fn forward(
     base: Option<&[f32]>,
     y: &mut [f32],
 ) {
+    let io = Io {
+        x,
+        norm: None,
+        base,
+        y,
+    };
+    run_io(s, n, io, weight, bias);
+}
+
+fn run_io(s: &Conv3x3, n: usize, io: Io, weight: &[f32], bias: Option<&[f32]>) {
     if s.h * s.w == 0 {
         return;
     }
     let g = Padded::new(s);
-    let io = Io { x, base, y };
     with_col(g.scratch_len(s), |scratch| {
         direct(s, &g, n, io, weight, bias, scratch)
     });
 }
 
-/// The samples a forward call reads and writes: `y = base + conv(x)` (or `conv(x) + bias`).
+/// The samples a forward call reads and writes: `y = base + conv(x)` (or `conv(x) + bias`),
+/// with `x` first normalised per input channel (`relu(x·scale + shift)`) when `norm` is given.
 struct Io<'a> {
     x: &'a [f32],
+    norm: Option<(&'a [f32], &'a [f32])>,
     base: Option<&'a [f32]>,
     y: &'a mut [f32],
 }
@@ -343,16 +395,30 @@ fn direct_at<L: Tile>(
     bias: Option<&[f32]>,
     scratch: &mut [f32],
 ) {
-    let Io { x, base, y } = io;
+    let Io { x, norm, base, y } = io;
     let (w, hw) = (s.w, s.plane());
     let (xp, yp) = scratch.split_at_mut(s.c_in * g.plane_p);
     xp.fill(0.0);
     let k = Kernel { s, g, weight, bias };
     for i in 0..n {
         let xi = &x[i * s.in_len()..][..s.in_len()];
-        for (src, dst) in xi.chunks_exact(hw).zip(xp.chunks_exact_mut(g.plane_p)) {
+        for (ci, (src, dst)) in xi
+            .chunks_exact(hw)
+            .zip(xp.chunks_exact_mut(g.plane_p))
+            .enumerate()
+        {
             for (r, row) in src.chunks_exact(w).enumerate() {
-                copy_row(&mut dst[(r + 1) * g.wp + 1..][..w], row);
+                let dst = &mut dst[(r + 1) * g.wp + 1..][..w];
+                match norm {
+                    None => copy_row(dst, row),
+                    Some((scale, shift)) => {
+                        let (a, b) = (scale[ci], shift[ci]);
+                        for (d, &x) in dst.iter_mut().zip(row) {
+                            let v = x * a + b;
+                            *d = if v > 0.0 { v } else { 0.0 };
+                        }
+                    }
+                }
             }
         }
         // Runs of `PV` vectors, then the rest in shorter runs; tiles outermost, so the input
@@ -731,6 +797,7 @@ mod tests {
         let mut y = vec![f32::NAN; n * s.out_len()];
         let io = Io {
             x,
+            norm: None,
             base: None,
             y: &mut y,
         };
@@ -749,6 +816,7 @@ mod tests {
             (2, 16, 16, 7, 7),
             (1, 16, 16, 14, 14),
             (1, 16, 1, 14, 14),
+            (1, 16, 3, 14, 14),
             (2, 2, 5, 5, 3),
             (1, 3, 6, 2, 9),
             (1, 16, 16, 28, 28),
@@ -816,6 +884,57 @@ mod tests {
             );
             let got: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
             assert_eq!(got, want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn bn_relu_conv_gives_the_bits_of_the_three_layers() {
+        use crate::kernels::batchnorm::{batchnorm_apply, bn_affine};
+        use crate::kernels::relu::relu_forward;
+        use ndarray::aview1;
+        let mut rng = tu::rng(9);
+        for (n, c_in, c_out, h, w) in [(3, 16, 16, 14, 14), (2, 16, 16, 7, 7), (1, 3, 5, 6, 4)] {
+            let s = Conv3x3 { c_in, c_out, h, w };
+            // Mixed signs, so that ReLU cuts about half the normalised values.
+            let x = uniform(&mut rng, n * s.in_len(), 2.0);
+            let wt = uniform(&mut rng, c_out * s.taps(), 1.0);
+            let b = uniform(&mut rng, c_out, 1.0);
+            let mean: Vec<f64> = uniform(&mut rng, c_in, 0.5)
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let var: Vec<f64> = uniform(&mut rng, c_in, 1.0)
+                .iter()
+                .map(|&v| f64::from(v.abs() + 0.1))
+                .collect();
+            let (gamma, beta) = (uniform(&mut rng, c_in, 2.0), uniform(&mut rng, c_in, 1.0));
+            let shape = (n, c_in, h * w);
+            let mut normed = vec![f32::NAN; x.len()];
+            batchnorm_apply(
+                ndarray::ArrayView3::from_shape(shape, &x).unwrap(),
+                aview1(&mean),
+                aview1(&var),
+                aview1(&gamma),
+                aview1(&beta),
+                ndarray::ArrayViewMut3::from_shape(shape, &mut normed).unwrap(),
+            );
+            let mut relu = vec![f32::NAN; x.len()];
+            relu_forward(aview1(&normed), ndarray::aview_mut1(&mut relu));
+            let want = run(&s, n, &relu, &wt, Some(&b));
+            let (scale, shift): (Vec<f32>, Vec<f32>) = (0..c_in)
+                .map(|c| bn_affine(mean[c], var[c], gamma[c], beta[c]))
+                .unzip();
+            let mut y = vec![f32::NAN; n * s.out_len()];
+            bn_relu_conv3x3_forward(
+                &s,
+                v4(s.input_shape(n), &x),
+                (aview1(&scale), aview1(&shift)),
+                v4(s.weight_shape(), &wt),
+                Some(aview1(&b)),
+                v4m(s.output_shape(n), &mut y),
+            );
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&want), "{s:?}");
         }
     }
 

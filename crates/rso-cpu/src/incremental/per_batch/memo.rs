@@ -356,7 +356,9 @@ impl ActivationMemo {
                 self.recompute_channels(exec, v, Some(w_off), &changed, &chans, n);
                 self.move_next_output(exec, &changed, n, p_off);
                 self.entries[e].next = Some((p_off, updates + changed.len()));
-                exec.forward_from(sh.next + 1, n, Mode::Train, true);
+                // The candidates read nothing after the next convolution's output but the
+                // logits, so the layers after it keep only their segments' ends.
+                exec.forward_from(sh.next + 1, n, Mode::Train, false);
             }
             (Some((p_off, _)), _) => {
                 exec.forward_from(act, n, Mode::Train, true);
