@@ -148,7 +148,8 @@ thread_local! {
 /// Runs the per-sample `steps` on `n` samples, `chunk` samples at a time through all steps:
 /// `input` holds the samples' input to the first step, `outputs[k]` receives step `k`'s output
 /// when `keep_all` (else only the last step's output is written there, the others live in a
-/// per-thread chunk buffer).
+/// per-thread chunk buffer, and a BatchNorm, ReLU, convolution run is one fused kernel call
+/// whose first two outputs are never written at all).
 ///
 /// Flat slices, not views: the buffers of one chunk have a different shape per step and share
 /// one scratch by offsets, and on one thread the full buffers pass through without the list of
@@ -184,8 +185,8 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
             while k < steps.len() {
                 // Step `k` alone, or BatchNorm, ReLU, convolution in one kernel when their
                 // outputs before the convolution's are not kept (`end` is the last step run).
-                let fused = !keep_all && bn_relu_conv(&steps[k..]).is_some();
-                let end = if fused { k + 2 } else { k };
+                let fused = bn_relu_conv(&steps[k..]).filter(|_| !keep_all);
+                let end = if fused.is_some() { k + 2 } else { k };
                 let (step, out) = (&steps[k], &steps[end]);
                 let (prev, cur) = outputs.split_at_mut(end);
                 let (before, after) = scratch.split_at_mut(offset(end));
@@ -201,7 +202,7 @@ fn run_chunks<B: AsRef<[f32]> + AsMut<[f32]>>(
                 } else {
                     &mut after[..r.len() * out.out_len]
                 };
-                match bn_relu_conv(&steps[k..]).filter(|_| fused) {
+                match fused {
                     Some((bn, conv)) => fused_forward(bn, conv, params, stats, r.len(), x, y),
                     None => layer_forward(&step.op, params, stats, r.len(), x, y),
                 }
@@ -253,12 +254,13 @@ fn fused_forward(
     let s = &stats[slot];
     AFFINE.with(|affine| {
         let mut affine = affine.borrow_mut();
-        affine.clear();
-        let pairs =
-            (0..c).map(|ch| bn_affine(s.mean[ch], s.var[ch], params[gamma][ch], params[beta][ch]));
-        affine.extend(pairs.clone().map(|(scale, _)| scale));
-        affine.extend(pairs.map(|(_, shift)| shift));
-        let (scale, shift) = affine.split_at(c);
+        affine.resize(2 * c, 0.0);
+        let (scale, shift) = affine.split_at_mut(c);
+        for ch in 0..c {
+            let (g, b) = (params[gamma][ch], params[beta][ch]);
+            (scale[ch], shift[ch]) = bn_affine(s.mean[ch], s.var[ch], g, b);
+        }
+        let (scale, shift) = (&*scale, &*shift);
         bn_relu_conv3x3_forward(
             &conv,
             view(conv.input_shape(n), x),

@@ -1,5 +1,6 @@
-//! 3×3 convolution, stride 1, zero padding 1: a direct register-tiled forward pass, and
-//! backward passes through im2col and `sgemm`.
+//! 3×3 convolution, stride 1, zero padding 1: a direct register-tiled forward pass (also
+//! added onto a base, [`conv3x3_forward_onto`], or of normalised and rectified input,
+//! [`bn_relu_conv3x3_forward`]), and backward passes through im2col and `sgemm`.
 //!
 //! Weight layout `[c_out, c_in, 3, 3]`, row-major, so a weight row is one output channel's
 //! `c_in·9` taps in the same order as the rows of the im2col matrix. The kernels take
@@ -240,7 +241,7 @@ pub fn conv3x3_forward_onto(
 
 /// Forward pass of ReLU(BatchNorm(x)) in one: `y[i] = weight ∗ relu(x[i]·scale + shift) +
 /// bias`, the normalisation applied per input channel as each plane is copied into the
-/// kernel's zero-bordered scratch (the same `f32` multiply, add and `max(·, 0)` as
+/// kernel's zero-bordered scratch (the same `f32` multiply, add and `v > 0 ? v : 0` as
 /// [`batchnorm_apply`](super::batchnorm::batchnorm_apply) with
 /// [`bn_affine`](super::batchnorm::bn_affine)'s `scale`, `shift` and then
 /// [`relu_forward`](super::relu::relu_forward), so the same bits), without writing the
@@ -316,7 +317,7 @@ struct Io<'a> {
     y: &'a mut [f32],
 }
 
-/// Layout of the zero-bordered planes of [`conv3x3_forward`].
+/// Layout of the zero-bordered planes of the forward kernels.
 struct Padded {
     /// Padded row width, `w + 2`.
     wp: usize,
@@ -380,7 +381,8 @@ impl Tile for crate::simd::Avx512 {
     const PV: usize = 4;
 }
 
-/// Every output value is `bias + Σ_ci Σ_taps w·x`, added in that order (input channel, then
+/// Every output value is `bias + Σ_ci Σ_taps w·x` (or `base + (Σ_ci Σ_taps w·x)`), `x` being
+/// the input or its normalised and rectified copy, added in that order (input channel, then
 /// tap), whatever the level and tile: the wide levels fuse each multiply-add, so they agree
 /// bit for bit; the tiles only change which values are computed together.
 #[inline(always)]
@@ -460,7 +462,7 @@ fn direct_at<L: Tile>(
     }
 }
 
-/// What every tile of one [`conv3x3_forward`] call reads.
+/// What every tile of one forward call reads.
 struct Kernel<'a> {
     s: &'a Conv3x3,
     g: &'a Padded,

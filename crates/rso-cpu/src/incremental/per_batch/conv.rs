@@ -308,7 +308,7 @@ fn finish(
 ) -> [f64; 3] {
     let end = next.layer();
     let hwo = chain_out_plane(exec, end);
-    let mut one = std::mem::take(&mut s.one);
+    let mut one = std::mem::take(&mut s.chained);
     let mut outs = std::mem::take(&mut s.delta);
     outs.clear();
     for (v, gb) in variants.into_iter().enumerate() {
@@ -327,7 +327,7 @@ fn finish(
         outs.extend_from_slice(&one[..n * hwo]);
     }
     grown(&mut s.a, 3 * n * hwo, 0.0).copy_from_slice(&outs);
-    s.one = one;
+    s.chained = one;
     s.delta = outs;
     next_losses(s, exec, next, k, n, base, reduction)
 }
@@ -401,7 +401,7 @@ fn next_losses(
                     *d = a - b;
                 }
                 let dst = &mut exec.ws.acts[layer + 1][..n * p_len];
-                one_channel_effect(
+                moved_by_channel(
                     conv,
                     &s.w_k,
                     n,
@@ -443,7 +443,7 @@ pub(super) fn input_channel(w: &[f32], conv: Conv3x3, k: usize, w_k: &mut Vec<f3
 /// The output of convolution `conv` after a change `delta` (`[n][h·w]`) of one input channel
 /// whose weights are `w_k` (`[c_out][9]`): `p = base + w_k ⊛ delta` (`[n][c_out·h·w]`), in
 /// chunks of [`CHUNK`] samples (over threads when large; the same values either way).
-pub(super) fn one_channel_effect(
+pub(super) fn moved_by_channel(
     conv: Conv3x3,
     w_k: &[f32],
     n: usize,

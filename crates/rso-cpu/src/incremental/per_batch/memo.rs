@@ -1,7 +1,7 @@
 //! The per-batch memo of the BatchNorm models' paths: activations around the visited layer,
 //! kept per recurring batch (see [`ActivationMemo`]).
 
-use super::conv::{chain, input_channel, next_after, one_channel_effect};
+use super::conv::{chain, input_channel, moved_by_channel, next_after};
 use super::CHUNK;
 use crate::executor::{view, view_mut, Executor, Mode, Op};
 use crate::incremental::util::{conv_forward, grown, parallel};
@@ -88,8 +88,9 @@ pub(crate) struct ActivationMemo {
     next_out: Vec<f32>,
     prev_input: Vec<f32>,
     hits: usize,
-    /// Scratch of the channel recomputation: the versions' planes `[n][m][h·w]`, their weight
-    /// rows, one version's planes as it is pooled.
+    /// Scratch of the channel recomputation: the versions to compute, their planes
+    /// `[n][m][h·w]` and weight rows, one version's planes as it is pooled.
+    versions: Vec<Version>,
     tmp: Vec<f32>,
     rows: Vec<f32>,
     planes: Vec<f32>,
@@ -156,7 +157,10 @@ fn batch_hash(batch: &[u32]) -> u64 {
     BuildHasherDefault::<DefaultHasher>::default().hash_one(batch)
 }
 
-/// Loads `batch` and runs the forward pass keeping every activation; returns the loss at W.
+/// Loads `batch` and runs the forward pass; returns the loss at W. A pass from the first layer
+/// keeps every activation; a pass from what the memo kept writes the visited layer's input and
+/// output, the next convolution's output and the logits, and of the layers in between and after
+/// only the segment ends (the inputs of BatchNorm layers).
 /// `act` is the visited layer (for a convolution, `visited` describes it): the [`ActivationMemo`]
 /// supplies its input and, for a convolution, its output when the batch was seen since the
 /// layers before it last changed. Worth it only where those layers are a sizeable part of the
@@ -384,9 +388,10 @@ impl ActivationMemo {
     }
 
     /// Recomputes channels `changed` with the weights the entry kept at `w_off` and channels
-    /// `chans` with the current ones, in one pass over the visited layer's input; the former
-    /// through the chain to the next convolution's input into `self.old` (`[c][n][h·w]`),
-    /// the latter into place in `acts` (the output and its pooled copies up to `out_act`).
+    /// `chans` with the current ones, [`VERSION_GROUP`] at a time in one pass over the visited
+    /// layer's input; the former through the chain to the next convolution's input into
+    /// `self.old` (`[c][n][h·w]`), the latter into place in `acts` (the output and its pooled
+    /// copies up to `out_act`).
     fn recompute_channels(
         &mut self,
         exec: &mut Executor,
@@ -397,25 +402,28 @@ impl ActivationMemo {
         n: usize,
     ) {
         let (act, sh) = (self.act, self.shape);
-        let olds = changed.iter().map(|&c| Version { c, old: true });
-        let versions: Vec<Version> = olds
-            .chain(chans.iter().map(|&c| Version { c, old: false }))
-            .collect();
-        let m = versions.len();
-        let old = w_off.map_or(&[][..], |o| &self.weights[o..o + sh.w_len]);
-        let (tmp, rows) = (&mut self.tmp, &mut self.rows);
-        conv_versions(tmp, rows, exec, act, v, &versions, old, n);
+        let mut versions = std::mem::take(&mut self.versions);
+        versions.clear();
+        let entry = |c| Version { c, entry: true };
+        versions.extend(changed.iter().copied().map(entry));
+        versions.extend(chans.iter().map(|&c| Version { c, entry: false }));
         self.old.clear();
-        for (j, version) in versions.iter().enumerate() {
-            let (tmp, planes) = (&self.tmp, &mut self.planes);
-            let jmc = (j, m, version.c);
-            place_version(tmp, planes, exec, act, sh.out_act, v.conv, jmc, n);
-            if version.old {
-                self.chain_of(exec, version.c, n);
-                let len = n * next_plane(exec, sh.next);
-                self.old.extend_from_slice(&self.a[..len]);
+        for group in versions.chunks(VERSION_GROUP) {
+            let kept = w_off.map_or(&[][..], |o| &self.weights[o..o + sh.w_len]);
+            let (tmp, rows) = (&mut self.tmp, &mut self.rows);
+            conv_versions(tmp, rows, exec, act, v, group, kept, n);
+            for (j, version) in group.iter().enumerate() {
+                let (tmp, planes) = (&self.tmp, &mut self.planes);
+                let jmc = (j, group.len(), version.c);
+                place_version(tmp, planes, exec, act, sh.out_act, v.conv, jmc, n);
+                if version.entry {
+                    self.chain_of(exec, version.c, n);
+                    let len = n * next_plane(exec, sh.next);
+                    self.old.extend_from_slice(&self.a[..len]);
+                }
             }
         }
+        self.versions = versions;
     }
 
     /// Channel `c`'s planes of `acts[out_act]` through the chain to the next convolution's
@@ -466,7 +474,7 @@ impl ActivationMemo {
             let kept = &mut self.next_out[p_off..p_off + p_len];
             let acts = &mut exec.ws.acts[self.shape.next + 1][..p_len];
             let (from, to) = if in_acts { (acts, kept) } else { (kept, acts) };
-            one_channel_effect(conv, &self.w_k, n, &self.a[..n * hw], from, to);
+            moved_by_channel(conv, &self.w_k, n, &self.a[..n * hw], from, to);
             in_acts = !in_acts;
         }
         let kept = &mut self.next_out[p_off..p_off + p_len];
@@ -599,17 +607,21 @@ fn copy_weights(exec: &Executor, v: Visited, out: &mut [f32]) {
     }
 }
 
-/// A channel of the visited convolution to recompute, with the current weights or (`old`)
+/// Channel versions recomputed per convolution call: one register tile's worth of output
+/// channels, and a scratch of `n·4·h·w` values whatever the number of changed channels.
+const VERSION_GROUP: usize = 4;
+
+/// A channel of the visited convolution to recompute, with the current weights or (`entry`)
 /// with an entry's copy of them.
 #[derive(Clone, Copy, Debug)]
 struct Version {
     c: usize,
-    old: bool,
+    entry: bool,
 }
 
 /// Recomputes the channel `versions` of the convolution at plan index `act` from its input in
 /// `acts[act]`, all in one pass over that input (one convolution whose output channels are
-/// the versions' weight rows), into `tmp` as `[n][m][h·w]`; `old` is the entry's copy of the
+/// the versions' weight rows), into `tmp` as `[n][m][h·w]`; `kept` is the entry's copy of the
 /// weights (laid out as [`copy_weights`] writes it). Then [`place_version`] writes them out.
 #[allow(clippy::too_many_arguments)]
 fn conv_versions(
@@ -619,7 +631,7 @@ fn conv_versions(
     act: usize,
     v: Visited,
     versions: &[Version],
-    old: &[f32],
+    kept: &[f32],
     n: usize,
 ) {
     let conv = v.conv;
@@ -628,13 +640,13 @@ fn conv_versions(
     let wl = p[v.weight].len();
     // The versions' weight rows, then their biases.
     rows.clear();
-    for &Version { c, old: o } in versions {
-        let w = if o { &old[..wl] } else { &p[v.weight][..] };
+    for &Version { c, entry } in versions {
+        let w = if entry { &kept[..wl] } else { &p[v.weight][..] };
         rows.extend_from_slice(&w[c * taps..(c + 1) * taps]);
     }
     if let Some(b) = v.bias {
-        for &Version { c, old: o } in versions {
-            rows.push(if o { old[wl + c] } else { p[b][c] });
+        for &Version { c, entry } in versions {
+            rows.push(if entry { kept[wl + c] } else { p[b][c] });
         }
     }
     let (w, b) = rows.split_at(m * taps);

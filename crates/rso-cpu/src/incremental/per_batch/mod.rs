@@ -2,7 +2,7 @@
 //!
 //! Batch statistics mix the samples of a batch, so nothing after the first BatchNorm can be
 //! kept across batches: every visit runs one forward pass of its batch (which gives the loss at
-//! W and every activation). From there a candidate is *channel-local*: a weight of output
+//! W and the activations the candidates start from). From there a candidate is *channel-local*: a weight of output
 //! channel `k` (or `γ_k`, `β_k`) changes channel `k` of the layer's output only, and the
 //! layers up to the next parameter layer — pooling, BatchNorm (channel `k`'s statistics only),
 //! ReLU, global average pooling — act on each channel alone (the *chain*). Then:
@@ -46,9 +46,10 @@ pub(crate) struct PerBatch {
     /// The next convolution's output at W, `[B][len]`, while the candidates run (swapped
     /// with the executor's buffer, whose length it takes).
     pub(super) base_p: Vec<f32>,
-    /// `Δo_k` of a candidate, `[B][hw]`, and one variant's planes through the chain.
+    /// `Δo_k` of a candidate, `[B][hw]` (and, in `finish`, the three variants' chain outputs).
     pub(super) delta: Vec<f32>,
-    pub(super) one: Vec<f32>,
+    /// One variant's channel-`k` planes on their way through the chain.
+    pub(super) chained: Vec<f32>,
     /// The next convolution's weights of input channel `k`, `[c_out][9]`.
     pub(super) w_k: Vec<f32>,
     /// Per-chunk loss accumulators of a dense visit.
