@@ -491,6 +491,20 @@ fn a_single_threaded_loss_on_a_batch_no_larger_than_before_allocates_nothing() {
                     kind.name()
                 );
             }
+            // A batch seen before, with the visited layer changed since (the per-batch memo's
+            // hits recompute the changed channels): after one such hit, nothing either.
+            let batch: Vec<u32> = (1..33).collect();
+            for hit in 0..2 {
+                let w = net.weight(0, 1);
+                net.set_weight(0, 1, w + 0.01);
+                let allocated = tu::allocations();
+                let _ = net.candidate_losses(&batch, 0, 1, 0.1, Reduction::Mean);
+                assert!(
+                    hit == 0 || tu::allocations() == allocated,
+                    "{}: a recurring batch's candidate_losses allocated",
+                    kind.name()
+                );
+            }
             // The counter does see the engine's allocations: a larger batch grows the buffers.
             let batch: Vec<u32> = (0..40).collect();
             let allocated = tu::allocations();
