@@ -7,9 +7,11 @@
 # OUT: the CSV (default results/bench_rso_round.csv); GROUP_PREFIX: groups to export (default
 # rso_round/). Reads every <group>/<bench>/new/{benchmark,estimates}.json and writes
 #   group,id,mean_s,median_s,stddev_s,weights_per_s
-# (weights_per_s = the bench's element throughput / mean), after a provenance header of `#`
-# lines: the bench command, the revision (git describe), the machine (CPU model, cores, load
-# average at export time) and the date. Run it after `cargo bench --bench rso_round` (it does not run the benches).
+# (weights_per_s = the bench's element throughput / mean; header on line 1, nothing but CSV), and
+# beside it OUT's .meta.json (X.csv -> X.meta.json): the bench command, the revision (git
+# describe, dirty or not), the machine (CPU model, cores, SIMD class, load average at export
+# time) and the date. Both written atomically. Run it after `cargo bench --bench rso_round` (it
+# does not run the benches).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,16 +23,20 @@ if [[ ! -d "$crit" ]]; then
     echo "bench-to-csv: no criterion output at $crit (run: cargo bench --bench rso_round)" >&2
     exit 1
 fi
-revision="$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)"
+revision="$(git -C "$root" describe --always --abbrev=12 2>/dev/null || echo unknown)"
+dirty=unknown
+if status="$(git -C "$root" --no-optional-locks status --porcelain --untracked-files=no 2>/dev/null)"; then
+    if [[ -n "$status" ]]; then dirty=true; else dirty=false; fi
+fi
 cpu="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
 cores="$(nproc 2>/dev/null || echo '?')"
 load="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)"
 mkdir -p "$(dirname "$out")"
 
-python3 - "$crit" "$out" "$prefix" "$revision" "${cpu:-unknown}" "$cores" "$load" <<'EOF'
-import csv, datetime, json, os, sys
+python3 - "$crit" "$out" "$prefix" "$revision" "$dirty" "${cpu:-unknown}" "$cores" "$load" <<'EOF'
+import csv, datetime, io, json, os, platform, sys
 
-crit, out, prefix, revision, cpu, cores, load = sys.argv[1:8]
+crit, out, prefix, revision, dirty, cpu, cores, load = sys.argv[1:9]
 rows = []
 for dirpath, _, files in os.walk(crit):
     if os.path.basename(dirpath) != "new" or "estimates.json" not in files:
@@ -58,14 +64,49 @@ if not rows:
     sys.exit(f"bench-to-csv: no estimates for groups {prefix!r} under {crit}")
 rows.sort()
 date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-with open(out, "w", newline="") as f:
-    f.write("# command: cargo bench --bench rso_round (criterion; exported by scripts/bench-to-csv.sh)\n")
-    f.write(f"# revision: {revision}\n")
-    f.write(f"# machine: {cpu}, {cores} cores (load average when exported: {load})\n")
-    f.write(f"# date: {date}\n")
-    f.write("# ids ending in -est: a round scaled down by a fraction (training set and every array's scalars), scaled back up (benches/rso_round.rs)\n")
-    w = csv.writer(f, lineterminator="\n")
-    w.writerow(["group", "id", "mean_s", "median_s", "stddev_s", "weights_per_s"])
-    w.writerows(rows)
-print(f"bench-to-csv: {len(rows)} rows -> {out}")
+flags = ""
+try:
+    with open("/proc/cpuinfo") as f:
+        flags = next((l for l in f if l.startswith("flags")), "")
+except OSError:
+    pass
+flags = set(flags.split())
+simd = "avx512" if {"avx512f", "avx2", "fma"} <= flags else "avx2" if {"avx2", "fma"} <= flags else "portable"
+meta = {
+    "format": "rso-results-meta",
+    "version": 1,
+    "command": ["cargo", "bench", "--bench", "rso_round"],
+    "exported_by": "scripts/bench-to-csv.sh",
+    "revision": revision,
+    "dirty": {"true": True, "false": False}.get(dirty),
+    "machine": {"cpu": cpu, "cores": int(cores) if cores.isdigit() else None,
+                "os": f"{platform.system().lower()} {platform.machine()}", "simd_class": simd,
+                "load_average_at_export": load},
+    "engine": {"backend": "cpu (and tch where the bench ids say so)", "device": "cpu",
+               "kernels": "the widest level the CPU has, unless RSO_SIMD lowered it"},
+    "versions": {"rso": None, "libtorch": None},
+    "seed": None,
+    "settings": {"criterion_dir": crit, "group_prefix": prefix},
+    "started": None,
+    "ended": date,
+    "notes": ["ids ending in -est: a round scaled down by a fraction (training set and every "
+              "array's scalars), scaled back up (benches/rso_round.rs)"],
+}
+text = io.StringIO()
+w = csv.writer(text, lineterminator="\n")
+w.writerow(["group", "id", "mean_s", "median_s", "stddev_s", "weights_per_s"])
+w.writerows(rows)
+meta_path = out[:-4] + ".meta.json" if out.endswith(".csv") else out + ".meta.json"
+
+def write_atomic(path, content):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+write_atomic(out, text.getvalue())
+print(f"bench-to-csv: {len(rows)} rows -> {out} (provenance: {meta_path})")
 EOF

@@ -59,8 +59,16 @@ use std::path::{Path, PathBuf};
 
 /// The `format` field of every `state.json`.
 pub const FORMAT: &str = "rso-checkpoint";
-/// The version of the layout this program writes and reads.
-pub const VERSION: u32 = 1;
+/// The version of the layout this program writes. It reads every earlier version too
+/// ([`upgrade_rows`] fills what an older one lacks); every change of the layout gets a new one.
+///
+/// - 1: the first layout;
+/// - 2: rows gain `accept_rate`, `sigma_scale`, `forward_equivalents`,
+///   `cumulative_forward_equivalents` and `cumulative_seconds`; `origin.command` is an argv
+///   array (version 1: one string).
+pub const VERSION: u32 = 2;
+/// The oldest version this program reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// The file naming the newest complete round directory.
 pub const LATEST: &str = "latest";
 /// The state file of a round directory.
@@ -183,6 +191,21 @@ pub struct SavedRow {
     pub test_loss: String,
     /// Test accuracy after the round.
     pub test_acc: String,
+    /// RSO's accept rate (absent in version 1).
+    #[serde(default)]
+    pub accept_rate: Option<String>,
+    /// σ's annealing factor (absent in version 1).
+    #[serde(default)]
+    pub sigma_scale: Option<String>,
+    /// Forward-equivalents of the round (absent in version 1).
+    #[serde(default)]
+    pub forward_equivalents: Option<u64>,
+    /// Forward-equivalents up to this round (absent in version 1).
+    #[serde(default)]
+    pub cumulative_forward_equivalents: Option<u64>,
+    /// Training seconds up to this round (absent in version 1, present in every later one).
+    #[serde(default)]
+    pub cumulative_seconds: Option<String>,
 }
 
 impl SavedRow {
@@ -203,11 +226,19 @@ impl SavedRow {
             train_acc: row.train_acc.to_string(),
             test_loss: row.test_loss.to_string(),
             test_acc: row.test_acc.to_string(),
+            accept_rate: row.accept_rate.map(|x| x.to_string()),
+            sigma_scale: row.sigma_scale.map(|x| x.to_string()),
+            forward_equivalents: row.forward_equivalents,
+            cumulative_forward_equivalents: row.cumulative_forward_equivalents,
+            cumulative_seconds: Some(row.cumulative_seconds.to_string()),
         }
     }
 
-    /// The row back, bit-exact.
+    /// The row back, bit-exact. A version-1 row's `cumulative_seconds` comes back as its own
+    /// `seconds`, until [`upgrade_rows`] sums them.
     pub fn to_row(&self) -> anyhow::Result<RoundRow> {
+        let opt = |v: &Option<String>, what| v.as_deref().map(|s| float(s, what)).transpose();
+        let seconds = float(&self.seconds, "seconds")?;
         Ok(RoundRow {
             round: self.round,
             model: self.model.clone(),
@@ -216,14 +247,87 @@ impl SavedRow {
             backend: self.backend.clone(),
             device: self.device.clone(),
             batch: self.batch,
-            seconds: float(&self.seconds, "seconds")?,
+            seconds,
             steps: self.steps,
             accepted: self.accepted,
             train_loss: float(&self.train_loss, "train_loss")?,
             train_acc: float(&self.train_acc, "train_acc")?,
             test_loss: float(&self.test_loss, "test_loss")?,
             test_acc: float(&self.test_acc, "test_acc")?,
+            accept_rate: opt(&self.accept_rate, "accept_rate")?,
+            sigma_scale: opt(&self.sigma_scale, "sigma_scale")?,
+            forward_equivalents: self.forward_equivalents,
+            cumulative_forward_equivalents: self.cumulative_forward_equivalents,
+            cumulative_seconds: opt(&self.cumulative_seconds, "cumulative_seconds")?
+                .unwrap_or(seconds),
         })
+    }
+}
+
+/// Rows read from a checkpoint of `version`, completed to this version's columns. Version-1
+/// rows lack the study columns; they are derived from the run's settings (`args`) and training
+/// set size (`train_len`) where that is exact: the accept rate and σ's annealing factor always,
+/// the forward-equivalents where every minibatch of the round had the same size (SGD: every
+/// sample once per epoch; RSO: the sequential policy, or a batch size dividing the training
+/// set); otherwise that cell and the cumulative ones after it stay empty.
+pub fn upgrade_rows(
+    mut rows: Vec<RoundRow>,
+    version: u32,
+    args: &TrainArgs,
+    train_len: usize,
+) -> anyhow::Result<Vec<RoundRow>> {
+    if version >= 2 {
+        return Ok(rows);
+    }
+    let rso = match args.optimizer {
+        OptimizerKind::Rso => Some(crate::train::rso_config(args)),
+        OptimizerKind::Sgd => None,
+    };
+    let (mut cumulative_fe, mut cumulative_s) = (Some(0u64), 0.0);
+    for row in &mut rows {
+        let fe = match &rso {
+            None => Some(rso_optim::forward_equivalents(train_len)),
+            Some(cfg) => {
+                let b = cfg.batch_size.min(train_len);
+                let equal = cfg.batch_policy == rso_optim::BatchPolicy::Sequential
+                    || train_len.is_multiple_of(b.max(1));
+                equal.then(|| rso_optim::forward_equivalents(b) * row.steps as u64)
+            }
+        };
+        row.accept_rate = rso
+            .as_ref()
+            .map(|_| row.accepted as f64 / row.steps.max(1) as f64);
+        row.sigma_scale = rso.as_ref().map(|c| c.anneal_factor(row.round - 1));
+        row.forward_equivalents = fe;
+        cumulative_fe = cumulative_fe.zip(fe).map(|(c, f)| c + f);
+        row.cumulative_forward_equivalents = cumulative_fe;
+        cumulative_s += row.seconds;
+        row.cumulative_seconds = cumulative_s;
+    }
+    Ok(rows)
+}
+
+/// A command line as a checkpoint records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CommandLine {
+    /// The argv array (version 2 on; non-UTF-8 arguments lossily).
+    Argv(Vec<String>),
+    /// One line, arguments joined by spaces (version 1).
+    Text(String),
+}
+
+impl CommandLine {
+    /// The command as one line.
+    pub fn display(&self) -> String {
+        match self {
+            CommandLine::Argv(v) => v
+                .iter()
+                .map(|a| crate::provenance::shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" "),
+            CommandLine::Text(t) => t.clone(),
+        }
     }
 }
 
@@ -232,7 +336,7 @@ impl SavedRow {
 #[serde(deny_unknown_fields)]
 pub struct Origin {
     /// The command line that started the run.
-    pub command: String,
+    pub command: CommandLine,
     /// `git describe` of the program that started it.
     pub revision: String,
     /// When it started (UTC).
@@ -245,7 +349,7 @@ pub struct Origin {
 pub struct State {
     /// Always [`FORMAT`].
     pub format: String,
-    /// Always [`VERSION`].
+    /// [`VERSION`] when written; any version from [`OLDEST_VERSION`] when read.
     pub version: u32,
     /// The run's settings.
     pub config: RunConfig,
@@ -642,8 +746,8 @@ pub fn parse_state(bytes: &[u8]) -> anyhow::Result<State> {
     );
     let version = value.get("version").and_then(|v| v.as_u64());
     ensure!(
-        version == Some(u64::from(VERSION)),
-        "format version {}, this rso reads version {VERSION}",
+        version.is_some_and(|v| (u64::from(OLDEST_VERSION)..=u64::from(VERSION)).contains(&v)),
+        "format version {}, this rso reads versions {OLDEST_VERSION} to {VERSION}",
         value
             .get("version")
             .map_or_else(|| "missing".to_string(), |v| v.to_string())
@@ -665,6 +769,12 @@ pub fn parse_state(bytes: &[u8]) -> anyhow::Result<State> {
     );
     for (i, row) in state.rows.iter().enumerate() {
         ensure!(row.round == i + 1, "row {} says round {}", i + 1, row.round);
+        ensure!(
+            state.version < 2 || row.cumulative_seconds.is_some(),
+            "row {}: cumulative_seconds missing (version {} rows have it)",
+            i + 1,
+            state.version
+        );
         row.to_row().with_context(|| format!("row {}", i + 1))?;
     }
     ensure!(
@@ -734,6 +844,11 @@ mod tests {
             train_acc: 1.0 / 3.0,
             test_loss: x.sqrt(),
             test_acc: 0.1 + 0.2,
+            accept_rate: Some(17.0 / 7890.0),
+            sigma_scale: Some(1.0),
+            forward_equivalents: Some(3 * 8 * 7890),
+            cumulative_forward_equivalents: Some(3 * 8 * 7890 * round as u64),
+            cumulative_seconds: x * 3.0 * round as f64,
         }
     }
 
@@ -773,7 +888,7 @@ mod tests {
                 .map(|r| SavedRow::from_row(&row(r, 0.7 / r as f64)))
                 .collect(),
             origin: Origin {
-                command: "rso train".into(),
+                command: CommandLine::Argv(vec!["rso".into(), "train".into()]),
                 revision: "x".into(),
                 date: "d".into(),
             },

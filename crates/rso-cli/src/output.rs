@@ -1,9 +1,11 @@
-//! Results files: per-round CSV rows, written atomically with a provenance header.
+//! Results files: plain CSV (header on line 1, nothing but CSV after it, so any data tool
+//! reads it with no options), each with its provenance in a `<name>.meta.json` beside it
+//! ([`crate::provenance::Meta`]); both written atomically.
 
-use crate::provenance::Provenance;
+use crate::provenance::Meta;
 use anyhow::Context;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One row of a training run's CSV: a round (RSO) or epoch (SGD) and the evaluation after it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -36,25 +38,59 @@ pub struct RoundRow {
     pub test_loss: f64,
     /// Test-set accuracy after the round.
     pub test_acc: f64,
+    // The columns a study compares methods on, after the ones above (whose order stays).
+    /// RSO: `accepted / steps`. SGD: empty.
+    pub accept_rate: Option<f64>,
+    /// RSO: the annealing factor σ was scaled by in this round (1 without annealing). SGD:
+    /// empty.
+    pub sigma_scale: Option<f64>,
+    /// Forward passes of one sample the round's training asked for (3·|batch| per RSO visit or
+    /// SGD step; evaluation not counted; see [`rso_optim::RoundStats::forward_equivalents`]).
+    /// Empty where unknown (rounds of a version-1 checkpoint it cannot be derived for).
+    pub forward_equivalents: Option<u64>,
+    /// The sum of `forward_equivalents` over rounds 1 to this one; empty once one is unknown.
+    pub cumulative_forward_equivalents: Option<u64>,
+    /// The sum of `seconds` over rounds 1 to this one.
+    pub cumulative_seconds: f64,
 }
 
-/// Serialises `rows` as CSV (header included) after the provenance comment lines.
-pub fn csv_text<T: Serialize>(provenance: &Provenance, rows: &[T]) -> anyhow::Result<String> {
+/// Column names of the time columns of a [`RoundRow`] CSV: the only ones that may differ
+/// between two runs with the same settings.
+pub const TIME_COLUMNS: [&str; 2] = ["seconds", "cumulative_seconds"];
+
+/// Serialises `rows` as CSV, header on line 1.
+pub fn csv_text<T: Serialize>(rows: &[T]) -> anyhow::Result<String> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
         w.serialize(r)?;
     }
-    let body = String::from_utf8(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
-    Ok(format!("{}{}", provenance.comment_lines(), body))
+    Ok(String::from_utf8(
+        w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?,
+    )?)
 }
 
-/// Refuses to replace an existing file unless `force`.
+/// The provenance file of the results file `path`: `X.csv` → `X.meta.json`, any other name
+/// `N` → `N.meta.json`.
+pub fn meta_path(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "csv") {
+        path.with_extension("meta.json")
+    } else {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".meta.json");
+        path.with_file_name(name)
+    }
+}
+
+/// Refuses to replace an existing results file (or its `.meta.json`) unless `force`.
 pub fn check_writable(path: &Path, force: bool, flag: &str) -> anyhow::Result<()> {
-    if path.exists() && !force {
-        anyhow::bail!(
-            "{flag} {}: file exists; pass --force to replace it",
-            path.display()
-        );
+    for p in [path.to_path_buf(), meta_path(path)] {
+        if p.exists() && !force {
+            anyhow::bail!(
+                "{flag} {}: {} exists; pass --force to replace it",
+                path.display(),
+                p.display()
+            );
+        }
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         anyhow::ensure!(
@@ -65,6 +101,13 @@ pub fn check_writable(path: &Path, force: bool, flag: &str) -> anyhow::Result<()
         );
     }
     Ok(())
+}
+
+/// Writes a CSV results file and its `.meta.json`, each atomically (the provenance first, so a
+/// reader of a new CSV finds provenance at least as new).
+pub fn write_results(path: &Path, csv: &str, meta: &Meta) -> anyhow::Result<()> {
+    write_file(&meta_path(path), &meta.to_json())?;
+    write_file(path, csv)
 }
 
 /// Writes a whole file atomically: readers see the old content or the complete new one.

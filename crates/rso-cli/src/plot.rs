@@ -1,11 +1,11 @@
 //! The accuracy-per-round plot of `rso reproduce comparison` (SVG, plotters).
 
-use crate::provenance::Provenance;
+use crate::provenance::Meta;
 use crate::reproduce::CurveRow;
 use plotters::prelude::*;
 
 /// Test accuracy against round, one line per optimizer, as an SVG document.
-pub fn accuracy_svg(title: &str, p: &Provenance, rows: &[CurveRow]) -> anyhow::Result<String> {
+pub fn accuracy_svg(title: &str, p: &Meta, rows: &[CurveRow]) -> anyhow::Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 520)).into_drawing_area();
@@ -64,7 +64,10 @@ pub fn accuracy_svg(title: &str, p: &Provenance, rows: &[CurveRow]) -> anyhow::R
             .draw(&Text::new(
                 format!(
                     "{} · rev {} · {} · {}",
-                    p.command, p.revision, p.device, p.date
+                    p.command_line(),
+                    p.revision_label(),
+                    p.engine.label,
+                    p.ended
                 ),
                 (10, 10),
                 ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90)),

@@ -6,7 +6,7 @@
 
 use crate::args::{CommonArgs, ComparisonArgs, PaperArgs, ReproduceCommand, SeedTableArgs};
 use crate::output::{self, RoundRow};
-use crate::provenance::{device_label, Provenance};
+use crate::provenance::{utc_now, Meta};
 use crate::train::{self, ConsoleReporter, TrainOutcome};
 use crate::{Cli, Command};
 use anyhow::Context;
@@ -201,8 +201,9 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
     let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
     let md_path = a.common.out_dir.join(format!("{stem}.md"));
     ensure_dir(&a.common.out_dir)?;
+    let started = utc_now();
     let mut rows = Vec::new();
-    let mut provenance = None;
+    let mut runs = Vec::new();
     for (i, &k) in picks.iter().enumerate() {
         let nb = NOTEBOOK[k];
         println!(
@@ -227,9 +228,8 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
         ];
         args.extend(common(&a.common));
         let outcome = train_with(&args)?;
+        runs.push(args);
         let last = outcome.rows.last().expect("at least one round");
-        provenance
-            .get_or_insert_with(|| Provenance::current(&device_label(&last.backend, &last.device)));
         rows.push(SeedTableRow {
             model: nb.model.into(),
             rounds: nb.rounds,
@@ -245,23 +245,40 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
             speedup: nb.seconds / outcome.seconds.max(1e-9),
         });
         // Rewrite after every configuration so a long table survives an interruption.
-        let p = provenance.as_ref().expect("set above");
-        output::write_file(&csv_path, &output::csv_text(p, &rows)?)?;
-        output::write_file(&md_path, &seed_table_markdown(p, &rows))?;
+        let mut meta = Meta::current(
+            &last.backend,
+            &last.device,
+            Some(a.common.seed),
+            serde_json::json!({ "preset": "seed", "optimizer": "rso", "runs": runs }),
+            &started,
+        );
+        meta.notes.push(
+            "one run (one seed) per row; every run's `rso train` arguments are in settings.runs"
+                .into(),
+        );
+        output::write_results(&csv_path, &output::csv_text(&rows)?, &meta)?;
+        output::write_file(&md_path, &seed_table_markdown(&meta, &rows))?;
     }
     println!("wrote {} and {}", csv_path.display(), md_path.display());
     Ok(())
 }
 
 /// The seed table as Markdown, provenance first.
-pub fn seed_table_markdown(p: &Provenance, rows: &[SeedTableRow]) -> String {
+pub fn seed_table_markdown(p: &Meta, rows: &[SeedTableRow]) -> String {
     let opt = |v: Option<f64>, digits: usize| {
         v.map(|x| format!("{x:.digits$}"))
             .unwrap_or_else(|| "–".into())
     };
     let mut s = format!(
-        "RSO, preset `seed`, MNIST. Command: `{}`; revision {}; machine: {}; device: {}; date {}.\n\n",
-        p.command, p.revision, p.machine, p.device, p.date
+        "RSO, preset `seed`, MNIST. Command: `{}`; revision {}; machine: {}, {} cores ({}); {}; \
+         finished {}.\n\n",
+        p.command_line(),
+        p.revision_label(),
+        p.machine.cpu,
+        p.machine.cores,
+        p.machine.simd_class,
+        p.engine.label,
+        p.ended
     );
     s.push_str("| model | rounds | batch | engine | device | seconds | test loss | test acc | notebook seconds | notebook test loss | notebook test acc | speedup |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -324,8 +341,10 @@ impl From<&RoundRow> for CurveRow {
 fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
     ensure_dir(&a.common.out_dir)?;
     for model in &a.models {
+        let started = utc_now();
         let mut rows: Vec<CurveRow> = Vec::new();
-        let mut provenance = None;
+        let mut runs = Vec::new();
+        let mut engine = None;
         for optimizer in ["rso", "sgd"] {
             println!(
                 "== {model} {optimizer} batch={} rounds={}",
@@ -347,10 +366,9 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
             ];
             args.extend(common(&a.common));
             let outcome = train_with(&args)?;
+            runs.push(args);
             let last = outcome.rows.last().expect("at least one round");
-            provenance.get_or_insert_with(|| {
-                Provenance::current(&device_label(&last.backend, &last.device))
-            });
+            engine = Some((last.backend.clone(), last.device.clone()));
             rows.extend(outcome.rows.iter().map(CurveRow::from));
         }
         let stem = if model == "one-conv" {
@@ -358,9 +376,16 @@ fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
         } else {
             format!("comparison_{}", model.replace('-', "_"))
         };
-        let p = provenance.expect("two runs");
+        let (backend, device) = engine.expect("two runs");
+        let p = Meta::current(
+            &backend,
+            &device,
+            Some(a.common.seed),
+            serde_json::json!({ "model": model, "runs": runs }),
+            &started,
+        );
         let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
-        output::write_file(&csv_path, &output::csv_text(&p, &rows)?)?;
+        output::write_results(&csv_path, &output::csv_text(&rows)?, &p)?;
         let svg_path = a.common.out_dir.join(format!("{stem}.svg"));
         let svg = crate::plot::accuracy_svg(
             &format!("Accuracy comparison, {model}, batch {}", a.batch_size),
@@ -432,13 +457,9 @@ mod tests {
 
     #[test]
     fn markdown_has_a_line_per_row_and_the_provenance() {
-        let p = Provenance {
-            command: "rso reproduce seed-table".into(),
-            revision: "abc".into(),
-            machine: "m".into(),
-            device: "backend cpu, device cpu, kernels avx2".into(),
-            date: "2026-01-01T00:00:00Z".into(),
-        };
+        let mut p = Meta::current("cpu", "cpu", Some(0), serde_json::json!({}), "t0");
+        p.command = vec!["rso".into(), "reproduce".into(), "seed-table".into()];
+        p.revision = "abc".into();
         let row = SeedTableRow {
             model: "one-conv".into(),
             rounds: 10,

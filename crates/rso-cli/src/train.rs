@@ -5,7 +5,7 @@
 use crate::args::{Backend, BatchPolicyArg, DatasetKind, OptimizerKind, RsoEvalArg, TrainArgs};
 use crate::checkpoint::{self, DataFingerprint, Origin, RunConfig, SavedRow, State};
 use crate::output::{self, RoundRow};
-use crate::provenance::{device_label, Provenance};
+use crate::provenance::{utc_now, Meta};
 use anyhow::{bail, ensure, Context};
 use rso_data::Split;
 use rso_models::{init_params, ModelSpec, Network, Params, SplitKind};
@@ -250,6 +250,31 @@ pub fn build_network(
     }
 }
 
+/// The RSO settings the arguments describe: the preset's, with every given knob applied.
+pub fn rso_config(args: &TrainArgs) -> RsoConfig {
+    let mut cfg = RsoConfig::preset(args.preset, args.rounds, args.batch_size, args.seed);
+    if let Some(s) = args.sigma {
+        cfg.sigma = SigmaRule::Fixed(s);
+    }
+    if let Some(a) = args.anneal {
+        cfg.anneal = a;
+    }
+    if let Some(wd) = args.weight_decay {
+        cfg.weight_decay = wd;
+    }
+    if let Some(p) = args.batch_policy {
+        cfg.batch_policy = match p {
+            BatchPolicyArg::Random => BatchPolicy::Random,
+            BatchPolicyArg::Sequential => BatchPolicy::Sequential,
+        };
+    }
+    cfg.eval = match args.rso_eval {
+        RsoEvalArg::Reference => RsoEval::Reference,
+        RsoEvalArg::Incremental => RsoEval::Incremental,
+    };
+    cfg
+}
+
 /// The optimizer the arguments describe.
 pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box<dyn Optimizer>> {
     Ok(match args.optimizer {
@@ -258,29 +283,7 @@ pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box
             batch_size: args.batch_size,
             seed: args.seed,
         })?),
-        OptimizerKind::Rso => {
-            let mut cfg = RsoConfig::preset(args.preset, args.rounds, args.batch_size, args.seed);
-            if let Some(s) = args.sigma {
-                cfg.sigma = SigmaRule::Fixed(s);
-            }
-            if let Some(a) = args.anneal {
-                cfg.anneal = a;
-            }
-            if let Some(wd) = args.weight_decay {
-                cfg.weight_decay = wd;
-            }
-            if let Some(p) = args.batch_policy {
-                cfg.batch_policy = match p {
-                    BatchPolicyArg::Random => BatchPolicy::Random,
-                    BatchPolicyArg::Sequential => BatchPolicy::Sequential,
-                };
-            }
-            cfg.eval = match args.rso_eval {
-                RsoEvalArg::Reference => RsoEval::Reference,
-                RsoEvalArg::Incremental => RsoEval::Incremental,
-            };
-            Box::new(Rso::new(spec, cfg)?)
-        }
+        OptimizerKind::Rso => Box::new(Rso::new(spec, rso_config(args))?),
     })
 }
 
@@ -316,6 +319,55 @@ pub fn run(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
     }
 }
 
+/// `path` with any bytes that are not UTF-8 replaced, so it serialises.
+fn lossy(path: &Path) -> PathBuf {
+    PathBuf::from(path.to_string_lossy().into_owned())
+}
+
+/// The `settings` of a run's `.meta.json`: every setting of the arguments (as a checkpoint
+/// stores them, the dataset directory absolute where it resolves), the optimizer's resolved
+/// settings (preset values, σ per array) and the data's sizes.
+fn settings_json(
+    args: &TrainArgs,
+    optimizer: &dyn Optimizer,
+    net: &dyn Network,
+    test_len: usize,
+) -> serde_json::Value {
+    let dir = data_dir(args);
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let mut config = RunConfig::from_args(args, &lossy(&dir));
+    config.init_weights = config.init_weights.as_deref().map(lossy);
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    let resolved: serde_json::Map<String, serde_json::Value> = optimizer
+        .resolved_settings()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("resolved".into(), resolved.into());
+        map.insert("train_samples".into(), net.train_len().into());
+        map.insert("test_samples".into(), test_len.into());
+    }
+    value
+}
+
+/// The provenance of a run's `--out` file (its `ended` set at every write).
+fn run_meta(
+    args: &TrainArgs,
+    optimizer: &dyn Optimizer,
+    net: &dyn Network,
+    test_len: usize,
+    started: &str,
+) -> Meta {
+    Meta::current(
+        net.backend(),
+        &net.device(),
+        Some(args.seed),
+        settings_json(args, optimizer, net, test_len),
+        started,
+    )
+}
+
 /// Where a run checkpoints, and the state every checkpoint of it shares.
 struct Checkpointing {
     dir: PathBuf,
@@ -329,12 +381,13 @@ struct Session<'a> {
     args: &'a TrainArgs,
     net: Box<dyn Network>,
     optimizer: Box<dyn Optimizer>,
-    provenance: Provenance,
+    meta: Meta,
     checkpointing: Option<Checkpointing>,
 }
 
 /// Starts a new run.
 fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<TrainOutcome> {
+    let started = utc_now();
     check_args(args)?;
     if let Some(dir) = &args.checkpoint_dir {
         checkpoint::check_new_dir(dir, args.force)?;
@@ -355,9 +408,10 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
         .checkpoint_dir
         .as_ref()
         .map(|_| DataFingerprint::of(&split));
+    let test_len = split.test.len();
     let net = build_network(args, &spec, &params, split)?;
     let optimizer = build_optimizer(args, &spec)?;
-    let provenance = Provenance::current(&device_label(net.backend(), &net.device()));
+    let meta = run_meta(args, optimizer.as_ref(), net.as_ref(), test_len, &started);
     let checkpointing = match (&args.checkpoint_dir, fingerprint) {
         (Some(dir), Some(data)) => {
             let data_dir = data_dir(args);
@@ -377,9 +431,9 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
                     weights_checksum: String::new(),
                     rows: Vec::new(),
                     origin: Origin {
-                        command: provenance.command.clone(),
-                        revision: provenance.revision.clone(),
-                        date: provenance.date.clone(),
+                        command: checkpoint::CommandLine::Argv(meta.command.clone()),
+                        revision: meta.revision_label(),
+                        date: started.clone(),
                     },
                 },
             })
@@ -390,7 +444,7 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
         args,
         net,
         optimizer,
-        provenance,
+        meta,
         checkpointing,
     };
     train_rounds(session, Vec::new(), reporter)
@@ -404,6 +458,7 @@ fn resume(
     cli: &TrainArgs,
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<TrainOutcome> {
+    let started = utc_now();
     let ck = checkpoint::read_latest(dir)?;
     let state_path = ck.state_path();
     let args = ck
@@ -413,6 +468,8 @@ fn resume(
         .with_context(|| format!("{}: invalid settings", state_path.display()))?;
     let rows = ck
         .rows()
+        .with_context(|| format!("{}", state_path.display()))?;
+    let rows = checkpoint::upgrade_rows(rows, ck.state.version, &args, ck.state.data.train)
         .with_context(|| format!("{}", state_path.display()))?;
     check_args(&args)?;
     let split = load_data(&args)?;
@@ -441,16 +498,23 @@ fn resume(
     let spec = model_spec(&args, &split)?;
     let params = ck.load_params(&spec)?;
     check_finite(&params).with_context(|| format!("{}", ck.weights_path().display()))?;
+    let test_len = split.test.len();
     let net = build_network(&args, &spec, &params, split)?;
     let optimizer = build_optimizer(&args, &spec)
         .with_context(|| format!("{}: invalid settings", state_path.display()))?;
-    let mut provenance = Provenance::current(&device_label(net.backend(), &net.device()));
+    let mut meta = run_meta(&args, optimizer.as_ref(), net.as_ref(), test_len, &started);
     let origin = &ck.state.origin;
-    provenance.command = format!(
-        "{} (resumed after round {} of: {}; revision {}, {})",
-        provenance.command, ck.state.rounds_completed, origin.command, origin.revision, origin.date
-    );
+    meta.notes.push(format!(
+        "resumed after round {} of the run started at {} by `{}` (revision {}); rows 1 to {} \
+         come from that run's checkpoint",
+        ck.state.rounds_completed,
+        origin.date,
+        origin.command.display(),
+        origin.revision,
+        ck.state.rounds_completed
+    ));
     let mut base = ck.state.clone();
+    base.version = checkpoint::VERSION;
     base.config.data_dir = std::fs::canonicalize(&used_dir)
         .with_context(|| format!("--data-dir {}", used_dir.display()))?;
     // Everything is checked: only now take the directory, and make sure the checkpoint read
@@ -466,7 +530,7 @@ fn resume(
         args: &args,
         net,
         optimizer,
-        provenance,
+        meta,
         checkpointing: Some(Checkpointing {
             dir: dir.to_path_buf(),
             base,
@@ -487,7 +551,7 @@ fn train_rounds(
         args,
         mut net,
         mut optimizer,
-        provenance,
+        mut meta,
         checkpointing,
     } = session;
     let spec = net.spec().clone();
@@ -496,9 +560,10 @@ fn train_rounds(
         order.truncate(BN_CALIBRATION_SAMPLES);
         order
     };
-    let write_out = |rows: &[RoundRow]| -> anyhow::Result<()> {
+    let mut write_out = |rows: &[RoundRow]| -> anyhow::Result<()> {
         if let Some(out) = &args.out {
-            output::write_file(out, &output::csv_text(&provenance, rows)?)
+            meta.ended = utc_now();
+            output::write_results(out, &output::csv_text(rows)?, &meta)
                 .with_context(|| format!("--out {}", out.display()))?;
         }
         Ok(())
@@ -516,6 +581,7 @@ fn train_rounds(
             .map_err(|e: OptimError| anyhow::anyhow!(e))?;
         let elapsed = start.elapsed().as_secs_f64();
         let (train, test) = evaluate(net.as_mut(), &calibration);
+        let previous = rows.last();
         let row = RoundRow {
             round: round + 1,
             model: spec.name.clone(),
@@ -531,6 +597,17 @@ fn train_rounds(
             train_acc: train.accuracy,
             test_loss: test.loss,
             test_acc: test.accuracy,
+            accept_rate: (args.optimizer == OptimizerKind::Rso)
+                .then(|| stats.accepted as f64 / stats.steps.max(1) as f64),
+            sigma_scale: stats.sigma_scale,
+            forward_equivalents: Some(stats.forward_equivalents),
+            cumulative_forward_equivalents: match previous {
+                None => Some(stats.forward_equivalents),
+                Some(p) => p
+                    .cumulative_forward_equivalents
+                    .map(|c| c + stats.forward_equivalents),
+            },
+            cumulative_seconds: previous.map_or(0.0, |p| p.cumulative_seconds) + elapsed,
         };
         reporter.round_finished(&row, args.rounds);
         rows.push(row);

@@ -71,7 +71,7 @@ fn sgd_epoch_learns() {
 }
 
 #[test]
-fn the_header_names_the_kernels_simd_level() {
+fn the_meta_json_names_the_kernels_simd_level() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("portable.csv");
     let dir = mnist_dir();
@@ -104,11 +104,13 @@ fn the_header_names_the_kernels_simd_level() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let text = std::fs::read_to_string(&out).unwrap();
-    assert!(
-        text.contains("# device: backend cpu, device cpu, kernels portable\n"),
-        "{text}"
+    let meta = common::meta(&out);
+    assert_eq!(meta["engine"]["kernels"], "portable", "{meta}");
+    assert_eq!(
+        meta["engine"]["label"], "backend cpu, device cpu, kernels portable",
+        "{meta}"
     );
+    assert!(meta["machine"]["simd_class"].is_string(), "{meta}");
     let bad = rso_command()
         .env("RSO_SIMD", "sse9")
         .args(args)
@@ -144,22 +146,27 @@ fn same_seed_same_rows_and_out_is_never_overwritten_silently() {
     };
     run(&a);
     run(&b);
-    let rows = |p: &Path| -> Vec<String> {
-        let text = std::fs::read_to_string(p).unwrap();
-        assert!(text.starts_with("# command: "), "{text}");
-        assert!(text.contains("# revision: ") && text.contains("# date: "));
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| {
-                // Drop the timing column, the only one allowed to differ.
-                let mut f: Vec<&str> = l.split(',').collect();
-                f.remove(7);
-                f.join(",")
-            })
-            .collect()
-    };
+    let rows = common::rows_without_times;
     assert_eq!(rows(&a).len(), 3);
     assert_eq!(rows(&a), rows(&b));
+    let meta = common::meta(&a);
+    let command: Vec<&str> = meta["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(command[1..4], ["train", "--model", "one-conv"], "{meta}");
+    assert!(command.ends_with(&["--out", a.to_str().unwrap()]), "{meta}");
+    assert_eq!(meta["seed"], 11);
+    assert_eq!(meta["settings"]["batch_size"], 8);
+    assert_eq!(meta["settings"]["resolved"]["preset"], "seed");
+    for key in ["revision", "started", "ended"] {
+        assert!(
+            meta[key].as_str().is_some_and(|s| !s.is_empty()),
+            "{key}: {meta}"
+        );
+    }
 
     // A second run onto an existing file is refused and leaves the file as it was.
     let before = std::fs::read(&a).unwrap();
@@ -184,6 +191,125 @@ fn same_seed_same_rows_and_out_is_never_overwritten_silently() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(std::fs::read(&a).unwrap(), before);
+}
+
+/// The study columns of `path` as numbers (`None` for an empty cell), by name.
+fn numbers(path: &Path, name: &str) -> Vec<Option<f64>> {
+    common::column(path, name)
+        .iter()
+        .map(|s| (!s.is_empty()).then(|| s.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn rows_count_the_work_asked_for_in_forward_equivalents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["--rounds", "2", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        small_run(&args);
+        out
+    };
+    let int = |v: &[Option<f64>]| -> Vec<u64> { v.iter().map(|x| x.unwrap() as u64).collect() };
+    // SGD: every one of the 600 training samples once per epoch, 3 forward-equivalents each.
+    let sgd = run("sgd.csv", &["--optimizer", "sgd", "--batch-size", "64"]);
+    assert_eq!(int(&numbers(&sgd, "forward_equivalents")), [1800, 1800]);
+    assert_eq!(
+        int(&numbers(&sgd, "cumulative_forward_equivalents")),
+        [1800, 3600]
+    );
+    assert_eq!(numbers(&sgd, "accept_rate"), [None, None]);
+    assert_eq!(numbers(&sgd, "sigma_scale"), [None, None]);
+    // RSO, the notebook's random batches, 64 ∤ 600: each visit counts its own batch's size.
+    let rso = run("rso.csv", &["--optimizer", "rso", "--batch-size", "64"]);
+    let steps = int(&numbers(&rso, "steps"));
+    let fe = int(&numbers(&rso, "forward_equivalents"));
+    for (f, s) in fe.iter().zip(&steps) {
+        assert!(*f < 3 * 64 * s && *f > 3 * 24 * s, "{f} for {s} visits");
+    }
+    assert_eq!(
+        int(&numbers(&rso, "cumulative_forward_equivalents")),
+        [fe[0], fe[0] + fe[1]]
+    );
+    let accepted = numbers(&rso, "accepted");
+    for (i, rate) in numbers(&rso, "accept_rate").iter().enumerate() {
+        assert_eq!(rate.unwrap(), accepted[i].unwrap() / steps[i] as f64);
+    }
+    assert_eq!(numbers(&rso, "sigma_scale"), [Some(1.0), Some(1.0)]);
+    // The paper's preset: equal sequential batches, σ annealed from 1 towards 0.1 over 2 rounds.
+    let paper = run(
+        "paper.csv",
+        &[
+            "--optimizer",
+            "rso",
+            "--preset",
+            "paper",
+            "--batch-size",
+            "50",
+        ],
+    );
+    let steps = int(&numbers(&paper, "steps"));
+    let fe = int(&numbers(&paper, "forward_equivalents"));
+    assert_eq!(fe, [150 * steps[0], 150 * steps[1]]);
+    assert_eq!(
+        numbers(&paper, "sigma_scale"),
+        [Some(1.0), Some(0.1 + 0.9 / 2.0)]
+    );
+    let secs = numbers(&paper, "seconds");
+    let cumulative = numbers(&paper, "cumulative_seconds");
+    assert_eq!(
+        cumulative,
+        [secs[0], Some(secs[0].unwrap() + secs[1].unwrap())]
+    );
+}
+
+#[test]
+fn an_argument_with_a_newline_stays_in_the_meta_json_not_the_csv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("mnist\ncopy");
+    std::fs::create_dir(&data).unwrap();
+    for entry in std::fs::read_dir(mnist_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+    }
+    let out = tmp.path().join("out.csv");
+    let status = rso_command()
+        .args([
+            "train",
+            "--model",
+            "one-conv",
+            "--optimizer",
+            "sgd",
+            "--rounds",
+            "1",
+        ])
+        .args([
+            "--batch-size",
+            "32",
+            "--train-limit",
+            "64",
+            "--test-limit",
+            "32",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert_eq!(common::read_csv(&out).1.len(), 1);
+    let meta = common::meta(&out);
+    let command = meta["command"].as_array().unwrap();
+    assert!(
+        command.iter().any(|a| a == data.to_str().unwrap()),
+        "{meta}"
+    );
 }
 
 /// Runs rso expecting failure; returns stderr, which must be one line with no panic.

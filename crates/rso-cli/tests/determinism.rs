@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{mnist_dir, rows_without_seconds, rso_command};
+use common::{mnist_dir, rows_without_times, rso_command};
 use std::path::Path;
 
 /// Runs `rso --threads N train <args>` with matrixmultiply limited to N threads as well;
@@ -45,7 +45,7 @@ fn run(args: &[&str], threads: usize, dir: &Path, tag: &str) -> (Vec<String>, Ve
         "rso {all:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    (rows_without_seconds(&csv), std::fs::read(&weights).unwrap())
+    (rows_without_times(&csv), std::fs::read(&weights).unwrap())
 }
 
 /// Runs `args` with 1 thread, then with 2 threads `runs_with_two` times; all must agree.

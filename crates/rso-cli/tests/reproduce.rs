@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{rows_without_seconds, rso_ok};
+use common::{rows_without_times, rso_ok};
 use std::path::Path;
 
 /// Writes an IDX image file (`n` images of 28×28) and label file under `dir` with MNIST's names.
@@ -59,7 +59,7 @@ fn paper_writes_its_csv_and_resumes_from_its_checkpoint() {
         "--checkpoint-dir",
         ck.to_str().unwrap(),
     ]);
-    let rows = rows_without_seconds(&first.join("paper_mnist.csv"));
+    let rows = rows_without_times(&first.join("paper_mnist.csv"));
     assert_eq!(rows.len(), 2, "header and one round: {rows:?}");
     assert!(rows[1].starts_with("1,"), "round 1 first: {rows:?}");
     assert!(ck.join("latest").exists(), "no checkpoint written");
@@ -74,7 +74,7 @@ fn paper_writes_its_csv_and_resumes_from_its_checkpoint() {
         "--out-dir",
         again.to_str().unwrap(),
     ]);
-    assert_eq!(rows_without_seconds(&again.join("paper_mnist.csv")), rows);
+    assert_eq!(rows_without_times(&again.join("paper_mnist.csv")), rows);
 
     // A resumed run's settings come from its checkpoint (a usage error from the parser).
     let out = common::rso(&[

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{mnist_dir, rows_without_seconds, rso_command, rso_ok};
+use common::{mnist_dir, rows_without_times, rso_command, rso_ok};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -100,22 +100,13 @@ fn killed_twice_and_resumed_run_equals_the_uninterrupted_one() {
         t("ref.safetensors"),
     ]);
     rso_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let ref_rows = rows_without_seconds(&tmp.path().join("ref.csv"));
+    let ref_rows = rows_without_times(&tmp.path().join("ref.csv"));
     assert_eq!(ref_rows.len(), ROUNDS + 1);
     // Its per-round time, to aim the kills at the middle of a round.
     let round_secs = {
-        let text = std::fs::read_to_string(tmp.path().join("ref.csv")).unwrap();
-        let secs: Vec<f64> = text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .skip(1)
-            .map(|l| {
-                l.split(',')
-                    .nth(common::SECONDS_COLUMN)
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            })
+        let secs: Vec<f64> = common::column(&tmp.path().join("ref.csv"), "seconds")
+            .iter()
+            .map(|s| s.parse().unwrap())
             .collect();
         secs.iter().sum::<f64>() / secs.len() as f64
     };
@@ -173,12 +164,9 @@ fn killed_twice_and_resumed_run_equals_the_uninterrupted_one() {
         reference == resumed,
         "resumed weights differ from the uninterrupted run's"
     );
-    assert_eq!(rows_without_seconds(&tmp.path().join("run.csv")), ref_rows);
-    let csv = std::fs::read_to_string(tmp.path().join("run.csv")).unwrap();
-    assert!(
-        csv.lines().next().unwrap().contains("(resumed after round"),
-        "{csv}"
-    );
+    assert_eq!(rows_without_times(&tmp.path().join("run.csv")), ref_rows);
+    let notes = common::meta(&tmp.path().join("run.csv"))["notes"].to_string();
+    assert!(notes.contains("resumed after round"), "{notes}");
     // The checkpoint directory holds the final checkpoint only.
     assert_eq!(latest_round(&ck), Some(ROUNDS));
     let mut names: Vec<String> = std::fs::read_dir(&ck)
@@ -200,7 +188,7 @@ fn killed_twice_and_resumed_run_equals_the_uninterrupted_one() {
         "{out}"
     );
     assert!(std::fs::read(tmp.path().join("again.safetensors")).unwrap() == reference);
-    assert_eq!(rows_without_seconds(&tmp.path().join("run.csv")), ref_rows);
+    assert_eq!(rows_without_times(&tmp.path().join("run.csv")), ref_rows);
 }
 
 /// Runs `settings` (a `train` command line of `rounds` rounds, without annealing, so that a
@@ -246,8 +234,8 @@ fn resume_at_a_round_boundary(settings: &[&str], rounds: usize) {
         "resumed weights differ from the uninterrupted run's"
     );
     assert_eq!(
-        rows_without_seconds(Path::new(&res_csv)),
-        rows_without_seconds(Path::new(&ref_csv))
+        rows_without_times(Path::new(&res_csv)),
+        rows_without_times(Path::new(&ref_csv))
     );
 }
 
@@ -342,4 +330,85 @@ fn a_checkpoint_directory_has_one_writer() {
     let out = rso_ok(&["train", "--resume", &ck_s]);
     assert!(out.lines().last().unwrap().starts_with("RESULT "), "{out}");
     assert_eq!(latest_round(&ck), Some(ROUNDS));
+}
+
+/// A checkpoint written by the first checkpoint format (version 1, committed in
+/// `tests/fixtures/checkpoint-v1`: `rso train --model one-conv --optimizer rso --rounds 3
+/// --batch-size 10 --train-limit 3000 --test-limit 100 --seed 17 --checkpoint-dir …` at
+/// revision f96be87, killed during round 2) still resumes: the run ends with the weights and
+/// rows of an uninterrupted run of today's program, its round-1 row gains the study columns
+/// (derivable here: every minibatch held 10 samples), and the checkpoints it writes are of
+/// today's version.
+#[test]
+fn a_version_1_checkpoint_resumes_and_gains_the_study_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-v1");
+    let ck = tmp.path().join("ck");
+    std::fs::create_dir(&ck).unwrap();
+    std::fs::copy(fixture.join("latest"), ck.join("latest")).unwrap();
+    std::fs::create_dir(ck.join("round-000001")).unwrap();
+    for f in ["state.json", "weights.safetensors"] {
+        std::fs::copy(
+            fixture.join("round-000001").join(f),
+            ck.join("round-000001").join(f),
+        )
+        .unwrap();
+    }
+    let data = mnist_dir();
+    let data = data.to_str().unwrap();
+    let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    let (resumed, fresh) = (t("resumed.csv"), t("fresh.csv"));
+    rso_ok(&[
+        "train",
+        "--resume",
+        ck.to_str().unwrap(),
+        "--data-dir",
+        data,
+        "--out",
+        &resumed,
+        "--save-weights",
+        &t("resumed.safetensors"),
+    ]);
+    rso_ok(&[
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "3",
+        "--batch-size",
+        "10",
+        "--train-limit",
+        "3000",
+        "--test-limit",
+        "100",
+        "--seed",
+        "17",
+        "--data-dir",
+        data,
+        "--out",
+        &fresh,
+        "--save-weights",
+        &t("fresh.safetensors"),
+    ]);
+    let rows = rows_without_times(Path::new(&resumed));
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows, rows_without_times(Path::new(&fresh)));
+    assert_eq!(
+        std::fs::read(t("resumed.safetensors")).unwrap(),
+        std::fs::read(t("fresh.safetensors")).unwrap()
+    );
+    let fe = common::column(Path::new(&resumed), "forward_equivalents");
+    assert_eq!(fe[0], (3 * 10 * 7890).to_string());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("round-000003").join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["version"], 2);
+    // Where the run began stays recorded (version 1's one-line command).
+    assert!(state["origin"]["command"]
+        .as_str()
+        .is_some_and(|c| c.contains("--seed 17")));
+    let notes = common::meta(Path::new(&resumed))["notes"].to_string();
+    assert!(notes.contains("resumed after round 1"), "{notes}");
 }

@@ -288,7 +288,13 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64) {
         let mut rso = Rso::new(net.spec(), cfg).expect("config");
         // Round 1 of 3 (σ annealed for the paper preset).
         let t = std::time::Instant::now();
-        rso.run_round(net, 1, &mut |_| {}).expect("round");
+        let stats = rso.run_round(net, 1, &mut |_| {}).expect("round");
+        // The work counted is the reference path's forward passes, whichever path ran.
+        let forwarded = match eval {
+            RsoEval::Reference => net.batch_loss_samples,
+            RsoEval::Incremental => 3 * net.candidate_samples,
+        };
+        assert_eq!(stats.forward_equivalents, forwarded, "{}", spec.name);
         eprintln!(
             "{} {preset:?} {eval:?}: {:.3} s",
             spec.name,

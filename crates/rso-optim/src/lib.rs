@@ -61,12 +61,30 @@ pub struct RoundStats {
     /// Mean of the minibatch losses seen during the round (losses at W for RSO, before the
     /// decision; the step's loss for SGD).
     pub mean_batch_loss: f64,
+    /// The work the algorithm asked for, in forward passes of one sample, counted with the
+    /// actual minibatch sizes: 3·|batch| per RSO weight visit (losses at W, W + Δ and W − Δ,
+    /// whichever engine path computed them) and 3·|batch| per SGD step (a forward pass and a
+    /// backward pass of about twice its cost). Evaluation passes are not counted.
+    pub forward_equivalents: u64,
+    /// RSO: the annealing factor σ was scaled by in this round (1 without annealing).
+    /// SGD: `None`.
+    pub sigma_scale: Option<f64>,
+}
+
+/// Forward passes of one sample that one RSO weight visit or one SGD step on a minibatch of
+/// `batch` samples counts for (see [`RoundStats::forward_equivalents`]).
+pub fn forward_equivalents(batch: usize) -> u64 {
+    3 * batch as u64
 }
 
 /// A training algorithm that improves a network one round (or epoch) at a time.
 pub trait Optimizer {
     /// Name as the CLI spells it (`rso`, `sgd`).
     fn name(&self) -> &'static str;
+
+    /// Every setting the optimizer runs with, presets resolved (σ per array in visiting order
+    /// for RSO), as name/value pairs for a run's provenance.
+    fn resolved_settings(&self) -> Vec<(String, String)>;
 
     /// Units of work in one round (weights for RSO, minibatches for SGD), for progress bars.
     fn steps_per_round(&self, net: &dyn Network) -> usize;

@@ -1,7 +1,9 @@
 //! RSO, random search optimization (Tripathi & Singh 2020, Algorithm 1), with the two presets of
 //! DESIGN §2.
 
-use crate::{round_rng, setup_rng, shuffled, OptimError, Optimizer, RoundStats};
+use crate::{
+    forward_equivalents, round_rng, setup_rng, shuffled, OptimError, Optimizer, RoundStats,
+};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use rso_models::network::reference_candidate_losses;
@@ -382,6 +384,33 @@ impl Optimizer for Rso {
         "rso"
     }
 
+    fn resolved_settings(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let mut v = vec![
+            ("preset".to_string(), c.preset.name().to_string()),
+            ("rounds".into(), c.rounds.to_string()),
+            ("batch_size".into(), c.batch_size.to_string()),
+            ("sigma_rule".into(), format!("{:?}", c.sigma)),
+            (
+                "anneal".into(),
+                c.anneal.map_or_else(|| "none".into(), |a| a.to_string()),
+            ),
+            ("weight_decay".into(), c.weight_decay.to_string()),
+            ("batch_policy".into(), format!("{:?}", c.batch_policy)),
+            ("reduction".into(), format!("{:?}", c.reduction)),
+            ("eval".into(), format!("{:?}", c.eval)),
+            ("seed".into(), c.seed.to_string()),
+        ];
+        // The visiting order, each array with its σ before annealing.
+        for (i, step) in self.schedule.iter().enumerate() {
+            v.push((
+                format!("visit{:02}.sigma[{}]", i + 1, self.names[step.param]),
+                step.sigma.to_string(),
+            ));
+        }
+        v
+    }
+
     fn steps_per_round(&self, net: &dyn Network) -> usize {
         let params = net.spec().params();
         self.schedule.iter().map(|s| params[s.param].len()).sum()
@@ -403,7 +432,10 @@ impl Optimizer for Rso {
         let anneal = cfg.anneal_factor(round);
         let keep = (1.0 - cfg.weight_decay) as f32;
         let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
-        let mut stats = RoundStats::default();
+        let mut stats = RoundStats {
+            sigma_scale: Some(anneal),
+            ..RoundStats::default()
+        };
         let mut loss_sum = 0.0;
         let mut group = usize::MAX;
         for step in &self.schedule {
@@ -417,6 +449,7 @@ impl Optimizer for Rso {
             })?;
             for index in 0..lens[step.param] {
                 let batch = batches.next(&mut rng);
+                stats.forward_equivalents += forward_equivalents(batch.len());
                 let delta = normal.sample(&mut rng) as f32;
                 let mut w = net.weight(step.param, index);
                 if cfg.weight_decay != 0.0 {
@@ -457,7 +490,7 @@ impl Optimizer for Rso {
                     }
                 }
                 stats.steps += 1;
-                if stats.steps % 256 == 0 {
+                if stats.steps.is_multiple_of(256) {
                     progress(stats.steps);
                 }
             }

@@ -1,6 +1,6 @@
 //! Plain minibatch SGD (the notebook's baseline).
 
-use crate::{round_rng, shuffled, OptimError, Optimizer, RoundStats};
+use crate::{forward_equivalents, round_rng, shuffled, OptimError, Optimizer, RoundStats};
 use rso_models::Network;
 
 /// SGD settings.
@@ -41,6 +41,14 @@ impl Optimizer for Sgd {
         "sgd"
     }
 
+    fn resolved_settings(&self) -> Vec<(String, String)> {
+        vec![
+            ("lr".to_string(), self.config.lr.to_string()),
+            ("batch_size".into(), self.config.batch_size.to_string()),
+            ("seed".into(), self.config.seed.to_string()),
+        ]
+    }
+
     fn steps_per_round(&self, net: &dyn Network) -> usize {
         net.train_len().div_ceil(self.config.batch_size)
     }
@@ -56,6 +64,7 @@ impl Optimizer for Sgd {
         let mut sum = 0.0;
         for (i, batch) in order.chunks(self.config.batch_size).enumerate() {
             let loss = net.sgd_step(batch, self.config.lr);
+            stats.forward_equivalents += forward_equivalents(batch.len());
             if !loss.is_finite() {
                 return Err(OptimError::Diverged { round, loss });
             }

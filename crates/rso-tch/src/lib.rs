@@ -64,6 +64,10 @@ pub fn cuda_conv_precision() -> &'static str {
     cuda::conv_precision()
 }
 
+/// The version of the libtorch this crate was built against, as its PyTorch wheel names it
+/// (`2.11.0+cu130`), or `unknown`.
+pub const LIBTORCH_VERSION: &str = env!("RSO_LIBTORCH_VERSION");
+
 /// Sets the number of CPU threads libtorch uses for intra-op parallelism (process-wide; libtorch
 /// defaults to one per core). On small batches, or when the machine is shared, 1 is often
 /// fastest: libtorch's OpenMP workers spin at barriers and slow down badly when descheduled.

@@ -17,6 +17,10 @@ pub struct Recorder<N> {
     pub batch_losses: Vec<f64>,
     /// Every `candidate_losses` result, in call order.
     pub visits: Vec<[f64; 3]>,
+    /// Samples passed to `batch_loss`, summed over its calls (one forward pass each).
+    pub batch_loss_samples: u64,
+    /// Minibatch sizes passed to `candidate_losses`, summed over its calls.
+    pub candidate_samples: u64,
 }
 
 impl<N: Network> Recorder<N> {
@@ -26,6 +30,8 @@ impl<N: Network> Recorder<N> {
             net,
             batch_losses: Vec::new(),
             visits: Vec::new(),
+            batch_loss_samples: 0,
+            candidate_samples: 0,
         }
     }
 
@@ -69,6 +75,7 @@ impl<N: Network> Network for Recorder<N> {
     fn batch_loss(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
         let l = self.net.batch_loss(batch, reduction);
         self.batch_losses.push(l);
+        self.batch_loss_samples += batch.len() as u64;
         l
     }
     fn candidate_losses(
@@ -83,6 +90,7 @@ impl<N: Network> Network for Recorder<N> {
             .net
             .candidate_losses(batch, param, index, delta, reduction);
         self.visits.push(l);
+        self.candidate_samples += batch.len() as u64;
         l
     }
     fn begin_sweep(&mut self, param: usize) {

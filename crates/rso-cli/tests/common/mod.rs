@@ -55,24 +55,92 @@ pub fn rso_fails(args: &[&str]) -> String {
     err
 }
 
-/// Index of the `seconds` column in a `rso train` CSV, the only one that may differ between
-/// runs with the same settings.
-pub const SECONDS_COLUMN: usize = 7;
+/// The columns of a `rso train` CSV, in order: today's 14, then the study columns.
+pub const COLUMNS: [&str; 19] = [
+    "round",
+    "model",
+    "optimizer",
+    "preset",
+    "backend",
+    "device",
+    "batch",
+    "seconds",
+    "steps",
+    "accepted",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "accept_rate",
+    "sigma_scale",
+    "forward_equivalents",
+    "cumulative_forward_equivalents",
+    "cumulative_seconds",
+];
 
-/// The data rows of a `rso train` CSV (header included, provenance comments dropped), without
-/// the seconds column.
-pub fn rows_without_seconds(path: &Path) -> Vec<String> {
+/// The time columns: the only ones that may differ between runs with the same settings.
+pub const TIME_COLUMNS: [&str; 2] = ["seconds", "cumulative_seconds"];
+
+/// A CSV results file as any data tool reads it with no options: the header on line 1, every
+/// row as wide as the header. Returns the header and the rows.
+pub fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(text.starts_with("# command: "), "{text}");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| {
-            let mut f: Vec<&str> = l.split(',').collect();
-            assert_eq!(f.len(), 14, "{l}");
-            f.remove(SECONDS_COLUMN);
-            f.join(",")
+    assert!(
+        !text.starts_with('#'),
+        "{}: a comment line\n{text}",
+        path.display()
+    );
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    let rows = reader
+        .records()
+        .map(|r| {
+            r.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .iter()
+                .map(String::from)
+                .collect()
+        })
+        .collect();
+    (header, rows)
+}
+
+/// The values of column `name` of a CSV results file.
+pub fn column(path: &Path, name: &str) -> Vec<String> {
+    let (header, rows) = read_csv(path);
+    let i = header
+        .iter()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("{}: no column {name} in {header:?}", path.display()));
+    rows.into_iter().map(|mut r| r.swap_remove(i)).collect()
+}
+
+/// The lines of a `rso train` CSV (header included) without the time columns; checks the
+/// header is [`COLUMNS`].
+pub fn rows_without_times(path: &Path) -> Vec<String> {
+    let (header, rows) = read_csv(path);
+    assert_eq!(header, COLUMNS, "{}", path.display());
+    let keep: Vec<usize> = (0..header.len())
+        .filter(|&i| !TIME_COLUMNS.contains(&header[i].as_str()))
+        .collect();
+    std::iter::once(header)
+        .chain(rows)
+        .map(|r| {
+            keep.iter()
+                .map(|&i| r[i].as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         })
         .collect()
+}
+
+/// The `.meta.json` beside the results file `path` (`X.csv` → `X.meta.json`), parsed.
+pub fn meta(path: &Path) -> serde_json::Value {
+    let meta = path.with_extension("meta.json");
+    let text = std::fs::read_to_string(&meta).unwrap_or_else(|e| panic!("{}: {e}", meta.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", meta.display()))
 }
 
 /// Every file under `dir` (recursively) with its bytes, sorted by path.
