@@ -14,6 +14,9 @@ cargo clippy --all-targets -- -D warnings
 echo "== tests (pure-Rust workspace)"
 cargo test --workspace --exclude rso-tch
 
+echo "== results files: header on line 1, plain CSV, a .meta.json beside each"
+python3 scripts/check-results.py results
+
 echo "== libtorch engine (rso-tch: libtorch 2.11 from the torch wheel in .venv/)"
 bash scripts/setup-libtorch.sh
 cargo clippy -p rso-tch --all-targets -- -D warnings
