@@ -25,6 +25,63 @@ pub enum Command {
     /// Regenerate a results file in results/ (with its provenance).
     #[command(subcommand)]
     Reproduce(ReproduceCommand),
+    /// A grid of settings × seeds from a TOML plan: run it here, summarise it (mean ± sd).
+    #[command(subcommand)]
+    Study(StudyCommand),
+}
+
+/// `rso study` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StudyCommand {
+    /// Print the manifest: one CSV row per run (index, id, status, `rso train` arguments).
+    Plan(StudyArgs),
+    /// Run every run that is not done, N at a time, each as a child `rso train` (an interrupted
+    /// run resumes from its checkpoint; failed and stopped runs are tried again). Exit status:
+    /// 0 all done, 75 some stopped, else the number that failed.
+    Run(StudyRunArgs),
+    /// Run (or resume) the run in manifest row INDEX (a Slurm array task). Exit status: 0 done,
+    /// 75 stopped, 1 failed.
+    RunOne(StudyRunOneArgs),
+    /// Write summary.csv (n, mean, sd, min, max per setting and round) and summary.svg; list
+    /// missing runs on stderr.
+    Collect(StudyArgs),
+}
+
+/// The plan and where its study lives.
+#[derive(Clone, Debug, Args)]
+pub struct StudyArgs {
+    /// The study plan (TOML).
+    pub plan: PathBuf,
+    /// The study's directory (default: the plan's `out_dir`, else beside the plan, named after
+    /// it).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// `rso study run` options.
+#[derive(Clone, Debug, Args)]
+pub struct StudyRunArgs {
+    /// The study plan (TOML).
+    pub plan: PathBuf,
+    /// The study's directory (as for `rso study plan`).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Runs at a time (threads are split so that jobs × threads ≤ cores).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+}
+
+/// `rso study run-one` options.
+#[derive(Clone, Debug, Args)]
+pub struct StudyRunOneArgs {
+    /// The study plan (TOML).
+    pub plan: PathBuf,
+    /// The study's directory (as for `rso study plan`).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Manifest row number, 1-based.
+    #[arg(long)]
+    pub index: usize,
 }
 
 /// `rso reproduce` subcommands.

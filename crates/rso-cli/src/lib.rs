@@ -5,8 +5,10 @@
 //! - [`checkpoint`]: `rso train --checkpoint-dir` / `--resume`, atomic per-round checkpoints;
 //! - [`provenance`]: what every results file records (command, revision, machine, date);
 //! - [`reproduce`]: `rso reproduce`, the commands behind every file in `results/`;
-//! - [`plot`]: the comparison plot;
-//! - [`output`]: CSV rows and atomic results files.
+//! - [`stop`]: a clean stop on SIGTERM, SIGINT or SIGUSR1 (exit status 75);
+//! - [`study`]: `rso study`, grids of settings × seeds run as child processes and summarised;
+//! - [`plot`]: the comparison plot and a study's band plot;
+//! - [`output`]: CSV rows and atomic results files with their `.meta.json`.
 
 #![forbid(unsafe_code)]
 
@@ -16,12 +18,15 @@ pub mod output;
 pub mod plot;
 pub mod provenance;
 pub mod reproduce;
+pub mod stop;
+pub mod study;
 pub mod train;
 
 pub use args::{Cli, Command};
 
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a parsed command line; returns the process's exit status (0 unless a study reports
+/// failed or stopped runs).
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
     // A bad RSO_SIMD is refused here; the engine itself would ignore it.
     rso_cpu::simd::requested_level().map_err(anyhow::Error::msg)?;
     if let Some(threads) = cli.threads {
@@ -33,14 +38,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "tch")]
         rso_tch::set_threads(threads);
     }
+    if matches!(cli.command, Command::Train(_) | Command::Reproduce(_)) {
+        stop::install()?;
+    }
     match cli.command {
         Command::Train(args) => {
             let outcome = train::run(&args, &mut train::ConsoleReporter::new())?;
             // A closed stdout (`rso train … | head`) is not an error of the run.
             use std::io::Write;
             let _ = writeln!(std::io::stdout(), "{}", outcome.result_line());
-            Ok(())
+            Ok(0)
         }
-        Command::Reproduce(cmd) => reproduce::run(&cmd),
+        Command::Reproduce(cmd) => reproduce::run(&cmd).map(|()| 0),
+        Command::Study(cmd) => study::run(&cmd),
     }
 }

@@ -7,9 +7,13 @@ use rso_cli::Cli;
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(err) = rso_cli::run(cli) {
-        // One line that names the flag or file at fault; no panic, no backtrace.
-        eprintln!("error: {err:#}");
-        std::process::exit(2);
+    match rso_cli::run(cli) {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            // One line that names the flag or file at fault; no panic, no backtrace.
+            eprintln!("error: {err:#}");
+            std::process::exit(2);
+        }
     }
 }

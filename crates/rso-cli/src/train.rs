@@ -182,21 +182,40 @@ pub fn load_data(args: &TrainArgs) -> anyhow::Result<Split> {
     Ok(split)
 }
 
-/// Checks the arguments that need no data.
-fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
+/// Checks the settings that need no data and no files: counts, the backend's device, the
+/// optimizer's knobs (as the optimizer itself checks them, on the model for the dataset's
+/// nominal image size). `rso study` checks every run of a plan this way before starting any.
+pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
     ensure!(args.rounds >= 1, "--rounds must be at least 1");
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
-    if let Some(out) = &args.out {
-        output::check_writable(out, args.force, "--out")?;
-    }
-    if let Some(path) = &args.save_weights {
-        output::check_writable(path, args.force, "--save-weights")?;
+    for (limit, flag) in [
+        (args.train_limit, "--train-limit"),
+        (args.test_limit, "--test-limit"),
+    ] {
+        ensure!(limit != Some(0), "{flag} must be at least 1");
     }
     if args.backend == Backend::Cpu && args.device != "cpu" {
         bail!(
             "--device {}: the cpu backend runs on the CPU only (use --backend tch)",
             args.device
         );
+    }
+    let (channels, size) = match args.dataset {
+        DatasetKind::Mnist => (1, 28),
+        DatasetKind::Cifar10 => (3, 32),
+    };
+    build_optimizer(args, &args.model.spec(channels, size, 10))?;
+    Ok(())
+}
+
+/// Checks the arguments that need no data.
+fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
+    check_settings(args)?;
+    if let Some(out) = &args.out {
+        output::check_writable(out, args.force, "--out")?;
+    }
+    if let Some(path) = &args.save_weights {
+        output::check_writable(path, args.force, "--save-weights")?;
     }
     Ok(())
 }
@@ -563,11 +582,14 @@ fn train_rounds(
     let mut write_out = |rows: &[RoundRow]| -> anyhow::Result<()> {
         if let Some(out) = &args.out {
             meta.ended = utc_now();
-            output::write_results(out, &output::csv_text(rows)?, &meta)
+            let csv = output::csv_text(rows)?;
+            crate::stop::writing(|| output::write_results(out, &csv, &meta))
                 .with_context(|| format!("--out {}", out.display()))?;
         }
         Ok(())
     };
+    let ck_dir = checkpointing.as_ref().map(|c| c.dir.clone());
+    crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     if rows.len() >= args.rounds {
         // A finished run resumed: nothing to train, the results files still get written.
         write_out(&rows)?;
@@ -615,9 +637,11 @@ fn train_rounds(
             let mut state = ck.base.clone();
             state.rounds_completed = round + 1;
             state.rows = rows.iter().map(SavedRow::from_row).collect();
-            checkpoint::write(&ck.dir, &state, &net.params())?;
+            let params = net.params();
+            crate::stop::writing(|| checkpoint::write(&ck.dir, &state, &params))?;
         }
         write_out(&rows)?;
+        crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     }
     let seconds = rows.iter().map(|r| r.seconds).sum();
     let params = net.params();

@@ -1,0 +1,265 @@
+//! `rso study collect`: per setting and round, n, mean, sd, min and max of every per-round
+//! metric over the setting's seeds → `summary.csv` (with `summary.meta.json`) and
+//! `summary.svg` (mean with a ±sd band against rounds, and against cumulative
+//! forward-equivalents).
+
+use super::plan::{Plan, Run};
+use super::{status, Status, ROUNDS_CSV};
+use crate::output;
+use crate::plot::{self, Band};
+use crate::provenance::{utc_now, Meta};
+use anyhow::{ensure, Context};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// The per-round columns summarised, in the summary's order.
+pub const METRICS: [&str; 9] = [
+    "test_acc",
+    "test_loss",
+    "train_acc",
+    "train_loss",
+    "seconds",
+    "accept_rate",
+    "forward_equivalents",
+    "cumulative_forward_equivalents",
+    "cumulative_seconds",
+];
+
+/// One run's rows: round → metric → value (empty cells left out).
+type Rows = BTreeMap<usize, BTreeMap<String, f64>>;
+
+/// n, mean, sample sd (n − 1; `None` below 2), min, max of `xs`.
+pub fn stats(xs: &[f64]) -> Option<(usize, f64, Option<f64>, f64, f64)> {
+    if xs.is_empty() {
+        return None;
+    }
+    let n = xs.len();
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    let sd = (n > 1)
+        .then(|| (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt());
+    let min = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((n, mean, sd, min, max))
+}
+
+/// Reads a run's `rounds.csv`.
+fn read_rows(path: &Path) -> anyhow::Result<Rows> {
+    let mut reader = csv::Reader::from_path(path).with_context(|| format!("{}", path.display()))?;
+    let header = reader.headers()?.clone();
+    let mut rows = Rows::new();
+    for record in reader.records() {
+        let record = record.with_context(|| format!("{}", path.display()))?;
+        let mut row = BTreeMap::new();
+        let mut round = None;
+        for (name, value) in header.iter().zip(record.iter()) {
+            if name == "round" {
+                round = value.parse::<usize>().ok();
+            } else if METRICS.contains(&name) && !value.is_empty() {
+                let x: f64 = value
+                    .parse()
+                    .with_context(|| format!("{}: {name} = {value:?}", path.display()))?;
+                row.insert(name.to_string(), x);
+            }
+        }
+        let round = round.with_context(|| format!("{}: a row without a round", path.display()))?;
+        rows.insert(round, row);
+    }
+    Ok(rows)
+}
+
+/// A setting's label: its varied keys as `key=value`, or `all`.
+fn label(plan: &Plan, run: &Run) -> String {
+    let parts: Vec<String> = plan
+        .varied
+        .iter()
+        .map(|k| format!("{k}={}", run.setting.get(k).map_or("", String::as_str)))
+        .collect();
+    if parts.is_empty() {
+        "all".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// What collect found for one setting: its runs' rows (done runs only) and how many runs it has.
+struct Setting<'a> {
+    first: &'a Run,
+    rows: Vec<Rows>,
+    runs: usize,
+}
+
+/// Writes the summary of `plan`'s done runs; lists missing and failed runs on stderr. Returns
+/// the exit status (0).
+///
+/// # Errors
+/// When no run is done, a run's CSV cannot be read, or the summary cannot be written.
+pub fn collect(plan: &Plan) -> anyhow::Result<i32> {
+    let started = utc_now();
+    let mut settings: BTreeMap<String, Setting> = BTreeMap::new();
+    let mut origins = BTreeSet::new();
+    let mut engine = None;
+    for run in &plan.runs {
+        let entry = settings.entry(label(plan, run)).or_insert(Setting {
+            first: run,
+            rows: Vec::new(),
+            runs: 0,
+        });
+        entry.runs += 1;
+        let st = status(plan, run);
+        if st != Status::Done {
+            eprintln!(
+                "missing: run {} ({}, seed {}): {}",
+                run.index,
+                label(plan, run),
+                run.seed,
+                st.name()
+            );
+            continue;
+        }
+        let csv = plan.run_dir(run).join(ROUNDS_CSV);
+        entry.rows.push(read_rows(&csv)?);
+        if let Ok(text) = std::fs::read(output::meta_path(&csv)) {
+            if let Ok(m) = serde_json::from_slice::<serde_json::Value>(&text) {
+                origins.insert(format!(
+                    "revision {}{} on {}",
+                    m["revision"].as_str().unwrap_or("?"),
+                    if m["dirty"] == true { "-dirty" } else { "" },
+                    m["machine"]["cpu"].as_str().unwrap_or("?")
+                ));
+                engine.get_or_insert((
+                    m["engine"]["backend"].as_str().unwrap_or("?").to_string(),
+                    m["engine"]["device"].as_str().unwrap_or("?").to_string(),
+                ));
+            }
+        }
+    }
+    let done: usize = settings.values().map(|s| s.rows.len()).sum();
+    ensure!(
+        done > 0,
+        "{}: no run is done yet (run `rso study run {}`)",
+        plan.dir.display(),
+        plan.path.display()
+    );
+    if origins.len() > 1 {
+        eprintln!(
+            "warning: the runs come from different revisions or machines; their seconds are not \
+             comparable: {}",
+            origins.iter().cloned().collect::<Vec<_>>().join("; ")
+        );
+    }
+    let (csv, bands) = summary(plan, &settings)?;
+    let (backend, device) = engine.unwrap_or_default();
+    let mut meta = Meta::current(
+        &backend,
+        &device,
+        None,
+        serde_json::json!({
+            "plan": plan.path.to_string_lossy(),
+            "runs": plan.runs.len(),
+            "runs_done": done,
+            "origins": origins,
+        }),
+        &started,
+    );
+    meta.notes.push(
+        "sd is the sample standard deviation (n − 1), empty where n < 2; `runs` is the number \
+         of runs (seeds) the setting has in the plan, `n` how many of them have the round"
+            .into(),
+    );
+    let path = plan.dir.join("summary.csv");
+    output::write_results(&path, &csv, &meta)?;
+    let title = format!("Study {}", plan.path.display());
+    let svg = plot::band_svg(&title, &meta, &bands)?;
+    output::write_file(&plan.dir.join("summary.svg"), &svg)?;
+    println!(
+        "wrote {} and summary.svg ({done} of {} runs)",
+        path.display(),
+        plan.runs.len()
+    );
+    Ok(0)
+}
+
+/// The summary CSV's text and the plot's bands.
+fn summary(
+    plan: &Plan,
+    settings: &BTreeMap<String, Setting>,
+) -> anyhow::Result<(String, Vec<Band>)> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut header: Vec<String> = vec!["setting".into()];
+    header.extend(plan.varied.iter().cloned());
+    header.extend(["round", "n", "runs"].map(String::from));
+    for m in METRICS {
+        for s in ["mean", "sd", "min", "max"] {
+            header.push(format!("{m}_{s}"));
+        }
+    }
+    w.write_record(&header)?;
+    let mut bands = Vec::new();
+    for (name, setting) in settings {
+        let rounds: BTreeSet<usize> = setting
+            .rows
+            .iter()
+            .flat_map(|r| r.keys().copied())
+            .collect();
+        let mut band = Band {
+            label: name.clone(),
+            points: Vec::new(),
+        };
+        for round in rounds {
+            let values = |m: &str| -> Vec<f64> {
+                setting
+                    .rows
+                    .iter()
+                    .filter_map(|r| r.get(&round).and_then(|row| row.get(m)).copied())
+                    .collect()
+            };
+            let n = setting
+                .rows
+                .iter()
+                .filter(|r| r.contains_key(&round))
+                .count();
+            let mut record = vec![name.clone()];
+            record.extend(
+                plan.varied
+                    .iter()
+                    .map(|k| setting.first.setting.get(k).cloned().unwrap_or_default()),
+            );
+            record.extend([round.to_string(), n.to_string(), setting.runs.to_string()]);
+            for m in METRICS {
+                match stats(&values(m)) {
+                    Some((_, mean, sd, min, max)) => record.extend([
+                        mean.to_string(),
+                        sd.map(|s| s.to_string()).unwrap_or_default(),
+                        min.to_string(),
+                        max.to_string(),
+                    ]),
+                    None => record.extend(std::iter::repeat_n(String::new(), 4)),
+                }
+            }
+            w.write_record(&record)?;
+            if let Some((_, mean, sd, _, _)) = stats(&values("test_acc")) {
+                let fe = stats(&values("cumulative_forward_equivalents")).map(|s| s.1);
+                band.points
+                    .push((round as f64, fe, mean, sd.unwrap_or(0.0)));
+            }
+        }
+        bands.push(band);
+    }
+    let text = String::from_utf8(w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?;
+    Ok((text, bands))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_are_the_textbook_ones() {
+        let (n, mean, sd, min, max) = stats(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]).unwrap();
+        assert_eq!((n, mean, min, max), (8, 5.0, 2.0, 9.0));
+        // Sample variance 32/7.
+        assert!((sd.unwrap() - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
+        assert_eq!(stats(&[3.0]).unwrap().2, None);
+        assert!(stats(&[]).is_none());
+    }
+}
