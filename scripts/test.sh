@@ -17,6 +17,9 @@ cargo test --workspace --exclude rso-tch
 echo "== results files: header on line 1, plain CSV, a .meta.json beside each"
 python3 scripts/check-results.py results
 
+echo "== Slurm: a study as a job array on a one-node cluster (skips without root/apt unless RSO_REQUIRE_SLURM=1)"
+bash scripts/slurm-local.sh cargo test -p rso-cli --test slurm -- --ignored
+
 echo "== libtorch engine (rso-tch: libtorch 2.11 from the torch wheel in .venv/)"
 bash scripts/setup-libtorch.sh
 cargo clippy -p rso-tch --all-targets -- -D warnings

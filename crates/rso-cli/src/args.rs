@@ -45,6 +45,40 @@ pub enum StudyCommand {
     /// Write summary.csv (n, mean, sd, min, max per setting and round) and summary.svg; list
     /// missing runs on stderr.
     Collect(StudyArgs),
+    /// Write a Slurm job array (one task per run not done, task id = manifest row) and a collect
+    /// job into <study dir>/slurm/, and print the sbatch commands.
+    Slurm(StudySlurmArgs),
+}
+
+/// `rso study slurm` options (each given one becomes an `#SBATCH` line).
+#[derive(Clone, Debug, Args)]
+pub struct StudySlurmArgs {
+    /// The study plan (TOML).
+    pub plan: PathBuf,
+    /// The study's directory (as for `rso study plan`).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Slurm partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Slurm account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Slurm QOS.
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Memory per task (Slurm syntax: 4G).
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Time limit per task (Slurm syntax: 2:00:00).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// CPUs per task (each run uses as many threads as it is given).
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// At most K tasks at once (`--array=…%K`).
+    #[arg(long, value_name = "K")]
+    pub max_parallel: Option<u32>,
 }
 
 /// The plan and where its study lives.
@@ -121,6 +155,15 @@ pub struct SeedTableArgs {
     /// Run a three-row subset (a few minutes) into seed_table_quick.{csv,md}.
     #[arg(long)]
     pub quick: bool,
+    /// Seeds per one-conv and two-conv row (seeds S…S+N−1, S = --seed).
+    #[arg(long, default_value_t = 5)]
+    pub seeds: u64,
+    /// Seeds per paper-model row (each takes minutes to tens of minutes on 2 cores).
+    #[arg(long, default_value_t = 1)]
+    pub paper_seeds: u64,
+    /// Runs at a time (as `rso study run --jobs`).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
     /// Backend, device, data, seed, output directory.
     #[command(flatten)]
     pub common: CommonArgs,
@@ -141,6 +184,12 @@ pub struct ComparisonArgs {
     /// SGD learning rate.
     #[arg(long, default_value_t = 0.01)]
     pub lr: f32,
+    /// Seeds per optimizer (seeds S…S+N−1, S = --seed).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Runs at a time (as `rso study run --jobs`).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
     /// Backend, device, data, seed, output directory.
     #[command(flatten)]
     pub common: CommonArgs,

@@ -38,8 +38,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         #[cfg(feature = "tch")]
         rso_tch::set_threads(threads);
     }
-    if matches!(cli.command, Command::Train(_) | Command::Reproduce(_)) {
-        stop::install()?;
+    match &cli.command {
+        // Training in this process: stop it cleanly (status 75).
+        Command::Train(_)
+        | Command::Reproduce(args::ReproduceCommand::Comparison(_))
+        | Command::Reproduce(args::ReproduceCommand::Paper(_)) => stop::install()?,
+        // Runs as child processes: pass the signal on to them.
+        Command::Reproduce(args::ReproduceCommand::SeedTable(_)) => study::exec::forward_signals()?,
+        // `study run` and `run-one` pass signals on themselves.
+        Command::Study(_) => {}
     }
     match cli.command {
         Command::Train(args) => {

@@ -5,8 +5,11 @@
 //! - `paper`: the paper's preset on its model, test accuracy per round.
 
 use crate::args::{CommonArgs, ComparisonArgs, PaperArgs, ReproduceCommand, SeedTableArgs};
-use crate::output::{self, RoundRow};
+use crate::output;
+use crate::plot::Band;
 use crate::provenance::{utc_now, Meta};
+use crate::study::plan::Plan;
+use crate::study::{self, collect, exec};
 use crate::train::{self, ConsoleReporter, TrainOutcome};
 use crate::{Cli, Command};
 use anyhow::Context;
@@ -119,7 +122,7 @@ pub const NOTEBOOK: [NotebookRow; 10] = [
 /// The `--quick` subset: indices into [`NOTEBOOK`].
 const QUICK: [usize; 3] = [0, 4, 7];
 
-/// A row of `results/seed_table.csv`.
+/// A row of `results/seed_table.csv`: one notebook configuration over its seeds.
 #[derive(Clone, Debug, Serialize)]
 pub struct SeedTableRow {
     /// Model.
@@ -132,19 +135,34 @@ pub struct SeedTableRow {
     pub engine: String,
     /// Device.
     pub device: String,
-    /// Our wall time of the training rounds, seconds.
-    pub seconds: f64,
-    /// Our test loss after the last round.
-    pub test_loss: f64,
-    /// Our test accuracy after the last round.
-    pub test_acc: f64,
+    /// Seeds that finished (n).
+    pub seeds: usize,
+    /// Mean wall time of the training rounds, seconds.
+    pub seconds_mean: f64,
+    /// Its sample standard deviation (empty for one seed).
+    pub seconds_sd: Option<f64>,
+    /// Mean test loss after the last round.
+    pub test_loss_mean: f64,
+    /// Its sample standard deviation.
+    pub test_loss_sd: Option<f64>,
+    /// Mean test accuracy after the last round.
+    pub test_acc_mean: f64,
+    /// Its sample standard deviation.
+    pub test_acc_sd: Option<f64>,
+    /// Lowest and highest test accuracy over the seeds.
+    pub test_acc_min: f64,
+    /// See `test_acc_min`.
+    pub test_acc_max: f64,
     /// The notebook's time, seconds.
     pub notebook_seconds: f64,
     /// The notebook's test loss (empty where it reported none).
     pub notebook_test_loss: Option<f64>,
     /// The notebook's test accuracy (empty where it reported none).
     pub notebook_test_acc: Option<f64>,
-    /// `notebook_seconds / seconds`.
+    /// Whether the notebook's accuracy lies within mean ± 2 sd (empty with fewer than two
+    /// seeds or no notebook accuracy).
+    pub notebook_within_2sd: Option<bool>,
+    /// `notebook_seconds / seconds_mean`.
     pub speedup: f64,
 }
 
@@ -187,6 +205,123 @@ pub fn run(cmd: &ReproduceCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The head of a reproduction's study plan: its seed, directory and the settings every run
+/// shares (engine, data, preset `seed`).
+fn plan_head(c: &CommonArgs, study: &str, what: &str) -> anyhow::Result<String> {
+    let data = std::path::absolute(c.data_dir.clone().unwrap_or_else(|| "data/mnist".into()))
+        .context("--data-dir")?;
+    Ok(format!(
+        "# {what}, written by `rso reproduce`; rerun any part with `rso study run` on this file.\n\
+         seed = {}\nout_dir = {study:?}\n\n[settings]\npreset = \"seed\"\nbackend = {:?}\n\
+         device = {:?}\ndata_dir = {:?}\n",
+        c.seed,
+        c.backend,
+        c.device,
+        data.to_string_lossy()
+    ))
+}
+
+/// Runs the study of `plan_text` (written to `path`) to the end and collects it.
+fn run_study(path: &Path, plan_text: &str, jobs: usize) -> anyhow::Result<Plan> {
+    output::write_file(path, plan_text)?;
+    let plan = Plan::load(path, None)?;
+    println!(
+        "{} runs as the study {} (plan {})",
+        plan.runs.len(),
+        plan.dir.display(),
+        path.display()
+    );
+    let code = exec::run_pending(&plan, jobs)?;
+    anyhow::ensure!(
+        code == 0,
+        "the study {} did not finish (exit status {code}); run the command again to run what \
+         is missing",
+        plan.dir.display()
+    );
+    collect::collect(&plan)?;
+    Ok(plan)
+}
+
+/// The rows of the runs of grid `grid`, and the engine that computed them.
+fn grid_rows(plan: &Plan, grid: usize) -> anyhow::Result<(Vec<collect::Rows>, (String, String))> {
+    let mut rows = Vec::new();
+    let mut engine = (String::new(), String::new());
+    for run in plan.runs.iter().filter(|r| r.grid == grid) {
+        let csv = plan.run_dir(run).join(study::ROUNDS_CSV);
+        rows.push(collect::read_rows(&csv)?);
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(output::meta_path(&csv)).context("a run's .meta.json")?,
+        )?;
+        engine = (
+            meta["engine"]["backend"].as_str().unwrap_or("?").into(),
+            meta["engine"]["device"].as_str().unwrap_or("?").into(),
+        );
+    }
+    Ok((rows, engine))
+}
+
+/// The study plan of the seed table: one grid per notebook row, its own seeds.
+fn seed_table_plan(a: &SeedTableArgs, picks: &[usize], study: &str) -> anyhow::Result<String> {
+    let mut plan = plan_head(
+        &a.common,
+        study,
+        "The reference notebook's configurations (RSO, preset seed)",
+    )?;
+    plan.push_str("optimizer = \"rso\"\n");
+    for &k in picks {
+        let nb = NOTEBOOK[k];
+        let seeds = if nb.model == "paper" {
+            a.paper_seeds
+        } else {
+            a.seeds
+        };
+        anyhow::ensure!(seeds >= 1, "--seeds and --paper-seeds must be at least 1");
+        plan.push_str(&format!(
+            "\n[[grid]]\nmodel = {:?}\nrounds = {}\nbatch_size = {}\nseeds = {seeds}\n",
+            nb.model, nb.rounds, nb.batch
+        ));
+    }
+    Ok(plan)
+}
+
+/// The seed table's row for notebook row `nb` from its runs' rows.
+fn seed_table_row(nb: &NotebookRow, runs: &[collect::Rows], engine: (&str, &str)) -> SeedTableRow {
+    let last = |m: &str| -> Vec<f64> {
+        runs.iter()
+            .filter_map(|r| r.get(&nb.rounds).and_then(|row| row.get(m)).copied())
+            .collect()
+    };
+    let stat =
+        |m: &str| collect::stats(&last(m)).unwrap_or((0, f64::NAN, None, f64::NAN, f64::NAN));
+    let (n, seconds, seconds_sd, _, _) = stat("cumulative_seconds");
+    let (_, loss, loss_sd, _, _) = stat("test_loss");
+    let (_, acc, acc_sd, acc_min, acc_max) = stat("test_acc");
+    SeedTableRow {
+        model: nb.model.into(),
+        rounds: nb.rounds,
+        batch: nb.batch,
+        engine: engine.0.into(),
+        device: engine.1.into(),
+        seeds: n,
+        seconds_mean: seconds,
+        seconds_sd,
+        test_loss_mean: loss,
+        test_loss_sd: loss_sd,
+        test_acc_mean: acc,
+        test_acc_sd: acc_sd,
+        test_acc_min: acc_min,
+        test_acc_max: acc_max,
+        notebook_seconds: nb.seconds,
+        notebook_test_loss: nb.test_loss,
+        notebook_test_acc: nb.test_acc,
+        notebook_within_2sd: nb
+            .test_acc
+            .zip(acc_sd)
+            .map(|(x, sd)| (x - acc).abs() <= 2.0 * sd),
+        speedup: nb.seconds / seconds.max(1e-9),
+    }
+}
+
 fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
     let picks: Vec<usize> = if a.quick {
         QUICK.to_vec()
@@ -198,67 +333,42 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
     } else {
         "seed_table"
     };
-    let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
-    let md_path = a.common.out_dir.join(format!("{stem}.md"));
     ensure_dir(&a.common.out_dir)?;
     let started = utc_now();
+    let plan_path = a.common.out_dir.join(format!("{stem}.plan.toml"));
+    let plan = run_study(&plan_path, &seed_table_plan(a, &picks, stem)?, a.jobs)?;
     let mut rows = Vec::new();
-    let mut runs = Vec::new();
-    for (i, &k) in picks.iter().enumerate() {
-        let nb = NOTEBOOK[k];
-        println!(
-            "== [{}/{}] {} rounds={} batch={}",
-            i + 1,
-            picks.len(),
-            nb.model,
-            nb.rounds,
-            nb.batch
-        );
-        let mut args = vec![
-            "--model".to_string(),
-            nb.model.into(),
-            "--optimizer".into(),
-            "rso".into(),
-            "--preset".into(),
-            "seed".into(),
-            "--rounds".into(),
-            nb.rounds.to_string(),
-            "--batch-size".into(),
-            nb.batch.to_string(),
-        ];
-        args.extend(common(&a.common));
-        let outcome = train_with(&args)?;
-        runs.push(args);
-        let last = outcome.rows.last().expect("at least one round");
-        rows.push(SeedTableRow {
-            model: nb.model.into(),
-            rounds: nb.rounds,
-            batch: nb.batch,
-            engine: last.backend.clone(),
-            device: last.device.clone(),
-            seconds: outcome.seconds,
-            test_loss: last.test_loss,
-            test_acc: last.test_acc,
-            notebook_seconds: nb.seconds,
-            notebook_test_loss: nb.test_loss,
-            notebook_test_acc: nb.test_acc,
-            speedup: nb.seconds / outcome.seconds.max(1e-9),
-        });
-        // Rewrite after every configuration so a long table survives an interruption.
-        let mut meta = Meta::current(
-            &last.backend,
-            &last.device,
-            Some(a.common.seed),
-            serde_json::json!({ "preset": "seed", "optimizer": "rso", "runs": runs }),
-            &started,
-        );
-        meta.notes.push(
-            "one run (one seed) per row; every run's `rso train` arguments are in settings.runs"
-                .into(),
-        );
-        output::write_results(&csv_path, &output::csv_text(&rows)?, &meta)?;
-        output::write_file(&md_path, &seed_table_markdown(&meta, &rows))?;
+    let mut engine = (String::new(), String::new());
+    for (g, &k) in picks.iter().enumerate() {
+        let (runs, e) = grid_rows(&plan, g + 1)?;
+        engine = e;
+        rows.push(seed_table_row(&NOTEBOOK[k], &runs, (&engine.0, &engine.1)));
     }
+    let mut meta = Meta::current(
+        &engine.0,
+        &engine.1,
+        Some(a.common.seed),
+        serde_json::json!({
+            "plan": plan_path.to_string_lossy(),
+            "study": plan.dir.to_string_lossy(),
+            "seeds": a.seeds,
+            "paper_seeds": a.paper_seeds,
+            "runs": plan.runs.iter().map(|r| serde_json::json!({
+                "id": r.id, "arguments": r.args
+            })).collect::<Vec<_>>(),
+        }),
+        &started,
+    );
+    meta.notes.push(format!(
+        "{} seeds per one-conv/two-conv row, {} per paper row; each run's rounds.csv, \
+         .meta.json and log are in the study directory; seconds are the training rounds' wall \
+         time (evaluation excluded), runs one at a time unless --jobs",
+        a.seeds, a.paper_seeds
+    ));
+    let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
+    let md_path = a.common.out_dir.join(format!("{stem}.md"));
+    output::write_results(&csv_path, &output::csv_text(&rows)?, &meta)?;
+    output::write_file(&md_path, &seed_table_markdown(&meta, &rows))?;
     println!("wrote {} and {}", csv_path.display(), md_path.display());
     Ok(())
 }
@@ -269,9 +379,13 @@ pub fn seed_table_markdown(p: &Meta, rows: &[SeedTableRow]) -> String {
         v.map(|x| format!("{x:.digits$}"))
             .unwrap_or_else(|| "–".into())
     };
+    let pm = |mean: f64, sd: Option<f64>, digits: usize| match sd {
+        Some(sd) => format!("{mean:.digits$} ± {sd:.digits$}"),
+        None => format!("{mean:.digits$}"),
+    };
     let mut s = format!(
-        "RSO, preset `seed`, MNIST. Command: `{}`; revision {}; machine: {}, {} cores ({}); {}; \
-         finished {}.\n\n",
+        "RSO, preset `seed`, MNIST, mean ± sd over n seeds. Command: `{}`; revision {}; \
+         machine: {}, {} cores ({}); {}; finished {}.\n\n",
         p.command_line(),
         p.revision_label(),
         p.machine.cpu,
@@ -280,29 +394,33 @@ pub fn seed_table_markdown(p: &Meta, rows: &[SeedTableRow]) -> String {
         p.engine.label,
         p.ended
     );
-    s.push_str("| model | rounds | batch | engine | device | seconds | test loss | test acc | notebook seconds | notebook test loss | notebook test acc | speedup |\n");
+    s.push_str("| model | rounds | batch | n | seconds | test loss | test acc | notebook seconds | notebook test loss | notebook test acc | notebook within ±2 sd | speedup |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.1} | {:.4} | {:.4} | {:.0} | {} | {} | {:.0}× |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.0}× |\n",
             r.model,
             r.rounds,
             r.batch,
-            r.engine,
-            r.device,
-            r.seconds,
-            r.test_loss,
-            r.test_acc,
+            r.seeds,
+            pm(r.seconds_mean, r.seconds_sd, 1),
+            pm(r.test_loss_mean, r.test_loss_sd, 4),
+            pm(r.test_acc_mean, r.test_acc_sd, 4),
             r.notebook_seconds,
             opt(r.notebook_test_loss, 4),
             opt(r.notebook_test_acc, 4),
+            match r.notebook_within_2sd {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "–",
+            },
             r.speedup
         ));
     }
     s
 }
 
-/// A row of `results/comparison*.csv`.
+/// A row of `results/comparison*.csv`: one optimizer's round over the seeds.
 #[derive(Clone, Debug, Serialize)]
 pub struct CurveRow {
     /// Model.
@@ -311,88 +429,128 @@ pub struct CurveRow {
     pub optimizer: String,
     /// Round or epoch, 1-based.
     pub round: usize,
-    /// Training seconds of this round.
-    pub seconds: f64,
-    /// Train loss after the round.
-    pub train_loss: f64,
-    /// Train accuracy after the round.
-    pub train_acc: f64,
-    /// Test loss after the round.
-    pub test_loss: f64,
-    /// Test accuracy after the round.
-    pub test_acc: f64,
+    /// Seeds that have the round.
+    pub n: usize,
+    /// Mean training seconds of this round.
+    pub seconds_mean: f64,
+    /// Mean train loss after the round.
+    pub train_loss_mean: f64,
+    /// Mean train accuracy after the round.
+    pub train_acc_mean: f64,
+    /// Mean test loss after the round.
+    pub test_loss_mean: f64,
+    /// Its sample standard deviation (empty for one seed).
+    pub test_loss_sd: Option<f64>,
+    /// Mean test accuracy after the round.
+    pub test_acc_mean: f64,
+    /// Its sample standard deviation (empty for one seed).
+    pub test_acc_sd: Option<f64>,
+    /// Lowest test accuracy over the seeds.
+    pub test_acc_min: f64,
+    /// Highest test accuracy over the seeds.
+    pub test_acc_max: f64,
+    /// Mean forward-equivalents up to this round.
+    pub cumulative_forward_equivalents_mean: f64,
 }
 
-impl From<&RoundRow> for CurveRow {
-    fn from(r: &RoundRow) -> Self {
-        CurveRow {
-            model: r.model.clone(),
-            optimizer: r.optimizer.clone(),
-            round: r.round,
-            seconds: r.seconds,
-            train_loss: r.train_loss,
-            train_acc: r.train_acc,
-            test_loss: r.test_loss,
-            test_acc: r.test_acc,
-        }
+/// The comparison's rows for `optimizer` on `model` from its runs' rows, and its plot band.
+fn curve_rows(model: &str, optimizer: &str, runs: &[collect::Rows]) -> (Vec<CurveRow>, Band) {
+    let rounds: std::collections::BTreeSet<usize> =
+        runs.iter().flat_map(|r| r.keys().copied()).collect();
+    let mut rows = Vec::new();
+    let mut band = Band {
+        label: optimizer.to_uppercase(),
+        points: Vec::new(),
+    };
+    for round in rounds {
+        let values = |m: &str| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r.get(&round).and_then(|row| row.get(m)).copied())
+                .collect()
+        };
+        let stat =
+            |m: &str| collect::stats(&values(m)).unwrap_or((0, f64::NAN, None, f64::NAN, f64::NAN));
+        let (n, acc, acc_sd, acc_min, acc_max) = stat("test_acc");
+        let (_, loss, loss_sd, _, _) = stat("test_loss");
+        let fe = stat("cumulative_forward_equivalents").1;
+        rows.push(CurveRow {
+            model: model.into(),
+            optimizer: optimizer.into(),
+            round,
+            n,
+            seconds_mean: stat("seconds").1,
+            train_loss_mean: stat("train_loss").1,
+            train_acc_mean: stat("train_acc").1,
+            test_loss_mean: loss,
+            test_loss_sd: loss_sd,
+            test_acc_mean: acc,
+            test_acc_sd: acc_sd,
+            test_acc_min: acc_min,
+            test_acc_max: acc_max,
+            cumulative_forward_equivalents_mean: fe,
+        });
+        band.points
+            .push((round as f64, Some(fe), acc, acc_sd.unwrap_or(0.0)));
     }
+    (rows, band)
 }
 
 fn comparison(a: &ComparisonArgs) -> anyhow::Result<()> {
     ensure_dir(&a.common.out_dir)?;
+    anyhow::ensure!(a.seeds >= 1, "--seeds must be at least 1");
     for model in &a.models {
         let started = utc_now();
-        let mut rows: Vec<CurveRow> = Vec::new();
-        let mut runs = Vec::new();
-        let mut engine = None;
-        for optimizer in ["rso", "sgd"] {
-            println!(
-                "== {model} {optimizer} batch={} rounds={}",
-                a.batch_size, a.rounds
-            );
-            let mut args = vec![
-                "--model".to_string(),
-                model.clone(),
-                "--optimizer".into(),
-                optimizer.into(),
-                "--preset".into(),
-                "seed".into(),
-                "--rounds".into(),
-                a.rounds.to_string(),
-                "--batch-size".into(),
-                a.batch_size.to_string(),
-                "--lr".into(),
-                a.lr.to_string(),
-            ];
-            args.extend(common(&a.common));
-            let outcome = train_with(&args)?;
-            runs.push(args);
-            let last = outcome.rows.last().expect("at least one round");
-            engine = Some((last.backend.clone(), last.device.clone()));
-            rows.extend(outcome.rows.iter().map(CurveRow::from));
-        }
         let stem = if model == "one-conv" {
             "comparison".to_string()
         } else {
             format!("comparison_{}", model.replace('-', "_"))
         };
-        let (backend, device) = engine.expect("two runs");
-        let p = Meta::current(
+        let mut text = plan_head(&a.common, &stem, "RSO against SGD")?;
+        text.push_str(&format!(
+            "model = {model:?}\nrounds = {}\nbatch_size = {}\n\n[[grid]]\noptimizer = \"rso\"\n\
+             seeds = {}\n\n[[grid]]\noptimizer = \"sgd\"\nlr = {}\nseeds = {}\n",
+            a.rounds, a.batch_size, a.seeds, a.lr, a.seeds
+        ));
+        println!("== {model}: RSO and SGD, {} seeds", a.seeds);
+        let plan_path = a.common.out_dir.join(format!("{stem}.plan.toml"));
+        let plan = run_study(&plan_path, &text, a.jobs)?;
+        let (mut rows, mut bands, mut engine) = (Vec::new(), Vec::new(), Default::default());
+        for (g, optimizer) in ["rso", "sgd"].into_iter().enumerate() {
+            let (runs, e) = grid_rows(&plan, g + 1)?;
+            engine = e;
+            let (r, band) = curve_rows(model, optimizer, &runs);
+            rows.extend(r);
+            bands.push(band);
+        }
+        let (backend, device): (String, String) = engine;
+        let mut p = Meta::current(
             &backend,
             &device,
             Some(a.common.seed),
-            serde_json::json!({ "model": model, "runs": runs }),
+            serde_json::json!({
+                "model": model,
+                "plan": plan_path.to_string_lossy(),
+                "study": plan.dir.to_string_lossy(),
+                "seeds": a.seeds,
+                "runs": plan.runs.iter().map(|r| serde_json::json!({
+                    "id": r.id, "arguments": r.args
+                })).collect::<Vec<_>>(),
+            }),
             &started,
         );
+        p.notes.push(format!(
+            "mean (and sd) over {} seeds per optimizer; each run's rounds.csv is in the study \
+             directory",
+            a.seeds
+        ));
         let csv_path = a.common.out_dir.join(format!("{stem}.csv"));
         output::write_results(&csv_path, &output::csv_text(&rows)?, &p)?;
         let svg_path = a.common.out_dir.join(format!("{stem}.svg"));
-        let svg = crate::plot::accuracy_svg(
-            &format!("Accuracy comparison, {model}, batch {}", a.batch_size),
-            &p,
-            &rows,
-        )?;
-        output::write_file(&svg_path, &svg)?;
+        let title = format!(
+            "RSO vs SGD, {model}, batch {}: test accuracy, mean ± sd over {} seeds",
+            a.batch_size, a.seeds
+        );
+        output::write_file(&svg_path, &crate::plot::band_svg(&title, &p, &bands)?)?;
         println!("wrote {} and {}", csv_path.display(), svg_path.display());
     }
     Ok(())
@@ -460,26 +618,35 @@ mod tests {
         let mut p = Meta::current("cpu", "cpu", Some(0), serde_json::json!({}), "t0");
         p.command = vec!["rso".into(), "reproduce".into(), "seed-table".into()];
         p.revision = "abc".into();
-        let row = SeedTableRow {
-            model: "one-conv".into(),
-            rounds: 10,
-            batch: 32,
-            engine: "cpu".into(),
-            device: "cpu".into(),
-            seconds: 2.0,
-            test_loss: 0.6,
-            test_acc: 0.81,
-            notebook_seconds: 212.0,
-            notebook_test_loss: Some(0.63),
-            notebook_test_acc: Some(0.8075),
-            speedup: 106.0,
-        };
+        let runs: Vec<collect::Rows> = [(0.80, 2.0), (0.82, 2.2)]
+            .into_iter()
+            .map(|(acc, secs)| {
+                let row = [
+                    ("test_acc", acc),
+                    ("test_loss", 0.6),
+                    ("cumulative_seconds", secs),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                [(10, row)].into_iter().collect()
+            })
+            .collect();
+        let row = seed_table_row(&NOTEBOOK[0], &runs, ("cpu", "cpu"));
+        assert_eq!(row.seeds, 2);
+        assert!((row.test_acc_mean - 0.81).abs() < 1e-12);
+        // sd of {0.80, 0.82} is 0.01414…; the notebook's 0.8075 is within 2 sd.
+        assert_eq!(row.notebook_within_2sd, Some(true));
+        assert!((row.speedup - 212.0 / 2.1).abs() < 1e-9);
         let md = seed_table_markdown(&p, &[row.clone(), row]);
         assert!(md.contains("rso reproduce seed-table") && md.contains("abc"));
         assert_eq!(
             md.lines().filter(|l| l.starts_with("| one-conv")).count(),
             2
         );
-        assert!(md.contains("| 106× |"));
+        assert!(
+            md.contains("| 2.1 ± 0.1 |") && md.contains("| yes | 101× |"),
+            "{md}"
+        );
     }
 }

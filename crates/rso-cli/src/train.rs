@@ -211,6 +211,11 @@ pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
 /// Checks the arguments that need no data.
 fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     check_settings(args)?;
+    check_outputs(args)
+}
+
+/// Checks the output files: absent, or replaceable with `--force`, in existing directories.
+fn check_outputs(args: &TrainArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
         output::check_writable(out, args.force, "--out")?;
     }
@@ -490,7 +495,8 @@ fn resume(
         .with_context(|| format!("{}", state_path.display()))?;
     let rows = checkpoint::upgrade_rows(rows, ck.state.version, &args, ck.state.data.train)
         .with_context(|| format!("{}", state_path.display()))?;
-    check_args(&args)?;
+    check_settings(&args).with_context(|| format!("{}: invalid settings", state_path.display()))?;
+    check_outputs(&args)?;
     let split = load_data(&args)?;
     let data = DataFingerprint::of(&split);
     let used_dir = data_dir(&args);

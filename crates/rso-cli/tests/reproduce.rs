@@ -88,3 +88,57 @@ fn paper_writes_its_csv_and_resumes_from_its_checkpoint() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--rounds"), "{err}");
 }
+
+#[test]
+fn comparison_runs_as_a_study_with_seeds_and_reruns_nothing_that_is_done() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_idx(&data, "train", 24, 3);
+    write_idx(&data, "t10k", 8, 4);
+    let out = tmp.path().join("out");
+    let args = [
+        "reproduce",
+        "comparison",
+        "--models",
+        "one-conv",
+        "--rounds",
+        "2",
+        "--batch-size",
+        "8",
+        "--seeds",
+        "2",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ];
+    let first = rso_ok(&args);
+    assert!(first.contains("4 runs"), "{first}");
+    let csv = out.join("comparison.csv");
+    let (header, rows) = common::read_csv(&csv);
+    assert_eq!(rows.len(), 2 * 2, "rso and sgd, 2 rounds each: {rows:?}");
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for row in &rows {
+        assert_eq!(row[col("n")], "2", "{row:?}");
+        assert!(!row[col("test_acc_sd")].is_empty(), "{row:?}");
+    }
+    assert_eq!(common::meta(&csv)["settings"]["seeds"], 2);
+    assert!(out.join("comparison.plan.toml").is_file());
+    assert!(out.join("comparison/summary.csv").is_file());
+    assert!(std::fs::read_to_string(out.join("comparison.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+    // Everything is done: the second time runs nothing and gives the same means.
+    let again = rso_ok(&args);
+    assert!(again.contains("0 to run"), "{again}");
+    let strip = |rows: Vec<Vec<String>>| -> Vec<Vec<String>> {
+        rows.into_iter()
+            .map(|mut r| {
+                r.remove(col("seconds_mean"));
+                r
+            })
+            .collect()
+    };
+    assert_eq!(strip(common::read_csv(&csv).1), strip(rows));
+}

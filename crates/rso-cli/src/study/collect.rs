@@ -26,7 +26,7 @@ pub const METRICS: [&str; 9] = [
 ];
 
 /// One run's rows: round → metric → value (empty cells left out).
-type Rows = BTreeMap<usize, BTreeMap<String, f64>>;
+pub type Rows = BTreeMap<usize, BTreeMap<String, f64>>;
 
 /// n, mean, sample sd (n − 1; `None` below 2), min, max of `xs`.
 pub fn stats(xs: &[f64]) -> Option<(usize, f64, Option<f64>, f64, f64)> {
@@ -42,8 +42,11 @@ pub fn stats(xs: &[f64]) -> Option<(usize, f64, Option<f64>, f64, f64)> {
     Some((n, mean, sd, min, max))
 }
 
-/// Reads a run's `rounds.csv`.
-fn read_rows(path: &Path) -> anyhow::Result<Rows> {
+/// Reads a run's `rounds.csv` (the [`METRICS`] columns).
+///
+/// # Errors
+/// When the file cannot be read or holds a cell that is not a number.
+pub fn read_rows(path: &Path) -> anyhow::Result<Rows> {
     let mut reader = csv::Reader::from_path(path).with_context(|| format!("{}", path.display()))?;
     let header = reader.headers()?.clone();
     let mut rows = Rows::new();

@@ -8,7 +8,39 @@ use anyhow::{ensure, Context};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+/// Process ids of the running children, for [`forward_signals`].
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Set once a stop signal arrived: no further run starts.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Passes SIGTERM, SIGINT and SIGUSR1 on to the running `rso train` children (which then stop
+/// cleanly with status 75, recorded as `stopped`) and starts no further run; this process
+/// itself goes on until they have ended and their outcomes are recorded. A Slurm batch script
+/// signals only this process (`--signal=B:USR1@…`); a terminal's Ctrl-C reaches the children
+/// too, which is harmless.
+///
+/// # Errors
+/// When the handlers cannot be registered.
+pub fn forward_signals() -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            STOPPING.store(true, Ordering::SeqCst);
+            let Ok(signal) = nix::sys::signal::Signal::try_from(sig) else {
+                continue;
+            };
+            eprintln!("study: {signal} received; stopping the running runs (resume later)");
+            for &pid in CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+            }
+        }
+    });
+    Ok(())
+}
 
 /// Logical cores available to this process.
 pub fn cores() -> usize {
@@ -59,6 +91,9 @@ pub fn run_pending(plan: &Plan, jobs: usize) -> anyhow::Result<i32> {
             s.spawn(|| loop {
                 let next = queue.lock().expect("queue").next();
                 let Some(run) = next else { break };
+                if STOPPING.load(Ordering::SeqCst) {
+                    break;
+                }
                 let outcome = run_one(plan, run, threads).unwrap_or_else(|e| Outcome {
                     status: Status::Failed,
                     exit_code: None,
@@ -157,14 +192,23 @@ pub fn run_one(plan: &Plan, run: &Run, threads: usize) -> anyhow::Result<Outcome
             .join(" ")
     )?;
     let exe = std::env::current_exe().context("locating the rso program")?;
-    let child_status = Command::new(exe)
+    let mut child = Command::new(exe)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log.try_clone()?)
-        .status()
+        .spawn()
         .context("starting rso train")?;
-    let outcome = outcome_of(child_status, &log_path);
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(child.id());
+    let waited = child.wait();
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|&p| p != child.id());
+    let outcome = outcome_of(waited.context("waiting for rso train")?, &log_path);
     crate::output::write_file(
         &status_path,
         &format!(

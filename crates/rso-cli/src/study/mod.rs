@@ -3,7 +3,8 @@
 //!
 //! - [`plan`]: the TOML plan and its manifest (ordered runs with stable ids);
 //! - [`exec`]: running the manifest's missing runs as child `rso train` processes;
-//! - [`collect`]: `summary.csv` and `summary.svg` from the runs' per-round CSVs.
+//! - [`collect`]: `summary.csv` and `summary.svg` from the runs' per-round CSVs;
+//! - [`slurm`]: the same runs as a Slurm job array.
 //!
 //! # Layout of a study's directory
 //!
@@ -18,6 +19,7 @@
 pub mod collect;
 pub mod exec;
 pub mod plan;
+pub mod slurm;
 
 use crate::args::StudyCommand;
 use plan::{Plan, Run};
@@ -124,12 +126,14 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<i32> {
         }
         StudyCommand::Run(a) => {
             let plan = Plan::load(&a.plan, a.out_dir.as_deref())?;
+            exec::forward_signals()?;
             exec::run_pending(&plan, a.jobs)
         }
         StudyCommand::RunOne(a) => {
             let plan = Plan::load(&a.plan, a.out_dir.as_deref())?;
             let run = plan.run(a.index)?;
             exec::check_data(&plan)?;
+            exec::forward_signals()?;
             let threads = plan.threads.unwrap_or_else(exec::cores);
             let outcome = exec::run_one(&plan, run, threads)?;
             println!("run {} ({}): {}", run.index, run.id, outcome.status.name());
@@ -138,6 +142,12 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<i32> {
                 Status::Stopped => EXIT_STOPPED,
                 _ => 1,
             })
+        }
+        StudyCommand::Slurm(a) => {
+            let plan = Plan::load(&a.plan, a.out_dir.as_deref())?;
+            exec::check_data(&plan)?;
+            slurm::write_scripts(&plan, a)?;
+            Ok(0)
         }
         StudyCommand::Collect(a) => {
             let plan = Plan::load(&a.plan, a.out_dir.as_deref())?;

@@ -18,6 +18,7 @@
 //! [[grid]]               # grids have their own settings; the study is their union
 //! optimizer = "sgd"
 //! lr = [0.01, 0.1]
+//! seeds = 1              # and may have their own seeds (`seeds`, `seed` as at the top)
 //! ```
 //!
 //! Runs are ordered grid by grid, each grid's points in the order of its keys (sorted by name;
@@ -157,12 +158,16 @@ impl Plan {
         let mut runs = Vec::new();
         let mut seen = HashSet::new();
         for (g, grid) in grids.iter().enumerate() {
-            let axes = setting_axes(grid, &base)
+            let mut grid = grid.clone();
+            let grid_seeds = grid_seeds(&mut grid, &file)
+                .map_err(|e| anyhow::anyhow!(ctx(format!("grid {}: {e}", g + 1))))?;
+            let seeds = grid_seeds.as_ref().unwrap_or(&seeds);
+            let axes = setting_axes(&grid, &base)
                 .map_err(|e| anyhow::anyhow!(ctx(format!("grid {}: {e}", g + 1))))?;
             for point in cartesian(&axes) {
                 let mut setting = shared.clone();
                 setting.extend(point);
-                for &seed in &seeds {
+                for &seed in seeds {
                     let run = make_run(g + 1, seed, &setting).map_err(|e| {
                         anyhow::anyhow!(ctx(format!("grid {}, seed {seed}: {e:#}", g + 1)))
                     })?;
@@ -203,6 +208,39 @@ impl Plan {
     pub fn run_dir(&self, run: &Run) -> PathBuf {
         self.dir.join("runs").join(&run.id)
     }
+}
+
+/// A grid's own `seeds`/`seed` (removed from `grid`) resolved as at the top of the plan, the
+/// top's standing in for the one the grid leaves out; `None` when it has neither.
+fn grid_seeds(grid: &mut toml::Table, file: &PlanFile) -> Result<Option<Vec<u64>>, String> {
+    let (count_or_list, start) = (grid.remove("seeds"), grid.remove("seed"));
+    if count_or_list.is_none() && start.is_none() {
+        return Ok(None);
+    }
+    let mut own = toml::Table::new();
+    match (count_or_list, &file.seeds) {
+        (Some(v), _) => {
+            own.insert("seeds".into(), v);
+        }
+        (None, Some(Seeds::Count(n))) => {
+            own.insert("seeds".into(), toml::Value::Integer(*n as i64));
+        }
+        (None, _) => {}
+    }
+    let list = own.get("seeds").is_some_and(toml::Value::is_array);
+    match (start, file.seed) {
+        (Some(v), _) => {
+            own.insert("seed".into(), v);
+        }
+        (None, Some(s)) if !list => {
+            own.insert("seed".into(), toml::Value::Integer(s as i64));
+        }
+        _ => {}
+    }
+    let own: PlanFile = toml::Value::Table(own)
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().trim_end().to_string())?;
+    seeds(&own).map(Some)
 }
 
 /// The seeds the plan asks for.
@@ -261,7 +299,8 @@ fn scalar(key: &str, v: &toml::Value, base: &Path) -> Result<String, String> {
 fn check_key(key: &str) -> Result<(), String> {
     if key == "seed" || key == "seeds" {
         return Err(format!(
-            "{key}: seeds are set at the top of the plan (`seed`, `seeds`), not per run"
+            "{key}: seeds are set at the top of the plan or of a [[grid]] (`seed`, `seeds`), \
+             not in [settings]"
         ));
     }
     if !SETTINGS.contains(&key) {
@@ -443,6 +482,18 @@ mod tests {
     }
 
     #[test]
+    fn a_grid_may_have_its_own_seeds() {
+        let p = plan(&format!(
+            "seeds = 3\nseed = 10\n{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\n\
+             [[grid]]\noptimizer = \"sgd\"\nbatch_size = 8\nseeds = 1\n\
+             [[grid]]\noptimizer = \"rso\"\nbatch_size = 16\nseeds = [1, 2]\n"
+        ))
+        .unwrap();
+        let seeds: Vec<(usize, u64)> = p.runs.iter().map(|r| (r.grid, r.seed)).collect();
+        assert_eq!(seeds, [(1, 10), (1, 11), (1, 12), (2, 10), (3, 1), (3, 2)]);
+    }
+
+    #[test]
     fn ids_depend_on_the_results_settings_only() {
         let a = plan(&format!(
             "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = [32, 64]\n"
@@ -491,9 +542,10 @@ mod tests {
                 &format!("{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\nsigma = -1\n"),
                 "sigma",
             ),
+            (&format!("{BASE}seed = 3\n"), "seeds are set"),
             (
-                &format!("{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\nseed = 3\n"),
-                "seeds are set",
+                &format!("{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\nseeds = []\n"),
+                "seeds: the list is empty",
             ),
             (&format!("seeds = 0\n{BASE}"), "seeds"),
             (
