@@ -38,8 +38,16 @@ pub fn band_svg(title: &str, p: &Meta, bands: &[Band]) -> anyhow::Result<String>
         let (upper, lower) = root.split_vertically(530);
         let upper = upper.titled(title, ("sans-serif", 20)).map_err(err)?;
         let (left, right) = upper.split_horizontally(600);
-        band_panel(&left, bands, "round", |pt| Some(pt.0))?;
-        band_panel(&right, bands, "cumulative forward-equivalents", |pt| pt.1)?;
+        band_panel(&left, bands, "round", |pt| Some(pt.0), &|v| short(*v))?;
+        // Methods differ by orders of magnitude in work per round: a log axis (plotted as
+        // log10 on a linear one).
+        band_panel(
+            &right,
+            bands,
+            "cumulative forward-equivalents (log scale)",
+            |pt| pt.1.filter(|f| *f > 0.0).map(f64::log10),
+            &|v| format!("{:.1e}", 10f64.powf(*v)),
+        )?;
         lower
             .draw(&Text::new(
                 format!(
@@ -57,12 +65,19 @@ pub fn band_svg(title: &str, p: &Meta, bands: &[Band]) -> anyhow::Result<String>
     Ok(svg)
 }
 
-/// One panel of [`band_svg`], its x taken from each point by `x`.
+/// `v` with at most two decimals and no trailing zeros (axis labels).
+fn short(v: f64) -> String {
+    let s = format!("{v:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// One panel of [`band_svg`], its x taken from each point by `x` and labelled by `label`.
 fn band_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     bands: &[Band],
     x_desc: &str,
     x: impl Fn(&(f64, Option<f64>, f64, f64)) -> Option<f64>,
+    label: &dyn Fn(&f64) -> String,
 ) -> anyhow::Result<()> {
     let xs: Vec<f64> = bands
         .iter()
@@ -92,13 +107,8 @@ fn band_panel<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("test accuracy (mean ± sd)")
-        .x_label_formatter(&|v| {
-            if *v >= 1e5 {
-                format!("{v:.1e}")
-            } else {
-                format!("{v}")
-            }
-        })
+        .x_label_formatter(label)
+        .x_labels(8)
         .draw()
         .map_err(err)?;
     for (i, band) in bands.iter().enumerate() {
