@@ -38,27 +38,33 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// The `rso train` settings a plan may set, as `snake_case` flag names.
-pub const SETTINGS: [&str; 18] = [
-    "model",
-    "optimizer",
-    "rounds",
-    "batch_size",
-    "preset",
-    "dataset",
-    "data_dir",
-    "train_limit",
-    "test_limit",
-    "lr",
-    "sigma",
-    "anneal",
-    "weight_decay",
-    "batch_policy",
-    "rso_eval",
-    "backend",
-    "device",
-    "init_weights",
+/// The `rso train` options that are not settings of a run: outputs, resumption and the seed
+/// (which a plan sets with `seed`/`seeds`).
+const NOT_SETTINGS: [&str; 7] = [
+    "out",
+    "force",
+    "save_weights",
+    "checkpoint_dir",
+    "resume",
+    "seed",
+    "help",
 ];
+
+/// The `rso train` settings a plan may set (`snake_case` flag names): every `rso train` option
+/// but outputs, resumption and the seed, read off the command-line definition, so a new option
+/// is a plan setting at once.
+pub fn settings() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let train = cli
+        .find_subcommand("train")
+        .expect("rso has a train subcommand");
+    train
+        .get_arguments()
+        .map(|a| a.get_id().as_str().to_string())
+        .filter(|id| !NOT_SETTINGS.contains(&id.as_str()))
+        .collect()
+}
 
 /// Settings that hold paths: resolved against the plan's directory, left out of run ids.
 const PATH_SETTINGS: [&str; 2] = ["data_dir", "init_weights"];
@@ -303,10 +309,11 @@ fn check_key(key: &str) -> Result<(), String> {
              not in [settings]"
         ));
     }
-    if !SETTINGS.contains(&key) {
+    let known = settings();
+    if !known.iter().any(|k| k == key) {
         return Err(format!(
             "unknown setting `{key}` (one of: {})",
-            SETTINGS.join(", ")
+            known.join(", ")
         ));
     }
     Ok(())
@@ -479,6 +486,26 @@ mod tests {
         assert_eq!(p.runs[8].setting.get("lr").map(String::as_str), Some("0.1"));
         assert!(p.runs.iter().enumerate().all(|(i, r)| r.index == i + 1));
         assert_eq!(p.varied, ["batch_size", "lr", "optimizer"]);
+    }
+
+    #[test]
+    fn the_settings_are_the_train_options_but_outputs_and_seed() {
+        let s = settings();
+        for key in [
+            "model",
+            "optimizer",
+            "batch_size",
+            "lr",
+            "sigma",
+            "data_dir",
+            "rso_eval",
+        ] {
+            assert!(s.iter().any(|k| k == key), "{key} missing from {s:?}");
+        }
+        for key in NOT_SETTINGS {
+            assert!(!s.iter().any(|k| k == key), "{key} in {s:?}");
+        }
+        assert_eq!(s.len(), 18, "{s:?}");
     }
 
     #[test]
