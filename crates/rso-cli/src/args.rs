@@ -116,6 +116,10 @@ pub struct StudyRunOneArgs {
     /// Manifest row number, 1-based.
     #[arg(long)]
     pub index: usize,
+    /// The id the row must have (the Slurm script passes the id it was written for, so that a
+    /// plan edited since then cannot send a task to another run).
+    #[arg(long)]
+    pub id: Option<String>,
 }
 
 /// `rso reproduce` subcommands.
@@ -376,7 +380,7 @@ pub struct TrainArgs {
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue the run checkpointed in DIR after its last complete round, writing further
     /// checkpoints there. Its settings come from the checkpoint: only --out, --save-weights,
-    /// --force and --data-dir (same data, checked) may be given. While resuming, --model,
+    /// --force, --data-dir (same data, checked) and the global --threads may be given. While resuming, --model,
     /// --optimizer, --rounds and --batch-size hold placeholders that nothing reads.
     #[arg(long, value_name = "DIR", conflicts_with_all = RESUME_CONFLICTS)]
     pub resume: Option<PathBuf>,

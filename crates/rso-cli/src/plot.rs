@@ -38,7 +38,15 @@ pub fn band_svg(title: &str, p: &Meta, bands: &[Band]) -> anyhow::Result<String>
         let (upper, lower) = root.split_vertically(530);
         let upper = upper.titled(title, ("sans-serif", 20)).map_err(err)?;
         let (left, right) = upper.split_horizontally(600);
-        band_panel(&left, bands, "round", |pt| Some(pt.0), &|v| short(*v))?;
+        // Rounds are whole numbers: no label between them.
+        let whole = |v: &f64| {
+            if (v - v.round()).abs() < 1e-9 {
+                short(*v)
+            } else {
+                String::new()
+            }
+        };
+        band_panel(&left, bands, "round", |pt| Some(pt.0), &whole)?;
         // Methods differ by orders of magnitude in work per round: a log axis (plotted as
         // log10 on a linear one).
         band_panel(

@@ -75,6 +75,25 @@ pub fn set_progress(done: usize, total: usize, checkpoint: Option<PathBuf>) {
     p.checkpoint = checkpoint;
 }
 
+/// Writes the checkpoint after round `done` of `total` with `write` and, when that succeeds,
+/// records the progress, as one step a stop cannot split (a stop message naming an older round
+/// than the directory holds would send the user to start again).
+///
+/// # Errors
+/// `write`'s.
+pub fn checkpoint<E>(
+    done: usize,
+    total: usize,
+    dir: &std::path::Path,
+    write: impl FnOnce() -> Result<(), E>,
+) -> Result<(), E> {
+    let mut p = PROGRESS.lock().unwrap_or_else(|e| e.into_inner());
+    write()?;
+    p.rounds = (done, total);
+    p.checkpoint = Some(dir.to_path_buf());
+    Ok(())
+}
+
 /// Runs `write` (a results or checkpoint write) so that a stop waits for it to finish.
 pub fn writing<T>(write: impl FnOnce() -> T) -> T {
     let _guard = PROGRESS.lock().unwrap_or_else(|e| e.into_inner());

@@ -644,7 +644,9 @@ fn train_rounds(
             state.rounds_completed = round + 1;
             state.rows = rows.iter().map(SavedRow::from_row).collect();
             let params = net.params();
-            crate::stop::writing(|| checkpoint::write(&ck.dir, &state, &params))?;
+            crate::stop::checkpoint(round + 1, args.rounds, &ck.dir, || {
+                checkpoint::write(&ck.dir, &state, &params)
+            })?;
         }
         write_out(&rows)?;
         crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());

@@ -390,15 +390,29 @@ impl Optimizer for Rso {
             ("preset".to_string(), c.preset.name().to_string()),
             ("rounds".into(), c.rounds.to_string()),
             ("batch_size".into(), c.batch_size.to_string()),
-            ("sigma_rule".into(), format!("{:?}", c.sigma)),
+            (
+                "sigma_rule".into(),
+                match c.sigma {
+                    SigmaRule::SeedCumulative => "seed-cumulative".into(),
+                    SigmaRule::PaperAnalytic => "paper-analytic".into(),
+                    SigmaRule::Fixed(s) => format!("fixed {s}"),
+                },
+            ),
             (
                 "anneal".into(),
                 c.anneal.map_or_else(|| "none".into(), |a| a.to_string()),
             ),
             ("weight_decay".into(), c.weight_decay.to_string()),
-            ("batch_policy".into(), format!("{:?}", c.batch_policy)),
-            ("reduction".into(), format!("{:?}", c.reduction)),
-            ("eval".into(), format!("{:?}", c.eval)),
+            // As the command line spells them.
+            (
+                "batch_policy".into(),
+                format!("{:?}", c.batch_policy).to_lowercase(),
+            ),
+            (
+                "reduction".into(),
+                format!("{:?}", c.reduction).to_lowercase(),
+            ),
+            ("eval".into(), format!("{:?}", c.eval).to_lowercase()),
             ("seed".into(), c.seed.to_string()),
         ];
         // The visiting order, each array with its σ before annealing.

@@ -75,7 +75,7 @@ fn label(plan: &Plan, run: &Run) -> String {
     let parts: Vec<String> = plan
         .varied
         .iter()
-        .map(|k| format!("{k}={}", run.setting.get(k).map_or("", String::as_str)))
+        .filter_map(|k| run.setting.get(k).map(|v| format!("{k}={v}")))
         .collect();
     if parts.is_empty() {
         "all".into()

@@ -47,6 +47,12 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Writes `<study>/manifest.csv`: the manifest with every run's status now.
+fn write_manifest(plan: &Plan) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&plan.dir).with_context(|| format!("{}", plan.dir.display()))?;
+    crate::output::write_file(&plan.dir.join("manifest.csv"), &super::manifest_csv(plan)?)
+}
+
 /// Checks that every dataset directory the runs name exists (before starting any run).
 pub fn check_data(plan: &Plan) -> anyhow::Result<()> {
     for run in &plan.runs {
@@ -75,9 +81,17 @@ pub fn run_pending(plan: &Plan, jobs: usize) -> anyhow::Result<i32> {
         .iter()
         .filter(|r| status(plan, r) != Status::Done)
         .collect();
+    if jobs > cores() {
+        eprintln!(
+            "warning: --jobs {jobs} on {} cores: the runs share cores (their seconds are not \
+             comparable with runs that had a core each)",
+            cores()
+        );
+    }
     let threads = plan
         .threads
         .unwrap_or_else(|| (cores() / jobs.min(todo.len().max(1))).max(1));
+    write_manifest(plan)?;
     println!(
         "study {}: {} runs, {} to run, {jobs} at a time, {threads} threads each",
         plan.dir.display(),
@@ -119,13 +133,21 @@ pub fn run_pending(plan: &Plan, jobs: usize) -> anyhow::Result<i32> {
     let ended = ended.into_inner().expect("results");
     let failed = ended.iter().filter(|s| **s == Status::Failed).count();
     let stopped = ended.iter().filter(|s| **s == Status::Stopped).count();
+    let done = plan
+        .runs
+        .iter()
+        .filter(|r| status(plan, r) == Status::Done)
+        .count();
+    write_manifest(plan)?;
     println!(
-        "study {}: {} done, {failed} failed, {stopped} stopped (resume with the same command)",
+        "study {}: {done} of {} done, {failed} failed, {stopped} stopped{}",
         plan.dir.display(),
-        plan.runs
-            .iter()
-            .filter(|r| status(plan, r) == Status::Done)
-            .count()
+        plan.runs.len(),
+        if done < plan.runs.len() {
+            " (run the same command again to run the rest; stopped runs resume)"
+        } else {
+            ""
+        }
     );
     Ok(if failed > 0 {
         failed.min(100) as i32

@@ -132,6 +132,16 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<i32> {
         StudyCommand::RunOne(a) => {
             let plan = Plan::load(&a.plan, a.out_dir.as_deref())?;
             let run = plan.run(a.index)?;
+            if let Some(id) = &a.id {
+                anyhow::ensure!(
+                    *id == run.id,
+                    "{}: manifest row {} is run {}, not {id}: the plan changed since the script \
+                     was written; write it again with `rso study slurm`",
+                    plan.path.display(),
+                    a.index,
+                    run.id
+                );
+            }
             exec::check_data(&plan)?;
             exec::forward_signals()?;
             let threads = plan.threads.unwrap_or_else(exec::cores);

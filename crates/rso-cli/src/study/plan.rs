@@ -25,8 +25,9 @@
 //! the last varies fastest), the seeds innermost; a run that an earlier grid already has is not
 //! repeated. A run's id is the first 16 hex digits of the SHA-256 of the canonical JSON (sorted
 //! keys, presets' defaults filled in) of the settings that decide its results: every `rso
-//! train` setting except paths (`data_dir`, `init_weights`), threads and outputs, the seed and
-//! the number of rounds included. Changing another run's settings does not change its id.
+//! train` setting its optimizer reads except paths, threads and outputs, the seed and the
+//! number of rounds included, and the SHA-256 of the `init_weights` file's content (not its
+//! path). Changing another run's settings does not change its id.
 
 use crate::args::TrainArgs;
 use crate::checkpoint::RunConfig;
@@ -136,8 +137,13 @@ impl Plan {
     pub fn load(path: &Path, out_dir: Option<&Path>) -> anyhow::Result<Plan> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("study plan {}", path.display()))?;
-        let file: PlanFile = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))?;
+        let file: PlanFile = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|r| format!("line {}: ", text[..r.start].matches('\n').count() + 1))
+                .unwrap_or_default();
+            anyhow::anyhow!("{}: {line}{}", path.display(), e.message().trim_end())
+        })?;
         let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let base = if base.as_os_str().is_empty() {
             PathBuf::from(".")
@@ -175,7 +181,12 @@ impl Plan {
                 setting.extend(point);
                 for &seed in seeds {
                     let run = make_run(g + 1, seed, &setting).map_err(|e| {
-                        anyhow::anyhow!(ctx(format!("grid {}, seed {seed}: {e:#}", g + 1)))
+                        let at = if file.grid.is_empty() {
+                            format!("seed {seed}")
+                        } else {
+                            format!("grid {}, seed {seed}", g + 1)
+                        };
+                        anyhow::anyhow!(ctx(format!("{at}: {e:#}")))
                     })?;
                     if seen.insert(run.id.clone()) {
                         runs.push(Run {
@@ -245,7 +256,7 @@ fn grid_seeds(grid: &mut toml::Table, file: &PlanFile) -> Result<Option<Vec<u64>
     }
     let own: PlanFile = toml::Value::Table(own)
         .try_into()
-        .map_err(|e: toml::de::Error| e.message().trim_end().to_string())?;
+        .map_err(|e: toml::de::Error| format!("seeds/seed: {}", e.message().trim_end()))?;
     seeds(&own).map(Some)
 }
 
@@ -391,6 +402,30 @@ fn make_run(grid: usize, seed: u64, setting: &BTreeMap<String, String>) -> anyho
         for key in PATH_SETTINGS {
             map.remove(key);
         }
+        // Knobs the run's optimizer does not read would make two identical runs differ.
+        let unread: &[&str] = match train.optimizer {
+            crate::args::OptimizerKind::Rso => &["lr"],
+            crate::args::OptimizerKind::Sgd => &[
+                "sigma",
+                "anneal",
+                "weight_decay",
+                "batch_policy",
+                "rso_eval",
+            ],
+        };
+        for key in unread {
+            map.remove(*key);
+        }
+        // Initial weights decide the results: their content is part of the id, not their path.
+        if let Some(path) = &train.init_weights {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("init_weights {}", path.display()))?;
+            let sum: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            map.insert("init_weights_sha256".into(), sum.into());
+        }
     }
     let canonical = serde_json::to_string(&config).context("serialising the settings")?;
     let digest = Sha256::digest(canonical.as_bytes());
@@ -419,10 +454,15 @@ pub fn parse_train(args: &[String]) -> anyhow::Result<TrainArgs> {
         }) => Ok(t),
         Ok(_) => bail!("not a train command"),
         Err(e) => {
-            // clap's first line says what is wrong with which flag.
+            // clap's message on one line, without its usage and help hints.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            bail!("{}", first.trim_start_matches("error: "))
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            bail!("{}", lines.join(" ").trim_start_matches("error: "))
         }
     }
 }
@@ -509,6 +549,30 @@ mod tests {
     }
 
     #[test]
+    fn knobs_the_optimizer_ignores_do_not_split_runs_but_initial_weights_do() {
+        let p = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\nlr = [0.01, 0.5]\n\
+             [[grid]]\noptimizer = \"sgd\"\nbatch_size = 8\nsigma = [0.1, 0.2]\n"
+        ))
+        .unwrap();
+        assert_eq!(p.runs.len(), 2, "{:?}", p.runs);
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.st"), dir.path().join("b.st"));
+        std::fs::write(&a, b"one").unwrap();
+        std::fs::write(&b, b"two").unwrap();
+        let p = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\ninit_weights = [{a:?}, {b:?}]\n\
+             [[grid]]\noptimizer = \"rso\"\nbatch_size = 8\n"
+        ))
+        .unwrap();
+        assert_eq!(p.runs.len(), 3, "{:?}", p.runs);
+        let missing = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\ninit_weights = \"/no/such\"\n"
+        ));
+        assert!(format!("{:#}", missing.unwrap_err()).contains("init_weights"));
+    }
+
+    #[test]
     fn a_grid_may_have_its_own_seeds() {
         let p = plan(&format!(
             "seeds = 3\nseed = 10\n{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\n\
@@ -559,7 +623,7 @@ mod tests {
             ),
             (
                 &format!("{BASE}[[grid]]\noptimizer = \"adam\"\nbatch_size = 8\n"),
-                "adam",
+                "possible values: rso, sgd",
             ),
             (
                 &format!("{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 0\n"),
@@ -579,7 +643,11 @@ mod tests {
                 &format!("{BASE}batch_size = [8, 16]\n"),
                 "lists go in a [[grid]]",
             ),
-            ("[settings\n", "p.toml"),
+            ("[settings\n", "line 1"),
+            (
+                "[settings]\nmodel = \"one-conv\"\n[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\n",
+                "--rounds",
+            ),
             (
                 &format!("{BASE}[[grid]]\noptimizer = true\n"),
                 "optimizer: boolean",

@@ -73,20 +73,29 @@ fn abs(path: &Path) -> anyhow::Result<String> {
 /// # Errors
 /// When the scripts cannot be written or the program's path is unknown.
 pub fn write_scripts(plan: &Plan, a: &StudySlurmArgs) -> anyhow::Result<()> {
-    let rows: Vec<usize> = plan
+    let pending: Vec<&super::plan::Run> = plan
         .runs
         .iter()
         .filter(|r| status(plan, r) != Status::Done)
-        .map(|r| r.index)
         .collect();
+    let rows: Vec<usize> = pending.iter().map(|r| r.index).collect();
+    let dir = plan.dir.join("slurm");
     if rows.is_empty() {
+        // Scripts of an earlier call would submit runs that are done now.
+        for name in ["array.sbatch", "collect.sbatch"] {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
         println!(
             "study {}: every run is done; nothing to submit",
             plan.dir.display()
         );
         return Ok(());
     }
-    let dir = plan.dir.join("slurm");
+    // Row → id, so a task refuses to run when the plan changed after the script was written.
+    let ids: Vec<String> = pending
+        .iter()
+        .map(|r| format!("[{}]={}", r.index, r.id))
+        .collect();
     std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
     let exe = std::env::current_exe().context("locating the rso program")?;
     let (rso, plan_path, study) = (abs(&exe)?, abs(&plan.path)?, abs(&plan.dir)?);
@@ -111,7 +120,9 @@ pub fn write_scripts(plan: &Plan, a: &StudySlurmArgs) -> anyhow::Result<()> {
          # passed on to rso, whose run stops cleanly with status 75; the task then requeues itself\n\
          # and, requeued, resumes from the run's checkpoint.\n\
          set -u\n\
-         {rso} study run-one {plan_path} --out-dir {study} --index \"$SLURM_ARRAY_TASK_ID\" &\n\
+         ids=({})\n\
+         {rso} study run-one {plan_path} --out-dir {study} --index \"$SLURM_ARRAY_TASK_ID\" \\\n\
+         \x20   --id \"${{ids[$SLURM_ARRAY_TASK_ID]}}\" &\n\
          pid=$!\n\
          trap 'kill -USR1 \"$pid\" 2>/dev/null' USR1 TERM\n\
          # `wait` returns early when a trapped signal arrives: wait until rso has ended.\n\
@@ -124,6 +135,7 @@ pub fn write_scripts(plan: &Plan, a: &StudySlurmArgs) -> anyhow::Result<()> {
          exit \"$rc\"\n",
         array_ranges(&rows),
         resource_lines(a),
+        ids.join(" "),
     );
     let collect = format!(
         "#!/bin/bash\n\
