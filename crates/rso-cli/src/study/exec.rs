@@ -47,10 +47,23 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Writes `<study>/manifest.csv`: the manifest with every run's status now.
+/// Writes `<study>/manifest.csv` (the manifest with every run's status now) and its
+/// `.meta.json`.
 fn write_manifest(plan: &Plan) -> anyhow::Result<()> {
     std::fs::create_dir_all(&plan.dir).with_context(|| format!("{}", plan.dir.display()))?;
-    crate::output::write_file(&plan.dir.join("manifest.csv"), &super::manifest_csv(plan)?)
+    let now = utc_now();
+    let meta = crate::provenance::Meta::current(
+        "study",
+        "-",
+        None,
+        serde_json::json!({ "plan": plan.path.to_string_lossy() }),
+        &now,
+    );
+    crate::output::write_results(
+        &plan.dir.join("manifest.csv"),
+        &super::manifest_csv(plan)?,
+        &meta,
+    )
 }
 
 /// Checks that every dataset directory the runs name exists (before starting any run).
