@@ -3,9 +3,10 @@
 //! - with the `tch` feature, an rpath to libtorch (the directory rso-tch's build script
 //!   reports), so it runs without `LD_LIBRARY_PATH`;
 //! - the git revision of the source tree it is built from (`RSO_GIT_REVISION`, and
-//!   `RSO_GIT_DIRTY` = `true`/`false`/`unknown`), which results files record: the revision of
-//!   the code that computed them, wherever the binary later runs (not of the working
-//!   directory's repository).
+//!   `RSO_GIT_DIRTY` = `true`/`false`/`unknown`: whether tracked files under `crates/`,
+//!   `benches/` or the Cargo manifests differed from it), which results files record: the
+//!   revision of the code that computed them, wherever the binary later runs (not of the
+//!   working directory's repository).
 
 use std::path::Path;
 use std::process::Command;
@@ -61,14 +62,21 @@ fn revision(manifest: &Path) -> (String, String) {
     let revision = git(manifest, &["describe", "--always", "--abbrev=12"])
         .filter(|r| !r.is_empty())
         .unwrap_or_else(|| "unknown".into());
+    // Only the files the program is built from count (results or notes being edited do not make
+    // the binary dirty); without taking the index lock or refreshing it (which would change a
+    // watched file).
     let dirty = match git(
-        manifest,
-        // Without taking the index lock or refreshing it (which would change a watched file).
+        Path::new(&top),
         &[
             "--no-optional-locks",
             "status",
             "--porcelain",
             "--untracked-files=no",
+            "--",
+            "crates",
+            "benches",
+            "Cargo.toml",
+            "Cargo.lock",
         ],
     ) {
         Some(s) => (!s.is_empty()).to_string(),
