@@ -286,13 +286,7 @@ fn seed_table_plan(a: &SeedTableArgs, picks: &[usize], study: &str) -> anyhow::R
 
 /// The seed table's row for notebook row `nb` from its runs' rows.
 fn seed_table_row(nb: &NotebookRow, runs: &[collect::Rows], engine: (&str, &str)) -> SeedTableRow {
-    let last = |m: &str| -> Vec<f64> {
-        runs.iter()
-            .filter_map(|r| r.get(&nb.rounds).and_then(|row| row.get(m)).copied())
-            .collect()
-    };
-    let stat =
-        |m: &str| collect::stats(&last(m)).unwrap_or((0, f64::NAN, None, f64::NAN, f64::NAN));
+    let stat = |m: &str| collect::stats_at(runs, nb.rounds, m);
     let (n, seconds, seconds_sd, _, _) = stat("cumulative_seconds");
     let (_, loss, loss_sd, _, _) = stat("test_loss");
     let (_, acc, acc_sd, acc_min, acc_max) = stat("test_acc");
@@ -463,13 +457,7 @@ fn curve_rows(model: &str, optimizer: &str, runs: &[collect::Rows]) -> (Vec<Curv
         points: Vec::new(),
     };
     for round in rounds {
-        let values = |m: &str| -> Vec<f64> {
-            runs.iter()
-                .filter_map(|r| r.get(&round).and_then(|row| row.get(m)).copied())
-                .collect()
-        };
-        let stat =
-            |m: &str| collect::stats(&values(m)).unwrap_or((0, f64::NAN, None, f64::NAN, f64::NAN));
+        let stat = |m: &str| collect::stats_at(runs, round, m);
         let (n, acc, acc_sd, acc_min, acc_max) = stat("test_acc");
         let (_, loss, loss_sd, _, _) = stat("test_loss");
         let fe = stat("cumulative_forward_equivalents").1;

@@ -42,6 +42,18 @@ pub fn stats(xs: &[f64]) -> Option<(usize, f64, Option<f64>, f64, f64)> {
     Some((n, mean, sd, min, max))
 }
 
+/// The values of metric `m` after round `round`, over the runs that have that round.
+pub fn values_at(runs: &[Rows], round: usize, m: &str) -> Vec<f64> {
+    runs.iter()
+        .filter_map(|r| r.get(&round).and_then(|row| row.get(m)).copied())
+        .collect()
+}
+
+/// [`stats`] of [`values_at`]; n = 0 and NaN where no run has a value.
+pub fn stats_at(runs: &[Rows], round: usize, m: &str) -> (usize, f64, Option<f64>, f64, f64) {
+    stats(&values_at(runs, round, m)).unwrap_or((0, f64::NAN, None, f64::NAN, f64::NAN))
+}
+
 /// Reads a run's `rounds.csv` (the [`METRICS`] columns).
 ///
 /// # Errors
@@ -209,13 +221,7 @@ fn summary(
             points: Vec::new(),
         };
         for round in rounds {
-            let values = |m: &str| -> Vec<f64> {
-                setting
-                    .rows
-                    .iter()
-                    .filter_map(|r| r.get(&round).and_then(|row| row.get(m)).copied())
-                    .collect()
-            };
+            let values = |m: &str| values_at(&setting.rows, round, m);
             let n = setting
                 .rows
                 .iter()
