@@ -217,7 +217,8 @@ fn run_cases<N: Network>(
                         total += match timing {
                             Round => {
                                 let t = Instant::now();
-                                rso.run_round(&mut net, 0, &mut |_| {}).expect("round");
+                                rso.run_round(&mut net, 0, None, &mut |_| {})
+                                    .expect("round");
                                 sync(&net);
                                 t.elapsed()
                             }

@@ -605,7 +605,9 @@ fn train_rounds(
         reporter.round_started(round, args.rounds, steps);
         let start = Instant::now();
         let stats: RoundStats = optimizer
-            .run_round(net.as_mut(), round, &mut |done| reporter.progress(done))
+            .run_round(net.as_mut(), round, None, &mut |done| {
+                reporter.progress(done)
+            })
             .map_err(|e: OptimError| anyhow::anyhow!(e))?;
         let elapsed = start.elapsed().as_secs_f64();
         let (train, test) = evaluate(net.as_mut(), &calibration);

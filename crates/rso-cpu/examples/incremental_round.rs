@@ -146,7 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or(2);
             for round in 0..rounds.max(1) {
                 let t = Instant::now();
-                let stats = rso.run_round(&mut net, round, &mut |_| {})?;
+                let stats = rso.run_round(&mut net, round, None, &mut |_| {})?;
                 times.push(t.elapsed().as_secs_f64());
                 println!(
                     "{:>8} B={batch:<5} incremental round {round}: {:8.3} s ({} of {} accepted, mean batch loss {:.4})",

@@ -288,7 +288,7 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64) {
         let mut rso = Rso::new(net.spec(), cfg).expect("config");
         // Round 1 of 3 (σ annealed for the paper preset).
         let t = std::time::Instant::now();
-        let stats = rso.run_round(net, 1, &mut |_| {}).expect("round");
+        let stats = rso.run_round(net, 1, None, &mut |_| {}).expect("round");
         // The work counted is the reference path's forward passes, whichever path ran.
         let forwarded = match eval {
             RsoEval::Reference => net.batch_loss_samples,
@@ -348,12 +348,13 @@ fn history_independent(spec: &ModelSpec, preset: Preset, batch: usize, seed: u64
     cfg.eval = RsoEval::Incremental;
     let mut rso = Rso::new(spec, cfg).expect("config");
     let (mut first, _) = network_of(spec, 64, preset, seed);
-    rso.run_round(&mut first, 0, &mut |_| {}).expect("round 0");
+    rso.run_round(&mut first, 0, None, &mut |_| {})
+        .expect("round 0");
     let (mut fresh, _) = network_of(spec, 64, preset, seed);
     fresh.set_params(&first.params()).expect("same layout");
     let mut runs = [first, fresh].map(Recorder::new);
     for r in runs.iter_mut() {
-        rso.run_round(r, 1, &mut |_| {}).expect("round 1");
+        rso.run_round(r, 1, None, &mut |_| {}).expect("round 1");
     }
     let [a, b] = runs;
     let bits =

@@ -2,21 +2,35 @@
 //!
 //! - [`Rso`]: random search optimization (Tripathi & Singh, Algorithm 1) with the notebook's
 //!   (`seed`) and the paper authors' (`paper`) presets, every knob overridable;
-//! - [`Sgd`]: plain minibatch gradient descent.
+//! - [`Sgd`]: plain minibatch gradient descent;
+//! - the other forward-only methods, to compare RSO with at equal compute: [`Spsa`] (two-point
+//!   random-direction estimates, MeZO-style), [`Es`] (a (1+1) evolution strategy with the 1/5
+//!   success rule) and [`Cfd`] (coordinate finite differences, the estimator DeepZero builds
+//!   on). Their round is the forward-pass budget of one RSO round of the same model and batch
+//!   size ([`forward_only`]).
 //!
-//! Both drive any engine through [`rso_models::Network`]. Every random choice comes from the
+//! All drive any engine through [`rso_models::Network`]. Every random choice comes from the
 //! configured seed, and the generator of round `r` depends only on `(seed, r)`, so a run resumed
-//! at a round boundary continues exactly as an uninterrupted one.
+//! at a round boundary continues exactly as an uninterrupted one (with the state of
+//! [`Optimizer::state`] where an optimizer has any).
 
 #![forbid(unsafe_code)]
 
+mod cfd;
+mod es;
+pub mod forward_only;
 mod rso;
 mod sgd;
+mod spsa;
 
+pub use cfd::{Cfd, CfdConfig};
+pub use es::{Es, EsConfig};
+pub use forward_only::Direction;
 pub use rso::{
     choose, BatchPolicy, Batches, Choice, Rso, RsoConfig, RsoEval, SigmaRule, SweepStep,
 };
 pub use sgd::{Sgd, SgdConfig};
+pub use spsa::{Spsa, SpsaConfig};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -46,9 +60,22 @@ pub enum OptimError {
         /// The loss value.
         loss: f64,
     },
+    /// The minibatch loss at the current weights turned NaN or infinite (ES, CFD).
+    #[error("round {}, step {}: the minibatch loss at the current weights is {loss}; training diverged", round + 1, step + 1)]
+    StepDiverged {
+        /// Round (0-based; the message counts from 1).
+        round: usize,
+        /// Step within the round (0-based; the message counts from 1).
+        step: usize,
+        /// The loss value.
+        loss: f64,
+    },
     /// A configuration that cannot run.
     #[error("{0}")]
     Config(String),
+    /// Saved optimizer state ([`Optimizer::state`]) that does not fit this optimizer.
+    #[error("optimizer state: {0}")]
+    State(String),
 }
 
 /// What one round (RSO) or epoch (SGD) did.
@@ -67,8 +94,23 @@ pub struct RoundStats {
     /// backward pass of about twice its cost). Evaluation passes are not counted.
     pub forward_equivalents: u64,
     /// RSO: the annealing factor σ was scaled by in this round (1 without annealing).
-    /// SGD: `None`.
+    /// ES: σ at the end of the round divided by its initial value. Others: `None`.
     pub sigma_scale: Option<f64>,
+    /// The round stopped early because its next step would have exceeded the forward-pass
+    /// budget passed to [`Optimizer::run_round`]; the run is over.
+    pub budget_reached: bool,
+}
+
+impl RoundStats {
+    /// Whether a step costing `cost` forward-equivalents still fits in `budget` (none: no
+    /// limit); when it does not, marks the round as stopped by the budget.
+    pub fn fits(&mut self, cost: u64, budget: Option<u64>) -> bool {
+        let fits = budget.is_none_or(|b| self.forward_equivalents + cost <= b);
+        if !fits {
+            self.budget_reached = true;
+        }
+        fits
+    }
 }
 
 /// Forward passes of one sample that one RSO weight visit or one SGD step on a minibatch of
@@ -86,17 +128,43 @@ pub trait Optimizer {
     /// for RSO), as name/value pairs for a run's provenance.
     fn resolved_settings(&self) -> Vec<(String, String)>;
 
-    /// Units of work in one round (weights for RSO, minibatches for SGD), for progress bars.
+    /// Units of work in one round (weights for RSO, minibatches for SGD, steps or coordinates
+    /// for the other forward-only methods), for progress bars.
     fn steps_per_round(&self, net: &dyn Network) -> usize;
 
     /// Runs round `round` (0-based) on `net`; `progress` is called with the number of units
-    /// done so far, now and then.
+    /// done so far, now and then. With `budget`, the round takes no step that would bring its
+    /// [`RoundStats::forward_equivalents`] above it, and says so in
+    /// [`RoundStats::budget_reached`] when it stops early.
     fn run_round(
         &mut self,
         net: &mut dyn Network,
         round: usize,
+        budget: Option<u64>,
         progress: &mut dyn FnMut(usize),
     ) -> Result<RoundStats, OptimError>;
+
+    /// The state the optimizer carries from one round to the next, as name/value pairs with
+    /// numbers in Rust's shortest round-trip form (a checkpoint stores it). Empty for
+    /// optimizers whose rounds depend only on the weights, the settings and the seed (RSO,
+    /// SGD, SPSA, CFD).
+    fn state(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Restores what [`Optimizer::state`] returned.
+    ///
+    /// # Errors
+    /// [`OptimError::State`] when a name is unknown or missing, or a value does not parse.
+    fn restore_state(&mut self, state: &[(String, String)]) -> Result<(), OptimError> {
+        match state.first() {
+            None => Ok(()),
+            Some((name, _)) => Err(OptimError::State(format!(
+                "{} keeps no state, found {name}",
+                self.name()
+            ))),
+        }
+    }
 }
 
 /// The generator for round `round` of a run seeded with `seed`: a function of both alone.

@@ -53,6 +53,8 @@ pub struct RsoConfig {
     pub batch_size: usize,
     /// σ rule.
     pub sigma: SigmaRule,
+    /// A factor every array's σ is multiplied by (1: the rule's σ), for tuning.
+    pub sigma_scale: f64,
     /// Annealing floor α: σ_c = σ·(α + (1−α)(C−c)/C) for round c; `None` = constant σ.
     pub anneal: Option<f64>,
     /// Multiplicative weight decay applied to a weight before each visit: w ← w·(1 − wd).
@@ -76,6 +78,7 @@ impl RsoConfig {
                 rounds,
                 batch_size,
                 sigma: SigmaRule::SeedCumulative,
+                sigma_scale: 1.0,
                 anneal: None,
                 weight_decay: 0.0,
                 batch_policy: BatchPolicy::Random,
@@ -88,6 +91,7 @@ impl RsoConfig {
                 rounds,
                 batch_size,
                 sigma: SigmaRule::PaperAnalytic,
+                sigma_scale: 1.0,
                 anneal: Some(0.1),
                 weight_decay: 1e-4,
                 batch_policy: BatchPolicy::Sequential,
@@ -169,6 +173,12 @@ impl Rso {
                 )));
             }
         }
+        if !(config.sigma_scale.is_finite() && config.sigma_scale > 0.0) {
+            return Err(OptimError::Config(format!(
+                "--sigma-scale must be a positive number, got {}",
+                config.sigma_scale
+            )));
+        }
         if let Some(a) = config.anneal {
             if !(0.0..=1.0).contains(&a) {
                 return Err(OptimError::Config(format!(
@@ -203,7 +213,7 @@ impl Rso {
 }
 
 /// The arrays in visiting order with their σ (before annealing).
-fn schedule(spec: &ModelSpec, config: &RsoConfig) -> Vec<SweepStep> {
+pub(crate) fn schedule(spec: &ModelSpec, config: &RsoConfig) -> Vec<SweepStep> {
     let params = spec.params();
     // Groups: a layer with parameters, joined (preset `paper`) by the BatchNorm that follows a conv.
     let mut order: Vec<(usize, usize)> = Vec::new(); // (param, group)
@@ -272,7 +282,7 @@ fn schedule(spec: &ModelSpec, config: &RsoConfig) -> Vec<SweepStep> {
         .into_iter()
         .map(|(param, group)| SweepStep {
             param,
-            sigma: sigmas[param],
+            sigma: sigmas[param] * config.sigma_scale,
             group,
         })
         .collect()
@@ -398,6 +408,7 @@ impl Optimizer for Rso {
                     SigmaRule::Fixed(s) => format!("fixed {s}"),
                 },
             ),
+            ("sigma_scale".into(), c.sigma_scale.to_string()),
             (
                 "anneal".into(),
                 c.anneal.map_or_else(|| "none".into(), |a| a.to_string()),
@@ -434,6 +445,7 @@ impl Optimizer for Rso {
         &mut self,
         net: &mut dyn Network,
         round: usize,
+        budget: Option<u64>,
         progress: &mut dyn FnMut(usize),
     ) -> Result<RoundStats, OptimError> {
         let cfg = &self.config;
@@ -452,7 +464,7 @@ impl Optimizer for Rso {
         };
         let mut loss_sum = 0.0;
         let mut group = usize::MAX;
-        for step in &self.schedule {
+        'sweeps: for step in &self.schedule {
             if step.group != group {
                 group = step.group;
                 batches.start_group(&mut rng);
@@ -463,6 +475,9 @@ impl Optimizer for Rso {
             })?;
             for index in 0..lens[step.param] {
                 let batch = batches.next(&mut rng);
+                if !stats.fits(forward_equivalents(batch.len()), budget) {
+                    break 'sweeps;
+                }
                 stats.forward_equivalents += forward_equivalents(batch.len());
                 let delta = normal.sample(&mut rng) as f32;
                 let mut w = net.weight(step.param, index);

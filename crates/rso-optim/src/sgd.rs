@@ -57,12 +57,16 @@ impl Optimizer for Sgd {
         &mut self,
         net: &mut dyn Network,
         round: usize,
+        budget: Option<u64>,
         progress: &mut dyn FnMut(usize),
     ) -> Result<RoundStats, OptimError> {
         let order = shuffled(net.train_len(), &mut round_rng(self.config.seed, round));
         let mut stats = RoundStats::default();
         let mut sum = 0.0;
         for (i, batch) in order.chunks(self.config.batch_size).enumerate() {
+            if !stats.fits(forward_equivalents(batch.len()), budget) {
+                break;
+            }
             let loss = net.sgd_step(batch, self.config.lr);
             stats.forward_equivalents += forward_equivalents(batch.len());
             if !loss.is_finite() {

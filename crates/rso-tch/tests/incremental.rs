@@ -61,7 +61,7 @@ fn same_round(spec: &ModelSpec, preset: Preset, batch: usize, device: &str, seed
         let mut cfg = RsoConfig::preset(preset, 3, batch, seed);
         cfg.eval = eval;
         let mut rso = Rso::new(net.spec(), cfg).expect("config");
-        rso.run_round(net, 1, &mut |_| {}).expect("round");
+        rso.run_round(net, 1, None, &mut |_| {}).expect("round");
     }
     let [reference, incremental] = nets;
     let reduction = match preset {

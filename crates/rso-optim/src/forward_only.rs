@@ -1,0 +1,146 @@
+//! What the forward-only methods other than RSO ([`crate::Spsa`], [`crate::Es`],
+//! [`crate::Cfd`]) share: their round, their minibatches and their per-step random numbers.
+//!
+//! # A round is one RSO round's forward passes
+//! RSO visits every scalar parameter once per round at 3·|batch| forward passes of one sample
+//! each, so its round costs 3·B·P forward-equivalents for P parameters at batch size B. The
+//! other methods' rounds take as many steps as fit in that (`round_steps`), so their per-round
+//! CSV rows line up with RSO's on the forward-equivalents axis.
+//!
+//! # The same minibatches as RSO
+//! Every step draws from the round's generator ([`crate::round_rng`]) what an RSO visit draws,
+//! in the same order: its minibatch ([`crate::Batches::next`]), then one standard normal (RSO
+//! scales it by σ into Δ; the other methods do not use it). So with the same seed and the
+//! random batch policy, step i of round r of every forward-only method, RSO included, trains on
+//! the same minibatch. Their own random numbers (directions, coordinate blocks) come from
+//! [`step_rng`], a generator of `(seed, round, step)` alone: regenerated, never stored, as MeZO
+//! regenerates its directions from a per-step seed.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use rso_models::Params;
+
+/// How a random direction's entries are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Standard normal entries (MeZO, Malladi et al. 2023).
+    Gaussian,
+    /// ±1 with equal probability (classic SPSA, Spall 1992).
+    Rademacher,
+}
+
+impl Direction {
+    /// The name the command line uses (`gaussian`, `rademacher`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Gaussian => "gaussian",
+            Direction::Rademacher => "rademacher",
+        }
+    }
+
+    fn draw(self, rng: &mut ChaCha8Rng) -> f32 {
+        match self {
+            Direction::Gaussian => rng.sample(StandardNormal),
+            Direction::Rademacher => {
+                if rng.random::<bool>() {
+                    1.0
+                } else {
+                    -1.0
+                }
+            }
+        }
+    }
+}
+
+/// The generator of step `step` of round `round` (0-based) of a run seeded with `seed`, for
+/// draw number `draw` of that step (SPSA's q directions): a function of the four alone,
+/// independent of [`crate::round_rng`] and [`crate::setup_rng`].
+pub fn step_rng(seed: u64, round: usize, step: usize, draw: usize) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&(round as u64).to_le_bytes());
+    key[16..24].copy_from_slice(&(step as u64).to_le_bytes());
+    key[24..32].copy_from_slice(&(draw as u64).to_le_bytes());
+    ChaCha8Rng::from_seed(key)
+}
+
+/// Draws the rest of an RSO visit's draws after its minibatch (one standard normal), so the next
+/// step's minibatch is the one RSO's next visit gets.
+pub(crate) fn skip_visit_draw(rng: &mut impl Rng) {
+    let _unused: f64 = rng.sample(StandardNormal);
+}
+
+/// Steps of `cost` forward passes per sample of the batch that fit in one RSO round of a model
+/// with `params` scalars (3 per scalar): ⌈3·params / cost⌉.
+pub fn round_steps(params: usize, cost: usize) -> usize {
+    (3 * params).div_ceil(cost.max(1))
+}
+
+/// `w += scale·z` for the direction z that `rng` draws (canonical array order, each array
+/// row-major); the same generator state gives the same z.
+pub fn add_direction(w: &mut Params, scale: f32, dist: Direction, mut rng: ChaCha8Rng) {
+    for x in w.values.iter_mut().flatten() {
+        *x += scale * dist.draw(&mut rng);
+    }
+}
+
+/// Whether every value is finite (a run never keeps weights it could not save and reload).
+pub fn all_finite(params: &Params) -> bool {
+    params.values.iter().flatten().all(|x| x.is_finite())
+}
+
+/// Parses a saved state value (Rust's shortest round-trip form).
+pub(crate) fn parse_state<T: std::str::FromStr>(
+    state: &[(String, String)],
+    name: &str,
+) -> Result<T, crate::OptimError> {
+    let (_, value) = state
+        .iter()
+        .find(|(k, _)| k == name)
+        .ok_or_else(|| crate::OptimError::State(format!("{name} missing")))?;
+    value
+        .parse()
+        .map_err(|_| crate::OptimError::State(format!("{name}: '{value}' is not a number")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{round_rng, BatchPolicy, Batches};
+    use rand_distr::{Distribution, Normal};
+
+    #[test]
+    fn step_generators_are_functions_of_their_coordinates() {
+        let draw = |s, r, t, d| step_rng(s, r, t, d).random::<u64>();
+        assert_eq!(draw(1, 2, 3, 0), draw(1, 2, 3, 0));
+        let others = [
+            draw(2, 2, 3, 0),
+            draw(1, 3, 3, 0),
+            draw(1, 2, 4, 0),
+            draw(1, 2, 3, 1),
+        ];
+        assert!(others.iter().all(|&x| x != draw(1, 2, 3, 0)));
+    }
+
+    #[test]
+    fn a_forward_only_step_leaves_the_round_generator_where_an_rso_visit_does() {
+        // RSO's visit: minibatch, then Δ ~ N(0, σ). Ours: minibatch, then one skipped draw.
+        let (mut a, mut b) = (round_rng(7, 1), round_rng(7, 1));
+        let mut ba = Batches::new(BatchPolicy::Random, 5, 23, &mut a);
+        let mut bb = Batches::new(BatchPolicy::Random, 5, 23, &mut b);
+        let sigma = Normal::new(0.0, 0.3).unwrap();
+        for _ in 0..200 {
+            assert_eq!(ba.next(&mut a).to_vec(), bb.next(&mut b).to_vec());
+            let _delta: f64 = sigma.sample(&mut a);
+            skip_visit_draw(&mut b);
+        }
+    }
+
+    #[test]
+    fn steps_per_round_fill_an_rso_round() {
+        assert_eq!(round_steps(10, 3), 10);
+        assert_eq!(round_steps(10, 2), 15);
+        assert_eq!(round_steps(7, 4), 6);
+    }
+}
