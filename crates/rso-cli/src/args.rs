@@ -131,6 +131,42 @@ pub enum ReproduceCommand {
     Comparison(ComparisonArgs),
     /// The paper's preset on its model, test accuracy per round → paper_mnist.csv.
     Paper(PaperArgs),
+    /// RSO against SPSA, ES and CFD at the same forward-pass budget (SGD as the gradient
+    /// reference), each tuned on a validation split → forward_only*.{csv,md,svg}.
+    ForwardOnly(ForwardOnlyArgs),
+}
+
+/// `rso reproduce forward-only` options.
+#[derive(Clone, Debug, Args)]
+pub struct ForwardOnlyArgs {
+    /// Models to compare on.
+    #[arg(long, num_args = 1.., default_values_t = ["one-conv".to_string(), "two-conv".to_string()])]
+    pub models: Vec<String>,
+    /// Minibatch size of every method.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// The budget, in RSO rounds: every forward-only method gets the forward-equivalents of this
+    /// many RSO rounds of the model at the batch size (3·batch·parameters each).
+    #[arg(long, default_value_t = 3)]
+    pub budget_rounds: usize,
+    /// Seeds per method of the chosen settings (seeds S…S+N−1, S = --seed).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Training images held out (the last N) to choose each method's setting on.
+    #[arg(long, default_value_t = 10000)]
+    pub val_split: usize,
+    /// Epochs of the SGD reference.
+    #[arg(long, default_value_t = 20)]
+    pub sgd_epochs: usize,
+    /// Learning rate of the SGD reference (untuned).
+    #[arg(long, default_value_t = 0.01)]
+    pub sgd_lr: f32,
+    /// Runs at a time (as `rso study run --jobs`).
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Backend, device, data, seed, output directory.
+    #[command(flatten)]
+    pub common: CommonArgs,
 }
 
 /// Options every reproduction shares.
@@ -228,6 +264,21 @@ pub enum OptimizerKind {
     Rso,
     /// Plain minibatch SGD.
     Sgd,
+    /// Two-point random-direction estimates (SPSA; MeZO's Gaussian directions by default).
+    Spsa,
+    /// A (1+1) evolution strategy with the 1/5 success rule.
+    Es,
+    /// Coordinate finite differences (randomized block-coordinate descent).
+    Cfd,
+}
+
+/// Distribution of SPSA's direction entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectionArg {
+    /// Standard normal (MeZO).
+    Gaussian,
+    /// ±1 (classic SPSA).
+    Rademacher,
 }
 
 /// Which engine computes.
@@ -284,6 +335,29 @@ fn parse_anneal(s: &str) -> Result<Option<f64>, String> {
     }
 }
 
+/// The optimizer-specific `rso train` settings (snake_case flag names) and the optimizers that
+/// read each. A run refuses a setting given for another optimizer (those with a default value,
+/// `lr` and `rso_eval`, cannot be told apart from their default and are not checked), and a
+/// study leaves the settings its run's optimizer does not read out of the run's id.
+pub const OPTIMIZER_SETTINGS: [(&str, &[OptimizerKind]); 13] = {
+    use OptimizerKind::{Cfd, Es, Rso, Sgd, Spsa};
+    [
+        ("lr", &[Sgd, Spsa, Cfd]),
+        ("sigma", &[Rso]),
+        ("sigma_scale", &[Rso]),
+        ("anneal", &[Rso]),
+        ("weight_decay", &[Rso]),
+        ("batch_policy", &[Rso, Spsa, Es, Cfd]),
+        ("rso_eval", &[Rso, Cfd]),
+        ("spsa_eps", &[Spsa]),
+        ("spsa_directions", &[Spsa]),
+        ("spsa_dist", &[Spsa]),
+        ("es_sigma", &[Es]),
+        ("cfd_block", &[Cfd]),
+        ("cfd_mu", &[Cfd]),
+    ]
+};
+
 /// `rso train` options.
 #[derive(Clone, Debug, Args)]
 pub struct TrainArgs {
@@ -300,7 +374,8 @@ pub struct TrainArgs {
         default_value_if("resume", ArgPredicate::IsPresent, "rso")
     )]
     pub optimizer: OptimizerKind,
-    /// Rounds (RSO) or epochs (SGD).
+    /// Rounds (RSO), epochs (SGD), or for spsa, es and cfd rounds of one RSO round's forward
+    /// passes each (3·batch size·parameters).
     #[arg(
         long,
         visible_alias = "epochs",
@@ -336,12 +411,15 @@ pub struct TrainArgs {
     /// Evaluate on the first N test samples only.
     #[arg(long)]
     pub test_limit: Option<usize>,
-    /// SGD learning rate.
+    /// Learning rate of sgd, spsa and cfd.
     #[arg(long, default_value_t = 0.01)]
     pub lr: f32,
     /// RSO: one fixed σ for every layer (overrides the preset's rule).
     #[arg(long)]
     pub sigma: Option<f64>,
+    /// RSO: a factor applied to every layer's σ (default 1), for tuning.
+    #[arg(long)]
+    pub sigma_scale: Option<f64>,
     /// RSO: annealing floor α in [0, 1], or `none` (overrides the preset).
     #[arg(long, value_parser = parse_anneal)]
     // The inner `Option` is spelled out so clap does not read `Option<Option<_>>` as a flag
@@ -353,9 +431,31 @@ pub struct TrainArgs {
     /// RSO: minibatch source (overrides the preset).
     #[arg(long, value_enum)]
     pub batch_policy: Option<BatchPolicyArg>,
-    /// RSO: candidate-loss implementation.
+    /// RSO and cfd: candidate-loss implementation.
     #[arg(long, value_enum, default_value = "incremental")]
     pub rso_eval: RsoEvalArg,
+    /// spsa: perturbation size ε of L(W ± εz) (default 1e-3, MeZO's).
+    #[arg(long)]
+    pub spsa_eps: Option<f32>,
+    /// spsa: directions q averaged per step (default 1); a step costs 2·q·batch forward passes.
+    #[arg(long)]
+    pub spsa_directions: Option<usize>,
+    /// spsa: distribution of the direction's entries (default gaussian).
+    #[arg(long, value_enum)]
+    pub spsa_dist: Option<DirectionArg>,
+    /// es: initial mutation strength σ of W + σz (default 0.01), adapted by the 1/5 rule.
+    #[arg(long)]
+    pub es_sigma: Option<f64>,
+    /// cfd: coordinates per block, sharing a minibatch and updated together (default 1).
+    #[arg(long)]
+    pub cfd_block: Option<usize>,
+    /// cfd: finite-difference step μ of L(w ± μ) (default 1e-3).
+    #[arg(long)]
+    pub cfd_mu: Option<f32>,
+    /// Stop the run once its next step would bring the forward-equivalents (the CSV's
+    /// cumulative_forward_equivalents) above N, whatever the optimizer; --rounds still bounds it.
+    #[arg(long, value_name = "N")]
+    pub max_forward_equivalents: Option<u64>,
     /// Backend.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
@@ -388,7 +488,7 @@ pub struct TrainArgs {
 
 /// The `rso train` options that decide a run's results: a checkpoint fixes them, so `--resume`
 /// refuses every one of them.
-pub const RESUME_CONFLICTS: [&str; 19] = [
+pub const RESUME_CONFLICTS: [&str; 27] = [
     "model",
     "optimizer",
     "rounds",
@@ -404,6 +504,14 @@ pub const RESUME_CONFLICTS: [&str; 19] = [
     "weight_decay",
     "batch_policy",
     "rso_eval",
+    "sigma_scale",
+    "spsa_eps",
+    "spsa_directions",
+    "spsa_dist",
+    "es_sigma",
+    "cfd_block",
+    "cfd_mu",
+    "max_forward_equivalents",
     "backend",
     "device",
     "init_weights",

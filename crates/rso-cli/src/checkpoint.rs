@@ -34,8 +34,9 @@
 //! - random numbers: the generator of round `r` is a function of `(seed, r)` alone
 //!   ([`rso_optim::round_rng`]), and the set-up draws (σ samples, the BatchNorm calibration
 //!   subset) are functions of the seed, so no generator state is stored;
-//! - optimizer state: none. RSO keeps only its schedule (derived from the model and settings),
-//!   and SGD is plain descent without momentum;
+//! - optimizer state: what [`rso_optim::Optimizer::state`] returns (ES's σ and the counts of its
+//!   current 1/5-rule window; nothing for RSO, whose schedule derives from the model and
+//!   settings, SGD without momentum, SPSA and CFD);
 //! - BatchNorm running statistics: not stored. Training (RSO and SGD) uses each minibatch's
 //!   statistics, and before every evaluation `rso train` replaces the running statistics by
 //!   those of a fixed training subset (chosen from the seed) under the current weights, so they
@@ -48,7 +49,9 @@
 //! round-trip decimal form, because JSON number parsing is not guaranteed to be correctly
 //! rounded and one unit in the last place of σ or of a loss would break exact resumption.
 
-use crate::args::{Backend, BatchPolicyArg, DatasetKind, OptimizerKind, RsoEvalArg, TrainArgs};
+use crate::args::{
+    Backend, BatchPolicyArg, DatasetKind, DirectionArg, OptimizerKind, RsoEvalArg, TrainArgs,
+};
 use crate::output::RoundRow;
 use anyhow::{bail, ensure, Context};
 use clap::ValueEnum;
@@ -65,8 +68,12 @@ pub const FORMAT: &str = "rso-checkpoint";
 /// - 1: the first layout;
 /// - 2: rows gain `accept_rate`, `sigma_scale`, `forward_equivalents`,
 ///   `cumulative_forward_equivalents` and `cumulative_seconds`; `origin.command` is an argv
-///   array (version 1: one string).
-pub const VERSION: u32 = 2;
+///   array (version 1: one string);
+/// - 3: the optimizer's state across rounds (`optimizer_state`, for ES), whether the
+///   forward-pass budget ended the run (`budget_reached`), and the settings of the forward-only
+///   optimizers and of `--max-forward-equivalents` (absent where not given); versions 1 and 2
+///   read as having none.
+pub const VERSION: u32 = 3;
 /// The oldest version this program reads.
 pub const OLDEST_VERSION: u32 = 1;
 /// The file naming the newest complete round directory.
@@ -124,6 +131,32 @@ pub struct RunConfig {
     /// `--init-weights` of the original run (a record only: a resumed run starts from the
     /// checkpoint's weights).
     pub init_weights: Option<PathBuf>,
+    // The settings below were added in version 3. Absent when not given (so a run that does not
+    // give them serialises, and is identified in a study, exactly as before).
+    /// `--sigma-scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sigma_scale: Option<String>,
+    /// `--spsa-eps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spsa_eps: Option<String>,
+    /// `--spsa-directions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spsa_directions: Option<usize>,
+    /// `--spsa-dist`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spsa_dist: Option<String>,
+    /// `--es-sigma`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es_sigma: Option<String>,
+    /// `--cfd-block`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfd_block: Option<usize>,
+    /// `--cfd-mu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfd_mu: Option<String>,
+    /// `--max-forward-equivalents`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_forward_equivalents: Option<u64>,
 }
 
 /// Sizes and a checksum of the loaded (normalised, truncated) data.
@@ -282,6 +315,10 @@ pub fn upgrade_rows(
     let rso = match args.optimizer {
         OptimizerKind::Rso => Some(crate::train::rso_config(args)),
         OptimizerKind::Sgd => None,
+        other => bail!(
+            "optimizer {} in a version-{version} checkpoint (that version knew rso and sgd only)",
+            crate::train::optimizer_name(other)
+        ),
     };
     let (mut cumulative_fe, mut cumulative_s) = (Some(0u64), 0.0);
     for row in &mut rows {
@@ -363,6 +400,13 @@ pub struct State {
     pub rows: Vec<SavedRow>,
     /// Where the run came from.
     pub origin: Origin,
+    /// The optimizer's state after the last completed round ([`rso_optim::Optimizer::state`];
+    /// version 3 on, empty before).
+    #[serde(default)]
+    pub optimizer_state: std::collections::BTreeMap<String, String>,
+    /// The last round stopped at `--max-forward-equivalents`: the run is over (version 3 on).
+    #[serde(default)]
+    pub budget_reached: bool,
 }
 
 /// A checkpoint read back from disk: its round directory and its state.
@@ -392,6 +436,10 @@ fn parse_round_dir_name(name: &str) -> Option<usize> {
 fn float<T: std::str::FromStr>(s: &str, what: &str) -> anyhow::Result<T> {
     s.parse()
         .map_err(|_| anyhow::anyhow!("{what}: '{s}' is not a number"))
+}
+
+fn opt_float<T: std::str::FromStr>(s: &Option<String>, what: &str) -> anyhow::Result<Option<T>> {
+    s.as_deref().map(|s| float(s, what)).transpose()
 }
 
 fn enum_name<E: ValueEnum>(v: &E) -> String {
@@ -432,6 +480,14 @@ impl RunConfig {
             backend: enum_name(&args.backend),
             device: args.device.clone(),
             init_weights: args.init_weights.clone(),
+            sigma_scale: args.sigma_scale.map(|s| s.to_string()),
+            spsa_eps: args.spsa_eps.map(|s| s.to_string()),
+            spsa_directions: args.spsa_directions,
+            spsa_dist: args.spsa_dist.as_ref().map(enum_name),
+            es_sigma: args.es_sigma.map(|s| s.to_string()),
+            cfd_block: args.cfd_block,
+            cfd_mu: args.cfd_mu.map(|s| s.to_string()),
+            max_forward_equivalents: args.max_forward_equivalents,
         }
     }
 
@@ -485,6 +541,18 @@ impl RunConfig {
                 .map(|s| enum_value::<BatchPolicyArg>(s, "batch_policy"))
                 .transpose()?,
             rso_eval: enum_value::<RsoEvalArg>(&self.rso_eval, "rso_eval")?,
+            sigma_scale: opt_float(&self.sigma_scale, "sigma_scale")?,
+            spsa_eps: opt_float(&self.spsa_eps, "spsa_eps")?,
+            spsa_directions: self.spsa_directions,
+            spsa_dist: self
+                .spsa_dist
+                .as_deref()
+                .map(|s| enum_value::<DirectionArg>(s, "spsa_dist"))
+                .transpose()?,
+            es_sigma: opt_float(&self.es_sigma, "es_sigma")?,
+            cfd_block: self.cfd_block,
+            cfd_mu: opt_float(&self.cfd_mu, "cfd_mu")?,
+            max_forward_equivalents: self.max_forward_equivalents,
             backend: enum_value::<Backend>(&self.backend, "backend")?,
             device: self.device.clone(),
             out: cli.out.clone(),
@@ -876,6 +944,15 @@ mod tests {
                 backend: "cpu".into(),
                 device: "cpu".into(),
                 init_weights: None,
+                // Every later setting given, so that the round trips cover them.
+                sigma_scale: Some("0.5".into()),
+                spsa_eps: Some("0.001".into()),
+                spsa_directions: Some(2),
+                spsa_dist: Some("rademacher".into()),
+                es_sigma: Some("0.01".into()),
+                cfd_block: Some(3),
+                cfd_mu: Some("0.01".into()),
+                max_forward_equivalents: Some(123_456),
             },
             data: DataFingerprint {
                 train: 300,
@@ -887,6 +964,8 @@ mod tests {
             rows: (1..=rounds_completed)
                 .map(|r| SavedRow::from_row(&row(r, 0.7 / r as f64)))
                 .collect(),
+            optimizer_state: [("sigma".to_string(), "0.25".to_string())].into(),
+            budget_reached: false,
             origin: Origin {
                 command: CommandLine::Argv(vec!["rso".into(), "train".into()]),
                 revision: "x".into(),

@@ -44,7 +44,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         | Command::Reproduce(args::ReproduceCommand::Comparison(_))
         | Command::Reproduce(args::ReproduceCommand::Paper(_)) => stop::install()?,
         // Runs as child processes: pass the signal on to them.
-        Command::Reproduce(args::ReproduceCommand::SeedTable(_)) => study::exec::forward_signals()?,
+        Command::Reproduce(
+            args::ReproduceCommand::SeedTable(_) | args::ReproduceCommand::ForwardOnly(_),
+        ) => study::exec::forward_signals()?,
         // `study run` and `run-one` pass signals on themselves.
         Command::Study(_) => {}
     }

@@ -2,7 +2,10 @@
 //! checkpoint after every round (`--checkpoint-dir`) and resumption from one (`--resume`), see
 //! [`crate::checkpoint`].
 
-use crate::args::{Backend, BatchPolicyArg, DatasetKind, OptimizerKind, RsoEvalArg, TrainArgs};
+use crate::args::{
+    Backend, BatchPolicyArg, DatasetKind, DirectionArg, OptimizerKind, RsoEvalArg, TrainArgs,
+    OPTIMIZER_SETTINGS,
+};
 use crate::checkpoint::{self, DataFingerprint, Origin, RunConfig, SavedRow, State};
 use crate::output::{self, RoundRow};
 use crate::provenance::{utc_now, Meta};
@@ -10,8 +13,8 @@ use anyhow::{bail, ensure, Context};
 use rso_data::Split;
 use rso_models::{init_params, ModelSpec, Network, Params, SplitKind};
 use rso_optim::{
-    setup_rng, shuffled, BatchPolicy, OptimError, Optimizer, RoundStats, Rso, RsoConfig, RsoEval,
-    Sgd, SgdConfig, SigmaRule,
+    setup_rng, shuffled, BatchPolicy, Cfd, CfdConfig, Direction, Es, EsConfig, OptimError,
+    Optimizer, RoundStats, Rso, RsoConfig, RsoEval, Sgd, SgdConfig, SigmaRule, Spsa, SpsaConfig,
 };
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -194,6 +197,11 @@ pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
     ] {
         ensure!(limit != Some(0), "{flag} must be at least 1");
     }
+    check_optimizer_settings(args)?;
+    ensure!(
+        args.max_forward_equivalents != Some(0),
+        "--max-forward-equivalents must be at least 1"
+    );
     if args.backend == Backend::Cpu && args.device != "cpu" {
         bail!(
             "--device {}: the cpu backend runs on the CPU only (use --backend tch)",
@@ -205,6 +213,44 @@ pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
         DatasetKind::Cifar10 => (3, 32),
     };
     build_optimizer(args, &args.model.spec(channels, size, 10))?;
+    Ok(())
+}
+
+/// The name the command line gives `kind`.
+pub fn optimizer_name(kind: OptimizerKind) -> String {
+    use clap::ValueEnum;
+    kind.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// Refuses a setting given for an optimizer other than the run's ([`OPTIMIZER_SETTINGS`]).
+fn check_optimizer_settings(args: &TrainArgs) -> anyhow::Result<()> {
+    let given = [
+        ("sigma", args.sigma.is_some()),
+        ("sigma_scale", args.sigma_scale.is_some()),
+        ("anneal", args.anneal.is_some()),
+        ("weight_decay", args.weight_decay.is_some()),
+        ("batch_policy", args.batch_policy.is_some()),
+        ("spsa_eps", args.spsa_eps.is_some()),
+        ("spsa_directions", args.spsa_directions.is_some()),
+        ("spsa_dist", args.spsa_dist.is_some()),
+        ("es_sigma", args.es_sigma.is_some()),
+        ("cfd_block", args.cfd_block.is_some()),
+        ("cfd_mu", args.cfd_mu.is_some()),
+    ];
+    for (name, readers) in OPTIMIZER_SETTINGS {
+        let is_given = given.iter().any(|&(n, g)| n == name && g);
+        if is_given && !readers.contains(&args.optimizer) {
+            let readers: Vec<String> = readers.iter().map(|&k| optimizer_name(k)).collect();
+            bail!(
+                "--{} is a setting of --optimizer {}; --optimizer {} does not read it",
+                name.replace('_', "-"),
+                readers.join("|"),
+                optimizer_name(args.optimizer)
+            );
+        }
+    }
     Ok(())
 }
 
@@ -286,12 +332,10 @@ pub fn rso_config(args: &TrainArgs) -> RsoConfig {
     if let Some(wd) = args.weight_decay {
         cfg.weight_decay = wd;
     }
-    if let Some(p) = args.batch_policy {
-        cfg.batch_policy = match p {
-            BatchPolicyArg::Random => BatchPolicy::Random,
-            BatchPolicyArg::Sequential => BatchPolicy::Sequential,
-        };
+    if let Some(f) = args.sigma_scale {
+        cfg.sigma_scale = f;
     }
+    cfg.batch_policy = batch_policy(args);
     cfg.eval = match args.rso_eval {
         RsoEvalArg::Reference => RsoEval::Reference,
         RsoEvalArg::Incremental => RsoEval::Incremental,
@@ -299,8 +343,19 @@ pub fn rso_config(args: &TrainArgs) -> RsoConfig {
     cfg
 }
 
-/// The optimizer the arguments describe.
+/// The batch policy the arguments give, else the preset's.
+fn batch_policy(args: &TrainArgs) -> BatchPolicy {
+    match args.batch_policy {
+        Some(BatchPolicyArg::Random) => BatchPolicy::Random,
+        Some(BatchPolicyArg::Sequential) => BatchPolicy::Sequential,
+        None => RsoConfig::preset(args.preset, 1, 1, 0).batch_policy,
+    }
+}
+
+/// The optimizer the arguments describe. The forward-only methods other than RSO take the
+/// preset's batch policy and loss reduction (as RSO does), and their knobs' defaults.
 pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box<dyn Optimizer>> {
+    let preset = RsoConfig::preset(args.preset, args.rounds, args.batch_size, args.seed);
     Ok(match args.optimizer {
         OptimizerKind::Sgd => Box::new(Sgd::new(SgdConfig {
             lr: args.lr,
@@ -308,6 +363,40 @@ pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box
             seed: args.seed,
         })?),
         OptimizerKind::Rso => Box::new(Rso::new(spec, rso_config(args))?),
+        OptimizerKind::Spsa => Box::new(Spsa::new(SpsaConfig {
+            eps: args.spsa_eps.unwrap_or(1e-3),
+            lr: args.lr,
+            directions: args.spsa_directions.unwrap_or(1),
+            dist: match args.spsa_dist {
+                Some(DirectionArg::Rademacher) => Direction::Rademacher,
+                Some(DirectionArg::Gaussian) | None => Direction::Gaussian,
+            },
+            batch_size: args.batch_size,
+            batch_policy: batch_policy(args),
+            reduction: preset.reduction,
+            seed: args.seed,
+        })?),
+        OptimizerKind::Es => Box::new(Es::new(EsConfig {
+            sigma: args.es_sigma.unwrap_or(0.01),
+            batch_size: args.batch_size,
+            batch_policy: batch_policy(args),
+            reduction: preset.reduction,
+            seed: args.seed,
+        })?),
+        OptimizerKind::Cfd => Box::new(Cfd::new(
+            spec,
+            CfdConfig {
+                preset: args.preset,
+                block: args.cfd_block.unwrap_or(1),
+                mu: args.cfd_mu.unwrap_or(1e-3),
+                lr: args.lr,
+                batch_size: args.batch_size,
+                batch_policy: batch_policy(args),
+                reduction: preset.reduction,
+                eval: rso_config(args).eval,
+                seed: args.seed,
+            },
+        )?),
     })
 }
 
@@ -454,6 +543,8 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
                     rounds_completed: 0,
                     weights_checksum: String::new(),
                     rows: Vec::new(),
+                    optimizer_state: Default::default(),
+                    budget_reached: false,
                     origin: Origin {
                         command: checkpoint::CommandLine::Argv(meta.command.clone()),
                         revision: meta.revision_label(),
@@ -525,8 +616,12 @@ fn resume(
     check_finite(&params).with_context(|| format!("{}", ck.weights_path().display()))?;
     let test_len = split.test.len();
     let net = build_network(&args, &spec, &params, split)?;
-    let optimizer = build_optimizer(&args, &spec)
+    let mut optimizer = build_optimizer(&args, &spec)
         .with_context(|| format!("{}: invalid settings", state_path.display()))?;
+    let saved: Vec<(String, String)> = ck.state.optimizer_state.clone().into_iter().collect();
+    optimizer
+        .restore_state(&saved)
+        .with_context(|| format!("{}", state_path.display()))?;
     let mut meta = run_meta(&args, optimizer.as_ref(), net.as_ref(), test_len, &started);
     let origin = &ck.state.origin;
     meta.notes.push(format!(
@@ -596,20 +691,39 @@ fn train_rounds(
     };
     let ck_dir = checkpointing.as_ref().map(|c| c.dir.clone());
     crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
-    if rows.len() >= args.rounds {
+    // A run resumed after its budget ended it is as finished as one after its last round.
+    let mut finished = checkpointing
+        .as_ref()
+        .is_some_and(|c| c.base.budget_reached);
+    if rows.len() >= args.rounds || finished {
         // A finished run resumed: nothing to train, the results files still get written.
         write_out(&rows)?;
     }
     for round in rows.len()..args.rounds {
+        if finished {
+            break;
+        }
+        let spent = rows
+            .last()
+            .and_then(|r| r.cumulative_forward_equivalents)
+            .unwrap_or(0);
+        let budget = args
+            .max_forward_equivalents
+            .map(|m| m.saturating_sub(spent));
         let steps = optimizer.steps_per_round(net.as_ref());
         reporter.round_started(round, args.rounds, steps);
         let start = Instant::now();
         let stats: RoundStats = optimizer
-            .run_round(net.as_mut(), round, None, &mut |done| {
+            .run_round(net.as_mut(), round, budget, &mut |done| {
                 reporter.progress(done)
             })
             .map_err(|e: OptimError| anyhow::anyhow!(e))?;
         let elapsed = start.elapsed().as_secs_f64();
+        finished = stats.budget_reached;
+        if finished && stats.steps == 0 {
+            // The budget ran out exactly at the end of the previous round: no empty row.
+            break;
+        }
         let (train, test) = evaluate(net.as_mut(), &calibration);
         let previous = rows.last();
         let row = RoundRow {
@@ -627,7 +741,8 @@ fn train_rounds(
             train_acc: train.accuracy,
             test_loss: test.loss,
             test_acc: test.accuracy,
-            accept_rate: (args.optimizer == OptimizerKind::Rso)
+            // The share of steps kept: RSO's accepted visits, ES's successful children.
+            accept_rate: matches!(args.optimizer, OptimizerKind::Rso | OptimizerKind::Es)
                 .then(|| stats.accepted as f64 / stats.steps.max(1) as f64),
             sigma_scale: stats.sigma_scale,
             forward_equivalents: Some(stats.forward_equivalents),
@@ -645,6 +760,8 @@ fn train_rounds(
             let mut state = ck.base.clone();
             state.rounds_completed = round + 1;
             state.rows = rows.iter().map(SavedRow::from_row).collect();
+            state.optimizer_state = optimizer.state().into_iter().collect();
+            state.budget_reached = finished;
             let params = net.params();
             crate::stop::checkpoint(round + 1, args.rounds, &ck.dir, || {
                 checkpoint::write(&ck.dir, &state, &params)
@@ -653,6 +770,11 @@ fn train_rounds(
         write_out(&rows)?;
         crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     }
+    ensure!(
+        !rows.is_empty(),
+        "--max-forward-equivalents {}: the first step alone costs more",
+        args.max_forward_equivalents.unwrap_or(0)
+    );
     let seconds = rows.iter().map(|r| r.seconds).sum();
     let params = net.params();
     if let Some(path) = &args.save_weights {

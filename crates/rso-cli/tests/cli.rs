@@ -367,6 +367,91 @@ fn bad_arguments_fail_with_a_reason() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
 
+/// A setting of one optimizer given to another is refused, naming the flag and its optimizers;
+/// bad values of the forward-only methods' knobs name their flag.
+#[test]
+fn settings_of_another_optimizer_and_bad_knobs_are_refused() {
+    let dir = mnist_dir();
+    let d = dir.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut v = vec![
+            "train",
+            "--model",
+            "one-conv",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "8",
+            "--data-dir",
+            d,
+            "--train-limit",
+            "100",
+        ];
+        v.extend_from_slice(extra);
+        fails(&v)
+    };
+    for (extra, flag, belongs) in [
+        (
+            &["--optimizer", "rso", "--es-sigma", "0.1"][..],
+            "--es-sigma",
+            "es",
+        ),
+        (&["--optimizer", "es", "--sigma", "0.1"], "--sigma", "rso"),
+        (
+            &["--optimizer", "sgd", "--cfd-block", "2"],
+            "--cfd-block",
+            "cfd",
+        ),
+        (
+            &["--optimizer", "cfd", "--spsa-eps", "0.1"],
+            "--spsa-eps",
+            "spsa",
+        ),
+        (
+            &["--optimizer", "spsa", "--sigma-scale", "2"],
+            "--sigma-scale",
+            "rso",
+        ),
+        (
+            &["--optimizer", "sgd", "--weight-decay", "0.1"],
+            "--weight-decay",
+            "rso",
+        ),
+    ] {
+        let e = run(extra);
+        assert!(e.contains(flag) && e.contains(belongs), "{extra:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{e}");
+    }
+    for (extra, flag) in [
+        (
+            &["--optimizer", "spsa", "--spsa-eps", "0"][..],
+            "--spsa-eps",
+        ),
+        (
+            &["--optimizer", "spsa", "--spsa-directions", "0"],
+            "--spsa-directions",
+        ),
+        (&["--optimizer", "es", "--es-sigma=-1"], "--es-sigma"),
+        (&["--optimizer", "cfd", "--cfd-block", "0"], "--cfd-block"),
+        (&["--optimizer", "cfd", "--cfd-mu", "inf"], "--cfd-mu"),
+        (
+            &["--optimizer", "rso", "--sigma-scale", "0"],
+            "--sigma-scale",
+        ),
+        (
+            &["--optimizer", "rso", "--max-forward-equivalents", "0"],
+            "--max-forward-equivalents",
+        ),
+        (
+            &["--optimizer", "rso", "--max-forward-equivalents", "10"],
+            "--max-forward-equivalents",
+        ),
+    ] {
+        let e = run(extra);
+        assert!(e.contains(flag), "{extra:?}: {e}");
+    }
+}
+
 /// With the libtorch backend built in, `--backend tch` trains the same model to the same result
 /// as the pure-Rust backend (SGD: a few steps on a subset; the engines agree far below the
 /// printed precision, so the accuracies must be within one test sample of each other).

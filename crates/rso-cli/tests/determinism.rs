@@ -156,3 +156,29 @@ fn rso_paper_is_deterministic_across_thread_counts() {
     ];
     check(&args, 1, 1);
 }
+
+#[test]
+fn the_other_forward_only_methods_are_deterministic_across_thread_counts() {
+    for method in [
+        ["--optimizer", "spsa", "--spsa-directions", "2"],
+        ["--optimizer", "es", "--es-sigma", "0.02"],
+        ["--optimizer", "cfd", "--cfd-block", "4"],
+    ] {
+        let mut args = vec![
+            "--model",
+            "one-conv",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "16",
+            "--train-limit",
+            "300",
+            "--test-limit",
+            "100",
+            "--seed",
+            "23",
+        ];
+        args.extend(method);
+        check(&args, 1, 1);
+    }
+}

@@ -283,8 +283,23 @@ fn resume_refuses_hostile_checkpoints_and_changes_nothing() {
             "state.json",
         ),
         (
-            "version 3 (newer than this program)".into(),
-            replace_field("version", "3"),
+            "version 4 (newer than this program)".into(),
+            replace_field("version", "4"),
+            "state.json",
+        ),
+        (
+            "optimizer state SGD does not keep".into(),
+            replace_field("optimizer_state", "{\"sigma\": \"0.1\"}"),
+            "state.json",
+        ),
+        (
+            "optimizer state not a map".into(),
+            replace_field("optimizer_state", "[1, 2]"),
+            "state.json",
+        ),
+        (
+            "budget_reached not a boolean".into(),
+            replace_field("budget_reached", "\"yes\""),
             "state.json",
         ),
         (

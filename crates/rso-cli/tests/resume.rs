@@ -285,6 +285,89 @@ fn sgd_resumes_exactly() {
     );
 }
 
+/// The forward-only methods other than RSO, on the settings of the SGD test; ES carries its σ
+/// and 1/5-rule counts across rounds in the checkpoint.
+fn forward_only(method: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--model",
+        "one-conv",
+        "--batch-size",
+        "16",
+        "--train-limit",
+        "400",
+        "--test-limit",
+        "100",
+        "--seed",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(method.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn spsa_es_and_cfd_resume_exactly() {
+    for method in [
+        &["--optimizer", "spsa", "--lr", "0.001"][..],
+        &["--optimizer", "es", "--es-sigma", "0.02"],
+        &["--optimizer", "cfd", "--cfd-block", "3", "--lr", "0.5"],
+    ] {
+        let args = forward_only(method);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        resume_at_a_round_boundary(&args, 2);
+    }
+}
+
+/// A budget that ends the run in its second round: resumed from round 1, the run stops at the
+/// same step as the uninterrupted one; resumed once more, it trains nothing.
+#[test]
+fn a_forward_pass_budget_ends_a_resumed_run_where_it_ends_the_whole_one() {
+    // CFD at batch 16 on one-conv: a round is 3·16·7890 = 378 720 forward-equivalents, a block
+    // of 3 coordinates 3·16·3 = 144.
+    let budget = ["--max-forward-equivalents", "600000"];
+    let mut method = vec!["--optimizer", "cfd", "--cfd-block", "3", "--lr", "0.5"];
+    method.extend(budget);
+    let args = forward_only(&method);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    resume_at_a_round_boundary(&args, 3);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = mnist_dir();
+    let ck = tmp.path().join("ck");
+    let (ck_s, csv) = (
+        ck.to_str().unwrap().to_string(),
+        tmp.path().join("a.csv").to_str().unwrap().to_string(),
+    );
+    let mut run = vec![
+        "train",
+        "--rounds",
+        "3",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    run.extend(args.iter().copied());
+    run.extend(["--checkpoint-dir", &ck_s, "--out", &csv]);
+    rso_ok(&run);
+    let cumulative = common::column(Path::new(&csv), "cumulative_forward_equivalents");
+    assert_eq!(cumulative.len(), 2, "the budget ends the run in round 2");
+    let cumulative: u64 = cumulative[1].parse().unwrap();
+    assert!(
+        cumulative <= 600_000 && cumulative + 144 > 600_000,
+        "{cumulative}"
+    );
+    let state = std::fs::read_to_string(ck.join("round-000002/state.json")).unwrap();
+    assert!(state.contains("\"budget_reached\": true"), "{state}");
+    let again = tmp.path().join("b.csv").to_str().unwrap().to_string();
+    rso_ok(&["train", "--resume", &ck_s, "--out", &again]);
+    assert_eq!(
+        rows_without_times(Path::new(&again)),
+        rows_without_times(Path::new(&csv))
+    );
+    assert!(!ck.join("round-000003").exists());
+}
+
 /// While a run writes checkpoints into a directory, a second run — a `--resume` or a new run
 /// with `--force` — is refused with a one-line error and changes nothing there; once the first
 /// run is gone (killed), the directory can be resumed.
@@ -404,7 +487,7 @@ fn a_version_1_checkpoint_resumes_and_gains_the_study_columns() {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ck.join("round-000003").join("state.json")).unwrap())
             .unwrap();
-    assert_eq!(state["version"], 2);
+    assert_eq!(state["version"], 3);
     // Where the run began stays recorded (version 1's one-line command).
     assert!(state["origin"]["command"]
         .as_str()

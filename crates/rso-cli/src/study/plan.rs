@@ -403,17 +403,10 @@ fn make_run(grid: usize, seed: u64, setting: &BTreeMap<String, String>) -> anyho
             map.remove(key);
         }
         // Knobs the run's optimizer does not read would make two identical runs differ.
-        let unread: &[&str] = match train.optimizer {
-            crate::args::OptimizerKind::Rso => &["lr"],
-            crate::args::OptimizerKind::Sgd => &[
-                "sigma",
-                "anneal",
-                "weight_decay",
-                "batch_policy",
-                "rso_eval",
-            ],
-        };
-        for key in unread {
+        let unread = crate::args::OPTIMIZER_SETTINGS
+            .iter()
+            .filter(|(_, readers)| !readers.contains(&train.optimizer));
+        for (key, _) in unread {
             map.remove(*key);
         }
         // Initial weights decide the results: their content is part of the id, not their path.
@@ -545,17 +538,23 @@ mod tests {
         for key in NOT_SETTINGS {
             assert!(!s.iter().any(|k| k == key), "{key} in {s:?}");
         }
-        assert_eq!(s.len(), 18, "{s:?}");
+        assert_eq!(s.len(), 26, "{s:?}");
     }
 
     #[test]
     fn knobs_the_optimizer_ignores_do_not_split_runs_but_initial_weights_do() {
         let p = plan(&format!(
             "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 8\nlr = [0.01, 0.5]\n\
-             [[grid]]\noptimizer = \"sgd\"\nbatch_size = 8\nsigma = [0.1, 0.2]\n"
+             [[grid]]\noptimizer = \"sgd\"\nbatch_size = 8\nrso_eval = [\"reference\", \"incremental\"]\n"
         ))
         .unwrap();
         assert_eq!(p.runs.len(), 2, "{:?}", p.runs);
+        // A knob of another optimizer that can be told from its default is refused.
+        let e = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"sgd\"\nbatch_size = 8\nsigma = [0.1, 0.2]\n"
+        ))
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("--sigma"), "{e:#}");
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a.st"), dir.path().join("b.st"));
         std::fs::write(&a, b"one").unwrap();

@@ -2,7 +2,10 @@
 //!
 //! - `seed-table`: the reference notebook's ten configurations (preset `seed`);
 //! - `comparison`: RSO against SGD, test accuracy per round, CSV and SVG plot;
-//! - `paper`: the paper's preset on its model, test accuracy per round.
+//! - `paper`: the paper's preset on its model, test accuracy per round;
+//! - `forward-only`: RSO against SPSA, ES and CFD at equal compute ([`forward_only`]).
+
+mod forward_only;
 
 use crate::args::{CommonArgs, ComparisonArgs, PaperArgs, ReproduceCommand, SeedTableArgs};
 use crate::output;
@@ -202,6 +205,7 @@ pub fn run(cmd: &ReproduceCommand) -> anyhow::Result<()> {
         ReproduceCommand::SeedTable(a) => seed_table(a),
         ReproduceCommand::Comparison(a) => comparison(a),
         ReproduceCommand::Paper(a) => paper(a),
+        ReproduceCommand::ForwardOnly(a) => forward_only::run(a),
     }
 }
 

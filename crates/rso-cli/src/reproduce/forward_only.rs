@@ -1,0 +1,399 @@
+//! `rso reproduce forward-only`: RSO against the other forward-only methods (SPSA, ES, CFD) on
+//! the same network, initial weights, data order and number of forward passes, with SGD as the
+//! gradient reference on the same axis.
+//!
+//! Two studies, each a plan in `--out-dir` that `rso study` can rerun:
+//! 1. `forward_only_tuning`: every forward-only method, RSO included, with each of the four
+//!    values of its knob in [`TUNING`], one seed, trained on all but the last `--val-split`
+//!    training images; the value with the highest validation accuracy at the budget is chosen
+//!    (the test set is never looked at);
+//! 2. `forward_only`: the chosen values × `--seeds` seeds on the whole training set, and SGD.
+//!
+//! Every forward-only run gets `rounds = --budget-rounds + 1` and
+//! `--max-forward-equivalents` = the budget, so each stops within one step of it.
+
+use super::{curve_rows, ensure_dir, plan_head, run_study, CurveRow};
+use crate::args::ForwardOnlyArgs;
+use crate::output;
+use crate::plot::Band;
+use crate::provenance::{utc_now, Meta};
+use crate::study::plan::Plan;
+use crate::study::{self, collect};
+use anyhow::Context;
+use rso_models::ModelKind;
+use serde::Serialize;
+
+/// Each forward-only method's tuned knob (a `rso train` setting) and the four values tried: the
+/// same number of trials for every method, RSO included (its σ scale), spanning about a decade
+/// around the value that worked in trial runs.
+pub const TUNING: [(&str, &str, [f64; 4]); 4] = [
+    ("rso", "sigma_scale", [0.25, 0.5, 1.0, 2.0]),
+    ("spsa", "lr", [1e-4, 3e-4, 1e-3, 3e-3]),
+    ("es", "es_sigma", [3e-4, 1e-3, 3e-3, 1e-2]),
+    ("cfd", "lr", [1.0, 2.0, 4.0, 8.0]),
+];
+
+/// The forward-pass budget of `rounds` RSO rounds of `model` (MNIST) at batch size `batch`:
+/// 3·batch·parameters per round.
+pub fn budget(model: ModelKind, batch: usize, rounds: usize) -> u64 {
+    let params = model.spec(1, 28, 10).param_count();
+    (rounds * 3 * batch * params) as u64
+}
+
+/// A row of `forward_only_tuning.csv`: one tried value of a method's knob.
+#[derive(Clone, Debug, Serialize)]
+pub struct TuningRow {
+    /// Model.
+    pub model: String,
+    /// Method (`rso`, `spsa`, `es`, `cfd`).
+    pub optimizer: String,
+    /// The knob (a `rso train` setting).
+    pub setting: String,
+    /// Its value.
+    pub value: String,
+    /// Forward-equivalents the run used.
+    pub forward_equivalents: f64,
+    /// Validation loss at the end.
+    pub val_loss: f64,
+    /// Validation accuracy at the end: what the choice maximises.
+    pub val_acc: f64,
+    /// Whether this value was chosen.
+    pub chosen: bool,
+}
+
+/// A row of `forward_only_summary.csv`: a method at the end of its budget (SGD: of its epochs).
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryRow {
+    /// Model.
+    pub model: String,
+    /// Method.
+    pub optimizer: String,
+    /// The chosen setting as `key=value` (SGD: its learning rate).
+    pub setting: String,
+    /// The budget in forward-equivalents (SGD: empty).
+    pub budget: Option<u64>,
+    /// Seeds.
+    pub n: usize,
+    /// Mean forward-equivalents used.
+    pub forward_equivalents_mean: f64,
+    /// Mean test accuracy at the end.
+    pub test_acc_mean: f64,
+    /// Its sample standard deviation (empty for one seed).
+    pub test_acc_sd: Option<f64>,
+    /// Mean test loss at the end.
+    pub test_loss_mean: f64,
+    /// Mean training seconds of the whole run.
+    pub seconds_mean: f64,
+}
+
+/// The grid lines every run of a forward-only method on `model` shares.
+fn method_grid(model: &str, optimizer: &str, a: &ForwardOnlyArgs) -> String {
+    let kind: ModelKind = model.parse().unwrap_or(ModelKind::OneConv);
+    format!(
+        "\n[[grid]]\nmodel = {model:?}\noptimizer = {optimizer:?}\nrounds = {}\n\
+         max_forward_equivalents = {}\n",
+        a.budget_rounds + 1,
+        budget(kind, a.batch_size, a.budget_rounds)
+    )
+}
+
+/// The tuning study's plan: one grid per model and method, its knob's four values as an axis.
+fn tuning_plan(a: &ForwardOnlyArgs) -> anyhow::Result<String> {
+    let mut plan = plan_head(
+        &a.common,
+        "forward_only_tuning",
+        "Forward-only methods, each knob's four values on a validation split",
+    )?;
+    plan.push_str(&format!(
+        "batch_size = {}\nval_split = {}\n",
+        a.batch_size, a.val_split
+    ));
+    for model in &a.models {
+        for (optimizer, key, values) in TUNING {
+            plan.push_str(&method_grid(model, optimizer, a));
+            let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+            plan.push_str(&format!("{key} = [{}]\nseeds = 1\n", values.join(", ")));
+        }
+    }
+    Ok(plan)
+}
+
+/// The tuning study's rows, the chosen value first marked, per model and method in plan order.
+fn tuning_rows(plan: &Plan, a: &ForwardOnlyArgs) -> anyhow::Result<Vec<TuningRow>> {
+    let mut rows = Vec::new();
+    let mut grid = 0;
+    for model in &a.models {
+        for (optimizer, key, _) in TUNING {
+            grid += 1;
+            let first = rows.len();
+            for run in plan.runs.iter().filter(|r| r.grid == grid) {
+                let csv = plan.run_dir(run).join(study::ROUNDS_CSV);
+                let runs = [collect::read_rows(&csv)?];
+                let last = *runs[0].keys().last().context("a run without rows")?;
+                let at = |m: &str| collect::stats_at(&runs, last, m).1;
+                rows.push(TuningRow {
+                    model: model.clone(),
+                    optimizer: optimizer.into(),
+                    setting: key.into(),
+                    value: run.setting.get(key).cloned().unwrap_or_default(),
+                    forward_equivalents: at("cumulative_forward_equivalents"),
+                    val_loss: at("val_loss"),
+                    val_acc: at("val_acc"),
+                    chosen: false,
+                });
+            }
+            // The first of the best; a NaN accuracy never wins.
+            let mut best: Option<usize> = None;
+            for i in first..rows.len() {
+                let better = match best {
+                    None => !rows[i].val_acc.is_nan(),
+                    Some(b) => rows[i].val_acc > rows[b].val_acc,
+                };
+                if better {
+                    best = Some(i);
+                }
+            }
+            let best = best.with_context(|| format!("{model} {optimizer}: no usable run"))?;
+            rows[best].chosen = true;
+        }
+    }
+    Ok(rows)
+}
+
+/// The final study's plan: the chosen values × `--seeds`, and SGD, per model.
+fn final_plan(a: &ForwardOnlyArgs, tuning: &[TuningRow]) -> anyhow::Result<String> {
+    let mut plan = plan_head(
+        &a.common,
+        "forward_only",
+        "Forward-only methods at the same budget, the values chosen on validation, and SGD",
+    )?;
+    plan.push_str(&format!("batch_size = {}\n", a.batch_size));
+    for model in &a.models {
+        for (optimizer, key, _) in TUNING {
+            let chosen = tuning
+                .iter()
+                .find(|r| &r.model == model && r.optimizer == optimizer && r.chosen)
+                .context("a method without a chosen value")?;
+            plan.push_str(&method_grid(model, optimizer, a));
+            plan.push_str(&format!("{key} = {}\nseeds = {}\n", chosen.value, a.seeds));
+        }
+        plan.push_str(&format!(
+            "\n[[grid]]\nmodel = {model:?}\noptimizer = \"sgd\"\nrounds = {}\nlr = {}\nseeds = {}\n",
+            a.sgd_epochs, a.sgd_lr, a.seeds
+        ));
+    }
+    Ok(plan)
+}
+
+/// The summary row of one method from its runs' rows.
+fn summary_row(
+    model: &str,
+    optimizer: &str,
+    setting: String,
+    budget: Option<u64>,
+    runs: &[collect::Rows],
+) -> SummaryRow {
+    let last = runs
+        .iter()
+        .filter_map(|r| r.keys().last().copied())
+        .max()
+        .unwrap_or(1);
+    let at = |m: &str| collect::stats_at(runs, last, m);
+    let (n, acc, acc_sd, _, _) = at("test_acc");
+    SummaryRow {
+        model: model.into(),
+        optimizer: optimizer.into(),
+        setting,
+        budget,
+        n,
+        forward_equivalents_mean: at("cumulative_forward_equivalents").1,
+        test_acc_mean: acc,
+        test_acc_sd: acc_sd,
+        test_loss_mean: at("test_loss").1,
+        seconds_mean: at("cumulative_seconds").1,
+    }
+}
+
+/// The Markdown table of accuracy at the budget, provenance first.
+fn summary_markdown(p: &Meta, rows: &[SummaryRow]) -> String {
+    let mut s = format!(
+        "Forward-only methods at the same forward-pass budget (SGD: its epochs), MNIST, test \
+         accuracy at the end, mean ± sd over n seeds; each method's setting chosen on a \
+         validation split. Command: `{}`; revision {}; machine: {}, {} cores ({}); {}; \
+         finished {}.\n\n",
+        p.command_line(),
+        p.revision_label(),
+        p.machine.cpu,
+        p.machine.cores,
+        p.machine.simd_class,
+        p.engine.label,
+        p.ended
+    );
+    s.push_str("| model | method | setting | n | budget | forward-equivalents | test acc | test loss | seconds |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.4} | {:.0} |\n",
+            r.model,
+            r.optimizer,
+            r.setting,
+            r.n,
+            r.budget.map_or_else(|| "–".into(), |b| format!("{b:.3e}")),
+            r.forward_equivalents_mean,
+            match r.test_acc_sd {
+                Some(sd) => format!("{:.4} ± {sd:.4}", r.test_acc_mean),
+                None => format!("{:.4}", r.test_acc_mean),
+            },
+            r.test_loss_mean,
+            r.seconds_mean
+        ));
+    }
+    s
+}
+
+/// The engine a study's first run was computed on.
+fn engine(plan: &Plan) -> (String, String) {
+    let read = || -> Option<(String, String)> {
+        let run = plan.runs.first()?;
+        let csv = plan.run_dir(run).join(study::ROUNDS_CSV);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(output::meta_path(&csv)).ok()?).ok()?;
+        Some((
+            meta["engine"]["backend"].as_str()?.into(),
+            meta["engine"]["device"].as_str()?.into(),
+        ))
+    };
+    read().unwrap_or_else(|| ("?".into(), "?".into()))
+}
+
+/// `rso reproduce forward-only`.
+pub fn run(a: &ForwardOnlyArgs) -> anyhow::Result<()> {
+    ensure_dir(&a.common.out_dir)?;
+    anyhow::ensure!(a.seeds >= 1, "--seeds must be at least 1");
+    anyhow::ensure!(a.budget_rounds >= 1, "--budget-rounds must be at least 1");
+    for model in &a.models {
+        let _: ModelKind = model
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--models: {e}"))?;
+    }
+    let started = utc_now();
+    let out = |name: &str| a.common.out_dir.join(name);
+    println!(
+        "== tuning: 4 values per method, 1 seed, validation split {}",
+        a.val_split
+    );
+    let tuning_path = out("forward_only_tuning.plan.toml");
+    let tuning_study = run_study(&tuning_path, &tuning_plan(a)?, a.jobs)?;
+    let tuning = tuning_rows(&tuning_study, a)?;
+    println!("== the chosen values, {} seeds, and SGD", a.seeds);
+    let final_path = out("forward_only.plan.toml");
+    let study = run_study(&final_path, &final_plan(a, &tuning)?, a.jobs)?;
+    let (backend, device) = engine(&study);
+    let mut curves: Vec<CurveRow> = Vec::new();
+    let mut summary = Vec::new();
+    let mut grid = 0;
+    for model in &a.models {
+        let kind: ModelKind = model.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        let mut bands: Vec<Band> = Vec::new();
+        let methods = TUNING
+            .iter()
+            .map(|t| (t.0, Some(t.1)))
+            .chain([("sgd", None)]);
+        for (optimizer, key) in methods {
+            grid += 1;
+            let runs: Vec<&study::plan::Run> =
+                study.runs.iter().filter(|r| r.grid == grid).collect();
+            let rows = runs
+                .iter()
+                .map(|r| collect::read_rows(&study.run_dir(r).join(study::ROUNDS_CSV)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let key = key.unwrap_or("lr");
+            let value = runs
+                .first()
+                .and_then(|r| r.setting.get(key).cloned())
+                .unwrap_or_default();
+            let setting = format!("{key}={value}");
+            let (curve, mut band) = curve_rows(model, optimizer, &rows);
+            band.label = format!("{} ({setting})", optimizer.to_uppercase());
+            curves.extend(curve);
+            bands.push(band);
+            let budget = (optimizer != "sgd").then(|| budget(kind, a.batch_size, a.budget_rounds));
+            summary.push(summary_row(model, optimizer, setting, budget, &rows));
+        }
+        let svg = if model == "one-conv" {
+            out("forward_only.svg")
+        } else {
+            out(&format!("forward_only_{}.svg", model.replace('-', "_")))
+        };
+        let meta = results_meta(a, &tuning_study, &study, (&backend, &device), &started);
+        let title = format!(
+            "Forward-only methods at equal compute, {model}, batch {}: test accuracy, mean ± sd \
+             over {} seeds",
+            a.batch_size, a.seeds
+        );
+        output::write_file(&svg, &crate::plot::band_svg(&title, &meta, &bands)?)?;
+        println!("wrote {}", svg.display());
+    }
+    let meta = results_meta(a, &tuning_study, &study, (&backend, &device), &started);
+    for (name, csv) in [
+        ("forward_only.csv", output::csv_text(&curves)?),
+        ("forward_only_summary.csv", output::csv_text(&summary)?),
+        ("forward_only_tuning.csv", output::csv_text(&tuning)?),
+    ] {
+        output::write_results(&out(name), &csv, &meta)?;
+        println!("wrote {}", out(name).display());
+    }
+    output::write_file(&out("forward_only.md"), &summary_markdown(&meta, &summary))?;
+    println!("wrote {}", out("forward_only.md").display());
+    Ok(())
+}
+
+/// The provenance of the comparison's files.
+fn results_meta(
+    a: &ForwardOnlyArgs,
+    tuning: &Plan,
+    study: &Plan,
+    (backend, device): (&str, &str),
+    started: &str,
+) -> Meta {
+    let budgets: serde_json::Map<String, serde_json::Value> = a
+        .models
+        .iter()
+        .filter_map(|m| {
+            let kind: ModelKind = m.parse().ok()?;
+            Some((
+                m.clone(),
+                budget(kind, a.batch_size, a.budget_rounds).into(),
+            ))
+        })
+        .collect();
+    let mut meta = Meta::current(
+        backend,
+        device,
+        Some(a.common.seed),
+        serde_json::json!({
+            "models": a.models,
+            "batch_size": a.batch_size,
+            "budget_rounds": a.budget_rounds,
+            "budgets": budgets,
+            "val_split": a.val_split,
+            "seeds": a.seeds,
+            "sgd_epochs": a.sgd_epochs,
+            "sgd_lr": a.sgd_lr,
+            "tuning": TUNING.iter().map(|(o, k, v)| serde_json::json!({
+                "optimizer": o, "setting": k, "values": v
+            })).collect::<Vec<_>>(),
+            "tuning_plan": tuning.path.to_string_lossy(),
+            "plan": study.path.to_string_lossy(),
+            "study": study.dir.to_string_lossy(),
+        }),
+        started,
+    );
+    meta.notes.push(format!(
+        "each forward-only method's setting is the value of its knob with the highest \
+         validation accuracy (the last {} training images held out, 1 seed) at the budget; the \
+         test set was not used to choose; each run's rounds.csv is in the study directories",
+        a.val_split
+    ));
+    meta
+}
