@@ -759,10 +759,7 @@ fn nan_or_infinite_pixels_are_refused_by_the_engine() {
         (f32::INFINITY, "test"),
         (f32::NEG_INFINITY, "train"),
     ] {
-        let mut split = rso_data::Split {
-            train: set(4),
-            test: set(3),
-        };
+        let mut split = rso_data::Split::new(set(4), set(3));
         let target = if which == "train" {
             &mut split.train
         } else {

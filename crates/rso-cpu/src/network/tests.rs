@@ -27,10 +27,10 @@ fn network(kind: ModelKind, train: usize, test: usize, seed: u64) -> CpuNetwork 
 
 fn network_of(spec: &ModelSpec, train: usize, test: usize, seed: u64) -> CpuNetwork {
     let spec = spec.clone();
-    let split = Split {
-        train: random_set(&spec, train, seed),
-        test: random_set(&spec, test, seed + 1),
-    };
+    let split = Split::new(
+        random_set(&spec, train, seed),
+        random_set(&spec, test, seed + 1),
+    );
     CpuNetwork::new(&spec, &random_params(&spec, seed + 2), split).expect("valid network")
 }
 
@@ -271,10 +271,7 @@ fn evaluation_spans_several_chunks_and_honours_the_limit() {
     let spec = ModelKind::OneConv.mnist();
     let set = random_set(&spec, n, 50);
     let params = random_params(&spec, 51);
-    let split = Split {
-        train: set.clone(),
-        test: set,
-    };
+    let split = Split::new(set.clone(), set);
     let mut net = CpuNetwork::new(&spec, &params, split).expect("valid network");
     let all = net.evaluate(SplitKind::Test, None);
     assert_eq!(all.samples, n);
@@ -416,10 +413,7 @@ fn weights_and_parameters_round_trip() {
 fn construction_rejects_what_does_not_fit() {
     let spec = ModelKind::OneConv.mnist();
     let params = random_params(&spec, 1);
-    let good = || Split {
-        train: random_set(&spec, 4, 2),
-        test: random_set(&spec, 3, 3),
-    };
+    let good = || Split::new(random_set(&spec, 4, 2), random_set(&spec, 3, 3));
     let err = |split: Split, params: &Params| match CpuNetwork::new(&spec, params, split) {
         Ok(_) => panic!("accepted"),
         Err(e) => e,
