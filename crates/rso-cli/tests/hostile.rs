@@ -513,6 +513,7 @@ fn resume_refuses_flags_that_would_change_the_results() {
         ["--device", "cpu"],
         ["--train-limit", "5"],
         ["--test-limit", "5"],
+        ["--val-split", "5"],
         ["--dataset", "mnist"],
         ["--init-weights", "w.safetensors"],
         ["--checkpoint-dir", "elsewhere"],
