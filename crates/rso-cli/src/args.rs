@@ -411,6 +411,11 @@ pub struct TrainArgs {
     /// Evaluate on the first N test samples only.
     #[arg(long)]
     pub test_limit: Option<usize>,
+    /// Hold out the last N training samples (after --train-limit) as a validation set: never
+    /// trained on nor used to calibrate BatchNorm, evaluated after every round (CSV columns
+    /// val_loss, val_acc), for choosing settings without looking at the test set.
+    #[arg(long, value_name = "N")]
+    pub val_split: Option<usize>,
     /// Learning rate of sgd, spsa and cfd.
     #[arg(long, default_value_t = 0.01)]
     pub lr: f32,
@@ -488,7 +493,7 @@ pub struct TrainArgs {
 
 /// The `rso train` options that decide a run's results: a checkpoint fixes them, so `--resume`
 /// refuses every one of them.
-pub const RESUME_CONFLICTS: [&str; 27] = [
+pub const RESUME_CONFLICTS: [&str; 28] = [
     "model",
     "optimizer",
     "rounds",
@@ -498,6 +503,7 @@ pub const RESUME_CONFLICTS: [&str; 27] = [
     "dataset",
     "train_limit",
     "test_limit",
+    "val_split",
     "lr",
     "sigma",
     "anneal",

@@ -112,6 +112,10 @@ pub struct RunConfig {
     pub train_limit: Option<usize>,
     /// `--test-limit`.
     pub test_limit: Option<usize>,
+    /// `--val-split`. Absent (not `null`) when not given, so that the settings of a run without
+    /// one serialise as before the flag existed: study run ids hash this serialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_split: Option<usize>,
     /// `--lr`.
     pub lr: String,
     /// `--sigma`.
@@ -159,7 +163,7 @@ pub struct RunConfig {
     pub max_forward_equivalents: Option<u64>,
 }
 
-/// Sizes and a checksum of the loaded (normalised, truncated) data.
+/// Sizes and a checksum of the loaded (normalised, truncated, split) data.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataFingerprint {
@@ -167,7 +171,9 @@ pub struct DataFingerprint {
     pub train: usize,
     /// Test samples.
     pub test: usize,
-    /// FNV-1a over the shapes, the pixel bit patterns and the labels, 16 hex digits.
+    /// FNV-1a over the shapes, the pixel bit patterns and the labels, 16 hex digits (of the
+    /// training and test sets, then of the validation set when it is not empty, so a split
+    /// without one keeps the checksum it had before validation sets existed).
     pub checksum: String,
 }
 
@@ -175,7 +181,8 @@ impl DataFingerprint {
     /// The fingerprint of `split`.
     pub fn of(split: &rso_data::Split) -> DataFingerprint {
         let mut h = Fnv::new();
-        for set in [&split.train, &split.test] {
+        let validation = (!split.validation.is_empty()).then_some(&split.validation);
+        for set in [&split.train, &split.test].into_iter().chain(validation) {
             for n in [set.len(), set.channels, set.height, set.width, set.classes] {
                 h.write(&(n as u64).to_le_bytes());
             }
@@ -239,6 +246,12 @@ pub struct SavedRow {
     /// Training seconds up to this round (absent in version 1, present in every later one).
     #[serde(default)]
     pub cumulative_seconds: Option<String>,
+    /// Validation loss after the round; absent without a validation set (`--val-split`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<String>,
+    /// Validation accuracy after the round; absent without a validation set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_acc: Option<String>,
 }
 
 impl SavedRow {
@@ -264,6 +277,8 @@ impl SavedRow {
             forward_equivalents: row.forward_equivalents,
             cumulative_forward_equivalents: row.cumulative_forward_equivalents,
             cumulative_seconds: Some(row.cumulative_seconds.to_string()),
+            val_loss: row.val_loss.map(|x| x.to_string()),
+            val_acc: row.val_acc.map(|x| x.to_string()),
         }
     }
 
@@ -293,6 +308,8 @@ impl SavedRow {
             cumulative_forward_equivalents: self.cumulative_forward_equivalents,
             cumulative_seconds: opt(&self.cumulative_seconds, "cumulative_seconds")?
                 .unwrap_or(seconds),
+            val_loss: opt(&self.val_loss, "val_loss")?,
+            val_acc: opt(&self.val_acc, "val_acc")?,
         })
     }
 }
@@ -469,6 +486,7 @@ impl RunConfig {
             data_dir: data_dir.to_path_buf(),
             train_limit: args.train_limit,
             test_limit: args.test_limit,
+            val_split: args.val_split,
             lr: args.lr.to_string(),
             sigma: args.sigma.map(|s| s.to_string()),
             anneal: args
@@ -523,6 +541,7 @@ impl RunConfig {
             dataset: enum_value::<DatasetKind>(&self.dataset, "dataset")?,
             train_limit: self.train_limit,
             test_limit: self.test_limit,
+            val_split: self.val_split,
             lr: float(&self.lr, "lr")?,
             sigma: self
                 .sigma
@@ -917,6 +936,8 @@ mod tests {
             forward_equivalents: Some(3 * 8 * 7890),
             cumulative_forward_equivalents: Some(3 * 8 * 7890 * round as u64),
             cumulative_seconds: x * 3.0 * round as f64,
+            val_loss: None,
+            val_acc: None,
         }
     }
 
@@ -935,6 +956,7 @@ mod tests {
                 data_dir: "/data".into(),
                 train_limit: Some(300),
                 test_limit: None,
+                val_split: None,
                 lr: 0.01f32.to_string(),
                 sigma: Some(0.1f64.to_string()),
                 anneal: Some("none".into()),
@@ -990,6 +1012,94 @@ mod tests {
     }
 
     #[test]
+    fn validation_cells_round_trip_bit_exactly_and_are_absent_when_empty() {
+        let mut x = 1e-300f64;
+        for _ in 0..2000 {
+            x *= std::f64::consts::SQRT_2;
+            let mut r = row(2, x);
+            r.val_loss = Some(x.sqrt());
+            r.val_acc = Some(1.0 / x);
+            let json = serde_json::to_string(&SavedRow::from_row(&r)).unwrap();
+            let back: SavedRow = serde_json::from_str(&json).unwrap();
+            let back = back.to_row().unwrap();
+            assert_eq!(
+                back.val_loss.map(f64::to_bits),
+                r.val_loss.map(f64::to_bits)
+            );
+            assert_eq!(back.val_acc.map(f64::to_bits), r.val_acc.map(f64::to_bits));
+            assert_eq!(back, r);
+        }
+        // A row without a validation set stores no validation keys, as before they existed, and
+        // such a row (every checkpoint written before them) reads back with empty cells.
+        let json = serde_json::to_string(&SavedRow::from_row(&row(1, 0.5))).unwrap();
+        assert!(!json.contains("val_"), "{json}");
+        let back: SavedRow = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_row().unwrap(), row(1, 0.5));
+        let mut bad: serde_json::Value = serde_json::from_str(&json).unwrap();
+        bad["val_acc"] = "high".into();
+        let bad: SavedRow = serde_json::from_value(bad).unwrap();
+        let e = format!("{:#}", bad.to_row().unwrap_err());
+        assert!(e.contains("val_acc") && e.contains("high"), "{e}");
+    }
+
+    #[test]
+    fn a_config_without_the_later_settings_serialises_as_before_them() {
+        // The serialisation of a version-2 config as written before --val-split and the
+        // forward-only methods' settings existed (study run ids hash it): the same bytes today.
+        let cfg = RunConfig {
+            sigma_scale: None,
+            spsa_eps: None,
+            spsa_directions: None,
+            spsa_dist: None,
+            es_sigma: None,
+            cfd_block: None,
+            cfd_mu: None,
+            max_forward_equivalents: None,
+            ..state(1).config
+        };
+        let before = r#"{"model":"one-conv","optimizer":"rso","preset":"seed","rounds":5,"batch_size":8,"seed":3,"dataset":"mnist","data_dir":"/data","train_limit":300,"test_limit":null,"lr":"0.01","sigma":"0.1","anneal":"none","weight_decay":null,"batch_policy":"random","rso_eval":"reference","backend":"cpu","device":"cpu","init_weights":null}"#;
+        assert_eq!(serde_json::to_string(&cfg).unwrap(), before);
+        assert_eq!(serde_json::from_str::<RunConfig>(before).unwrap(), cfg);
+        let mut with = cfg.clone();
+        with.val_split = Some(100);
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(
+            json.contains(r#""test_limit":null,"val_split":100,"lr""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<RunConfig>(&json).unwrap(), with);
+    }
+
+    #[test]
+    fn the_data_fingerprint_tells_a_held_out_tail_from_training_data() {
+        let set = |n: usize| rso_data::Dataset {
+            images: (0..n).map(|i| i as f32 / 8.0).collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+            channels: 1,
+            height: 1,
+            width: 1,
+            classes: 10,
+        };
+        let whole = rso_data::Split::new(set(8), set(3));
+        let mut held = whole.clone();
+        assert!(held.hold_out_validation(2));
+        let (a, b) = (DataFingerprint::of(&whole), DataFingerprint::of(&held));
+        assert_eq!((b.train, b.test), (6, 3));
+        assert_ne!(a.checksum, b.checksum);
+        // Without a validation set the checksum covers the training and test sets only, as it
+        // did before validation sets existed (an empty set of any header changes nothing).
+        let mut short = whole.clone();
+        short.train.truncate(6);
+        let mut other_header = short.clone();
+        other_header.validation.channels = 3;
+        assert_eq!(
+            DataFingerprint::of(&short),
+            DataFingerprint::of(&other_header)
+        );
+        assert_ne!(DataFingerprint::of(&short).checksum, b.checksum);
+    }
+
+    #[test]
     fn state_round_trips_and_checks_consistency() {
         let s = state(2);
         let json = serde_json::to_vec(&s).unwrap();
@@ -1041,6 +1151,8 @@ mod tests {
             "0.3",
             "--rso-eval",
             "reference",
+            "--val-split",
+            "7",
         ])
         .unwrap();
         let crate::Command::Train(args) = cli.command else {
@@ -1055,6 +1167,7 @@ mod tests {
         assert_eq!(back.sigma, Some(0.1));
         assert_eq!(back.anneal, Some(None));
         assert_eq!(back.lr, 0.3f32);
+        assert_eq!(back.val_split, Some(7));
         assert_eq!(back.checkpoint_dir.as_deref(), Some(Path::new("ck")));
     }
 

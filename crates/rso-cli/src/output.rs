@@ -52,6 +52,12 @@ pub struct RoundRow {
     pub cumulative_forward_equivalents: Option<u64>,
     /// The sum of `seconds` over rounds 1 to this one.
     pub cumulative_seconds: f64,
+    // The validation columns, after the study columns.
+    /// Mean validation-set cross-entropy after the round (`--val-split`); empty without a
+    /// validation set.
+    pub val_loss: Option<f64>,
+    /// Validation-set accuracy after the round (`--val-split`); empty without a validation set.
+    pub val_acc: Option<f64>,
 }
 
 /// Column names of the time columns of a [`RoundRow`] CSV: the only ones that may differ

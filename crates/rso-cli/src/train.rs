@@ -35,11 +35,12 @@ pub struct TrainOutcome {
 }
 
 impl TrainOutcome {
-    /// The `RESULT …` line scripts read (the last line of `rso train`'s stdout).
+    /// The `RESULT …` line scripts read (the last line of `rso train`'s stdout); with a
+    /// validation set (`--val-split`) it ends with `val_loss=… val_acc=…`.
     pub fn result_line(&self) -> String {
         let last = self.rows.last().expect("a run has at least one round");
         format!(
-            "RESULT model={} optimizer={} backend={} device={} rounds={} batch={} seconds={:.3} test_loss={:.6} test_acc={:.4}",
+            "RESULT model={} optimizer={} backend={} device={} rounds={} batch={} seconds={:.3} test_loss={:.6} test_acc={:.4}{}",
             last.model,
             last.optimizer,
             last.backend,
@@ -48,8 +49,17 @@ impl TrainOutcome {
             last.batch,
             self.seconds,
             last.test_loss,
-            last.test_acc
+            last.test_acc,
+            validation_fields(last)
         )
+    }
+}
+
+/// ` val_loss=… val_acc=…` of a row with validation results, else nothing.
+fn validation_fields(row: &RoundRow) -> String {
+    match (row.val_loss, row.val_acc) {
+        (Some(loss), Some(acc)) => format!(" val_loss={loss:.6} val_acc={acc:.4}"),
+        _ => String::new(),
     }
 }
 
@@ -118,7 +128,7 @@ impl Reporter for ConsoleReporter {
         // A closed stdout (`rso train … | head`) must not abort the run.
         let _ = writeln!(
             std::io::stdout(),
-            "round {}/{} seconds={:.3} accepted={}/{} train_loss={:.6} train_acc={:.4} test_loss={:.6} test_acc={:.4}",
+            "round {}/{} seconds={:.3} accepted={}/{} train_loss={:.6} train_acc={:.4} test_loss={:.6} test_acc={:.4}{}",
             row.round,
             rounds,
             row.seconds,
@@ -127,7 +137,8 @@ impl Reporter for ConsoleReporter {
             row.train_loss,
             row.train_acc,
             row.test_loss,
-            row.test_acc
+            row.test_acc,
+            validation_fields(row)
         );
     }
 
@@ -157,7 +168,13 @@ pub fn data_dir(args: &TrainArgs) -> PathBuf {
     })
 }
 
-/// Loads the dataset the arguments name, normalised for the preset and cut to the limits.
+/// Loads the dataset the arguments name, normalised for the preset and cut to the limits, with
+/// the last `--val-split` training samples (of those `--train-limit` keeps) moved to the
+/// validation set.
+///
+/// # Errors
+/// A missing or unreadable dataset; a limit of 0; a `--val-split` of 0 or of at least the
+/// (limited) training set's size.
 pub fn load_data(args: &TrainArgs) -> anyhow::Result<Split> {
     let dir = data_dir(args);
     if !dir.is_dir() {
@@ -182,6 +199,19 @@ pub fn load_data(args: &TrainArgs) -> anyhow::Result<Split> {
         ensure!(n >= 1, "--test-limit must be at least 1");
         split.test.truncate(n);
     }
+    if let Some(n) = args.val_split {
+        let total = split.train.len();
+        ensure!(
+            split.hold_out_validation(n),
+            "--val-split {n} must be at least 1 and less than the training set's {total} \
+             samples{}",
+            if args.train_limit.is_some() {
+                " (after --train-limit)"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(split)
 }
 
@@ -194,6 +224,7 @@ pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
     for (limit, flag) in [
         (args.train_limit, "--train-limit"),
         (args.test_limit, "--test-limit"),
+        (args.val_split, "--val-split"),
     ] {
         ensure!(limit != Some(0), "{flag} must be at least 1");
     }
@@ -202,6 +233,13 @@ pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
         args.max_forward_equivalents != Some(0),
         "--max-forward-equivalents must be at least 1"
     );
+    if let (Some(n), Some(limit)) = (args.val_split, args.train_limit) {
+        ensure!(
+            n < limit,
+            "--val-split {n} must be less than --train-limit {limit} (it holds out the last {n} \
+             of those {limit} training samples)"
+        );
+    }
     if args.backend == Backend::Cpu && args.device != "cpu" {
         bail!(
             "--device {}: the cpu backend runs on the CPU only (use --backend tch)",
@@ -400,15 +438,19 @@ pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box
     })
 }
 
-/// Evaluates after a round: BatchNorm calibrated on a fixed training subset first.
-fn evaluate(net: &mut dyn Network, calibration: &[u32]) -> (rso_models::Eval, rso_models::Eval) {
+/// Evaluates after a round: BatchNorm calibrated on a fixed training subset first. Returns the
+/// training, test and (when the run holds one out) validation evaluations.
+fn evaluate(
+    net: &mut dyn Network,
+    calibration: &[u32],
+) -> (rso_models::Eval, rso_models::Eval, Option<rso_models::Eval>) {
     if net.spec().has_batch_norm() {
         net.calibrate_bn(calibration);
     }
-    (
-        net.evaluate(SplitKind::Train, None),
-        net.evaluate(SplitKind::Test, None),
-    )
+    let train = net.evaluate(SplitKind::Train, None);
+    let test = net.evaluate(SplitKind::Test, None);
+    let validation = net.evaluate(SplitKind::Validation, None);
+    (train, test, (validation.samples > 0).then_some(validation))
 }
 
 /// Refuses parameters with a NaN or infinite value, naming the first one.
@@ -438,8 +480,8 @@ fn lossy(path: &Path) -> PathBuf {
 }
 
 /// The `settings` of a run's `.meta.json`: every setting of the arguments (as a checkpoint
-/// stores them, the dataset directory absolute where it resolves), the optimizer's resolved
-/// settings (preset values, σ per array) and the data's sizes.
+/// stores them, the dataset directory absolute where it resolves; `val_split` `null` when not
+/// given), the optimizer's resolved settings (preset values, σ per array) and the data's sizes.
 fn settings_json(
     args: &TrainArgs,
     optimizer: &dyn Optimizer,
@@ -458,8 +500,14 @@ fn settings_json(
         .collect();
     if let Some(map) = value.as_object_mut() {
         map.insert("resolved".into(), resolved.into());
+        map.entry("val_split").or_insert(serde_json::Value::Null);
         map.insert("train_samples".into(), net.train_len().into());
         map.insert("test_samples".into(), test_len.into());
+        // `load_data` held out exactly `--val-split` samples, or none.
+        map.insert(
+            "validation_samples".into(),
+            args.val_split.unwrap_or(0).into(),
+        );
     }
     value
 }
@@ -508,9 +556,13 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
     let split = load_data(args)?;
     ensure!(
         args.batch_size <= split.train.len(),
-        "--batch-size {} is larger than the training set ({} samples)",
+        "--batch-size {} is larger than the training set ({} samples{})",
         args.batch_size,
-        split.train.len()
+        split.train.len(),
+        match args.val_split {
+            Some(n) => format!(" left after --val-split {n}"),
+            None => String::new(),
+        }
     );
     let spec = model_spec(args, &split)?;
     let params = initial_params(args, &spec).with_context(|| "--init-weights".to_string())?;
@@ -724,7 +776,7 @@ fn train_rounds(
             // The budget ran out exactly at the end of the previous round: no empty row.
             break;
         }
-        let (train, test) = evaluate(net.as_mut(), &calibration);
+        let (train, test, validation) = evaluate(net.as_mut(), &calibration);
         let previous = rows.last();
         let row = RoundRow {
             round: round + 1,
@@ -753,6 +805,8 @@ fn train_rounds(
                     .map(|c| c + stats.forward_equivalents),
             },
             cumulative_seconds: previous.map_or(0.0, |p| p.cumulative_seconds) + elapsed,
+            val_loss: validation.map(|v| v.loss),
+            val_acc: validation.map(|v| v.accuracy),
         };
         reporter.round_finished(&row, args.rounds);
         rows.push(row);

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{mnist_dir, rso, rso_command};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn small_run(extra: &[&str]) -> Vec<String> {
     let dir = mnist_dir();
@@ -527,4 +527,208 @@ fn spsa_es_and_cfd_train_on_the_tch_backend_as_on_the_cpu_backend() {
             assert!(b < 2.25, "{method:?}: {tch}");
         }
     }
+}
+
+/// `rso train` on the first `limit` MNIST training images (and 200 test images), one-conv, 2
+/// RSO rounds of batch 32, seed 3, with `extra`; writes `<tag>.csv` and `<tag>.safetensors`
+/// into `dir` and returns their paths.
+fn val_split_run(dir: &Path, tag: &str, limit: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let data = mnist_dir();
+    let (csv, weights) = (
+        dir.join(format!("{tag}.csv")),
+        dir.join(format!("{tag}.safetensors")),
+    );
+    let mut args = vec![
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "2",
+        "--batch-size",
+        "32",
+        "--seed",
+        "3",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--train-limit",
+        limit,
+        "--test-limit",
+        "200",
+        "--out",
+        csv.to_str().unwrap(),
+        "--save-weights",
+        weights.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let stdout = common::rso_ok(&args);
+    let result = stdout.lines().last().unwrap();
+    assert_eq!(
+        result.contains(" val_loss=") && result.contains(" val_acc="),
+        !extra.is_empty(),
+        "{result}"
+    );
+    (csv, weights)
+}
+
+#[test]
+fn a_val_split_holds_out_the_tail_of_the_training_set_and_evaluates_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (val_csv, val_w) = val_split_run(tmp.path(), "val", "600", &["--val-split", "100"]);
+    let (plain_csv, plain_w) = val_split_run(tmp.path(), "plain", "500", &[]);
+
+    // The optimizer saw the same 500 images (and BatchNorm calibration, had the model any, the
+    // same subset of them): the same weights, byte for byte.
+    assert!(
+        std::fs::read(&val_w).unwrap() == std::fs::read(&plain_w).unwrap(),
+        "a run with --val-split 100 of 600 trained otherwise than one on the first 500"
+    );
+
+    // The rows are the same but for the time columns and the validation cells, which only the
+    // val-split run fills.
+    let (header, val_rows) = common::read_csv(&val_csv);
+    assert_eq!(header, common::COLUMNS);
+    let (plain_header, plain_rows) = common::read_csv(&plain_csv);
+    assert_eq!(plain_header, common::COLUMNS);
+    assert_eq!(val_rows.len(), 2);
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for (v, p) in val_rows.iter().zip(&plain_rows) {
+        for name in ["val_loss", "val_acc"] {
+            assert!(
+                p[col(name)].is_empty(),
+                "{name} filled without a split: {p:?}"
+            );
+            assert!(!v[col(name)].is_empty(), "{name} empty with a split: {v:?}");
+        }
+        for (i, name) in header.iter().enumerate() {
+            if !name.starts_with("val_") && !common::TIME_COLUMNS.contains(&name.as_str()) {
+                assert_eq!(v[i], p[i], "{name}");
+            }
+        }
+    }
+
+    // The validation cells are the evaluation of the saved weights on training images 500 to
+    // 599 (one-conv has no BatchNorm, so evaluation depends on the weights alone).
+    let last = &val_rows[1];
+    let (val_loss, val_acc): (f64, f64) = (
+        last[col("val_loss")].parse().unwrap(),
+        last[col("val_acc")].parse().unwrap(),
+    );
+    let spec = rso_models::ModelKind::OneConv.mnist();
+    assert!(!spec.has_batch_norm());
+    let params = rso_models::Params::load(&spec, &val_w).unwrap();
+    let mut data =
+        rso_data::load_mnist(&mnist_dir(), rso_models::Preset::Seed.normalization()).unwrap();
+    data.train.truncate(600);
+    let held_out = data.train.split_off(500);
+    assert_eq!(held_out.len(), 100);
+    let mut net = rso_cpu::CpuNetwork::new(
+        &spec,
+        &params,
+        rso_data::Split {
+            train: data.train,
+            test: data.test,
+            validation: held_out,
+        },
+    )
+    .unwrap();
+    use rso_models::Network;
+    let want = net.evaluate(rso_models::SplitKind::Validation, None);
+    assert_eq!(want.samples, 100);
+    assert_eq!((val_loss, val_acc), (want.loss, want.accuracy));
+    assert!(val_loss.is_finite() && val_loss > 0.0);
+
+    // The provenance records the split and the sizes.
+    let meta = common::meta(&val_csv);
+    let s = &meta["settings"];
+    assert_eq!(s["val_split"], 100, "{meta}");
+    assert_eq!(s["train_limit"], 600, "{meta}");
+    assert_eq!(s["train_samples"], 500, "{meta}");
+    assert_eq!(s["validation_samples"], 100, "{meta}");
+    assert_eq!(s["test_samples"], 200, "{meta}");
+    let meta = common::meta(&plain_csv);
+    let s = &meta["settings"];
+    assert!(s["val_split"].is_null(), "{meta}");
+    assert_eq!(s["train_samples"], 500, "{meta}");
+    assert_eq!(s["validation_samples"], 0, "{meta}");
+}
+
+#[test]
+fn bad_val_splits_are_refused_naming_the_flag_and_the_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = mnist_dir();
+    let out = tmp.path().join("out.csv");
+    let base = [
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--test-limit",
+        "50",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let fails = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let run = rso(&args);
+        let err = String::from_utf8_lossy(&run.stderr).to_string();
+        assert_eq!(run.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{extra:?}: {err}");
+        assert!(err.contains("--val-split"), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+        err
+    };
+    let e = fails(&["--batch-size", "8", "--val-split", "0"]);
+    assert!(e.contains("at least 1"), "{e}");
+    // All of the limited training set, or more: checked before any data is read.
+    let e = fails(&[
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "100",
+        "--val-split",
+        "100",
+    ]);
+    assert!(e.contains("100") && e.contains("--train-limit"), "{e}");
+    let e = fails(&[
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "100",
+        "--val-split",
+        "250",
+    ]);
+    assert!(e.contains("250") && e.contains("100"), "{e}");
+    // Without --train-limit, against the whole training set once it is read.
+    let e = fails(&["--batch-size", "8", "--val-split", "60000"]);
+    assert!(e.contains("60000"), "{e}");
+    // The batch must fit what is left to train on.
+    let e = fails(&[
+        "--batch-size",
+        "60",
+        "--train-limit",
+        "100",
+        "--val-split",
+        "50",
+    ]);
+    assert!(
+        e.contains("--batch-size 60") && e.contains("50 samples"),
+        "{e}"
+    );
+    // Not a count: clap's error (with its usage hint), status 2.
+    let mut args = base.to_vec();
+    args.extend(["--batch-size", "8", "--val-split=-3"]);
+    let run = rso(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("--val-split") && err.contains("-3"), "{err}");
+    assert!(!out.exists());
 }

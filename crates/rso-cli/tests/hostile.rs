@@ -528,6 +528,7 @@ fn resume_refuses_flags_that_would_change_the_results() {
         ["--device", "cpu"],
         ["--train-limit", "5"],
         ["--test-limit", "5"],
+        ["--val-split", "5"],
         ["--dataset", "mnist"],
         ["--init-weights", "w.safetensors"],
         ["--checkpoint-dir", "elsewhere"],
@@ -774,10 +775,7 @@ fn nan_or_infinite_pixels_are_refused_by_the_engine() {
         (f32::INFINITY, "test"),
         (f32::NEG_INFINITY, "train"),
     ] {
-        let mut split = rso_data::Split {
-            train: set(4),
-            test: set(3),
-        };
+        let mut split = rso_data::Split::new(set(4), set(3));
         let target = if which == "train" {
             &mut split.train
         } else {

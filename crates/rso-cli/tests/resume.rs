@@ -196,6 +196,13 @@ fn killed_twice_and_resumed_run_equals_the_uninterrupted_one() {
 /// run whose checkpoint is then resumed to `rounds`; compares weights and rows. Rounds that are
 /// too short to be killed reliably resume through the same path as the kill test's.
 fn resume_at_a_round_boundary(settings: &[&str], rounds: usize) {
+    resume_after(settings, 1, rounds);
+}
+
+/// [`resume_at_a_round_boundary`] from the checkpoint after round `after` of `rounds`; returns
+/// the resumed run's CSV lines without the time columns (header first).
+fn resume_after(settings: &[&str], after: usize, rounds: usize) -> Vec<String> {
+    assert!(after >= 1 && after < rounds);
     let tmp = tempfile::tempdir().unwrap();
     let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     let data = mnist_dir();
@@ -206,18 +213,20 @@ fn resume_at_a_round_boundary(settings: &[&str], rounds: usize) {
     let (ref_csv, ref_w) = (t("ref.csv"), t("ref.safetensors"));
     a.extend(["--out", &ref_csv, "--save-weights", &ref_w]);
     rso_ok(&a);
-    // The checkpoint after round 1, as the full run would have left it: its state says
+    // The checkpoint after round `after`, as the full run would have left it: its state says
     // `rounds` rounds.
     let ck = t("ck");
-    let mut b = vec!["train", "--rounds", "1", "--data-dir", d];
+    let after_s = after.to_string();
+    let mut b = vec!["train", "--rounds", &after_s, "--data-dir", d];
     b.extend_from_slice(settings);
     b.extend(["--checkpoint-dir", &ck]);
     rso_ok(&b);
-    let state_path = tmp.path().join("ck/round-000001/state.json");
+    let state_path = tmp.path().join(format!("ck/round-{after:06}/state.json"));
     let state = std::fs::read_to_string(&state_path).unwrap();
-    assert!(state.contains("\"rounds\": 1,"), "{state}");
+    let written = format!("\"rounds\": {after},");
+    assert!(state.contains(&written), "{state}");
     let claimed = format!("\"rounds\": {rounds},");
-    std::fs::write(&state_path, state.replace("\"rounds\": 1,", &claimed)).unwrap();
+    std::fs::write(&state_path, state.replace(&written, &claimed)).unwrap();
 
     let (res_csv, res_w) = (t("res.csv"), t("res.safetensors"));
     rso_ok(&[
@@ -233,10 +242,44 @@ fn resume_at_a_round_boundary(settings: &[&str], rounds: usize) {
         std::fs::read(&ref_w).unwrap() == std::fs::read(&res_w).unwrap(),
         "resumed weights differ from the uninterrupted run's"
     );
-    assert_eq!(
-        rows_without_times(Path::new(&res_csv)),
-        rows_without_times(Path::new(&ref_csv))
+    let rows = rows_without_times(Path::new(&res_csv));
+    assert_eq!(rows, rows_without_times(Path::new(&ref_csv)));
+    rows
+}
+
+#[test]
+fn a_run_with_a_validation_split_resumes_exactly() {
+    // Checkpointed after 2 of 3 rounds: the validation cells of the checkpointed rows come back
+    // from the checkpoint bit for bit, and the resumed round holds the same samples out.
+    let rows = resume_after(
+        &[
+            "--model",
+            "one-conv",
+            "--optimizer",
+            "rso",
+            "--anneal",
+            "none",
+            "--batch-size",
+            "16",
+            "--train-limit",
+            "400",
+            "--val-split",
+            "80",
+            "--test-limit",
+            "100",
+            "--seed",
+            "21",
+        ],
+        2,
+        3,
     );
+    // Every row has its validation cells (the last two columns).
+    assert_eq!(rows.len(), 4);
+    assert!(rows[0].ends_with(",val_loss,val_acc"), "{}", rows[0]);
+    for row in &rows[1..] {
+        let cells: Vec<&str> = row.rsplitn(3, ',').collect();
+        assert!(cells[..2].iter().all(|c| c.parse::<f64>().is_ok()), "{row}");
+    }
 }
 
 #[test]

@@ -17,13 +17,14 @@ pub struct CpuNetwork {
 }
 
 impl CpuNetwork {
-    /// Instantiates `spec` with `params` and the resident `data`.
+    /// Instantiates `spec` with `params` and the resident `data` (training, test and validation
+    /// sets).
     ///
     /// # Errors
     /// Parameters whose layout differs from `spec.params()`, or a spec whose layer shapes do
     /// not chain ([`BackendError::Params`]); images of another shape than `spec.input`, labels
     /// `>= spec.classes`, or a NaN/infinite pixel ([`BackendError::Data`], naming the set and
-    /// the sample).
+    /// the sample). An empty validation set is not checked (its header may be anything).
     pub fn new(spec: &ModelSpec, params: &Params, data: Split) -> Result<CpuNetwork, BackendError> {
         Ok(CpuNetwork {
             exec: Executor::new(spec, params, data)?,

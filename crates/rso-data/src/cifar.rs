@@ -85,10 +85,7 @@ pub fn load_cifar10(dir: &Path, norm: Normalization) -> Result<Split> {
         .map(|i| read_cifar_batch(&base.join(format!("data_batch_{i}.bin"))))
         .collect::<Result<Vec<_>>>()?;
     let test = read_cifar_batch(&base.join("test_batch.bin"))?;
-    let mut split = Split {
-        train: to_set(&train),
-        test: to_set(&[test]),
-    };
+    let mut split = Split::new(to_set(&train), to_set(&[test]));
     norm.apply(&mut split);
     Ok(split)
 }

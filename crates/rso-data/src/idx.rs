@@ -202,10 +202,10 @@ pub fn load_mnist(dir: &Path, norm: Normalization) -> Result<Split> {
             hint: MNIST_HINT.into(),
         });
     }
-    let mut split = Split {
-        train: mnist_set(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
-        test: mnist_set(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
-    };
+    let mut split = Split::new(
+        mnist_set(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
+        mnist_set(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
+    );
     norm.apply(&mut split);
     Ok(split)
 }

@@ -68,6 +68,26 @@ impl Dataset {
         }
     }
 
+    /// Removes the samples from `at` on and returns them as a new set of the same image shape
+    /// (empty when `at >= len`); this set keeps the first `at`.
+    pub fn split_off(&mut self, at: usize) -> Dataset {
+        if at >= self.len() {
+            return self.header();
+        }
+        let images = self.images.split_off(at * self.image_len());
+        let labels = self.labels.split_off(at);
+        Dataset {
+            images,
+            labels,
+            ..self.header()
+        }
+    }
+
+    /// A set of no samples with this set's image shape and classes.
+    pub fn empty_like(&self) -> Dataset {
+        self.header()
+    }
+
     /// Gathers the samples at `indices` into a new contiguous set (used for minibatches and
     /// subsets). Panics if an index is out of range: indices come from the program, not users.
     pub fn gather(&self, indices: &[u32]) -> Dataset {
@@ -106,11 +126,107 @@ impl Dataset {
     }
 }
 
-/// A training set and a test set of the same image shape.
+/// A training set, a validation set and a test set of the same image shape.
+///
+/// The validation set is empty unless [`Split::hold_out_validation`] moved the tail of the
+/// training set into it: it is for choosing settings without looking at the test set, and is
+/// neither trained on nor used for anything but evaluation.
 #[derive(Clone, Debug)]
 pub struct Split {
     /// Samples the optimizers train on.
     pub train: Dataset,
     /// Held-out samples for evaluation.
     pub test: Dataset,
+    /// Samples held out of the training set for choosing settings (often empty).
+    pub validation: Dataset,
+}
+
+impl Split {
+    /// A split of `train` and `test` with an empty validation set (of `train`'s image shape).
+    pub fn new(train: Dataset, test: Dataset) -> Split {
+        let validation = train.empty_like();
+        Split {
+            train,
+            test,
+            validation,
+        }
+    }
+
+    /// Moves the last `n` training samples into the (empty) validation set, keeping their order:
+    /// applied after a [`Dataset::truncate`] of the training set, it holds out the tail of the
+    /// samples kept. Returns false, changing nothing, unless `1 <= n < train.len()` and the
+    /// validation set is empty.
+    #[must_use]
+    pub fn hold_out_validation(&mut self, n: usize) -> bool {
+        if n == 0 || n >= self.train.len() || !self.validation.is_empty() {
+            return false;
+        }
+        self.validation = self.train.split_off(self.train.len() - n);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` one-pixel samples whose pixel and label are their index.
+    fn set(n: usize) -> Dataset {
+        Dataset {
+            images: (0..n).map(|i| i as f32).collect(),
+            labels: (0..n).map(|i| i as u8).collect(),
+            channels: 1,
+            height: 1,
+            width: 1,
+            classes: 10,
+        }
+    }
+
+    #[test]
+    fn a_new_split_has_an_empty_validation_set_of_the_training_shape() {
+        let mut train = set(3);
+        train.classes = 7;
+        let split = Split::new(train, set(2));
+        assert!(split.validation.is_empty());
+        assert_eq!(split.validation.images.len(), 0);
+        assert_eq!(split.validation.classes, 7);
+        assert_eq!(split.validation.image_len(), 1);
+    }
+
+    #[test]
+    fn holding_out_moves_the_training_tail_in_order() {
+        let mut split = Split::new(set(10), set(2));
+        split.train.truncate(8);
+        assert!(split.hold_out_validation(3));
+        assert_eq!(split.train.labels, [0, 1, 2, 3, 4]);
+        assert_eq!(split.train.images, [0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(split.validation.labels, [5, 6, 7]);
+        assert_eq!(split.validation.images, [5.0, 6.0, 7.0]);
+        assert_eq!(split.test, set(2));
+        // Once only.
+        assert!(!split.hold_out_validation(1));
+    }
+
+    #[test]
+    fn holding_out_none_or_everything_is_refused_unchanged() {
+        for n in [0, 4, 5, 100] {
+            let mut split = Split::new(set(4), set(2));
+            assert!(!split.hold_out_validation(n), "{n}");
+            assert_eq!(split.train, set(4));
+            assert!(split.validation.is_empty());
+        }
+    }
+
+    #[test]
+    fn split_off_past_the_end_is_empty() {
+        let mut s = set(3);
+        let tail = s.split_off(3);
+        assert!(tail.is_empty() && tail.images.is_empty());
+        assert_eq!(s, set(3));
+        let tail = s.split_off(1);
+        assert_eq!(
+            (s.labels.as_slice(), tail.labels.as_slice()),
+            (&[0u8][..], &[1u8, 2][..])
+        );
+    }
 }

@@ -7,7 +7,7 @@ use crate::Split;
 pub enum Normalization {
     /// Pixels / 255, nothing else (preset `seed`: the notebook's inputs).
     UnitRange,
-    /// Pixels / 255 minus the training set's per-channel mean, applied to both sets
+    /// Pixels / 255 minus the training set's per-channel mean, applied to every set
     /// (preset `paper`: the authors' code).
     CenterTrainMean,
 }
@@ -19,7 +19,7 @@ impl Normalization {
             Normalization::UnitRange => {}
             Normalization::CenterTrainMean => {
                 let means = channel_means(&split.train);
-                for set in [&mut split.train, &mut split.test] {
+                for set in [&mut split.train, &mut split.test, &mut split.validation] {
                     let plane = set.height * set.width;
                     for (i, v) in set.images.iter_mut().enumerate() {
                         *v -= means[(i / plane) % set.channels];
@@ -63,18 +63,17 @@ mod tests {
         let mut split = Split {
             train: set(vec![0.0, 1.0, 1.0, 1.0], 2),
             test: set(vec![0.5, 0.5, 0.5, 0.5], 2),
+            validation: set(vec![1.0, 1.0, 0.0, 0.0], 2),
         };
         Normalization::CenterTrainMean.apply(&mut split);
         assert_eq!(split.train.images, vec![-0.5, 0.5, 0.0, 0.0]);
         assert_eq!(split.test.images, vec![0.0, 0.0, -0.5, -0.5]);
+        assert_eq!(split.validation.images, vec![0.5, 0.5, -1.0, -1.0]);
     }
 
     #[test]
     fn unit_range_changes_nothing() {
-        let mut split = Split {
-            train: set(vec![0.25; 2], 1),
-            test: set(vec![0.75; 2], 1),
-        };
+        let mut split = Split::new(set(vec![0.25; 2], 1), set(vec![0.75; 2], 1));
         Normalization::UnitRange.apply(&mut split);
         assert_eq!(split.train.images, vec![0.25; 2]);
         assert_eq!(split.test.images, vec![0.75; 2]);

@@ -1,5 +1,5 @@
-//! The [`Network`] trait: a model instantiated on an engine, with its training and test sets
-//! resident on that engine. Optimizers drive any engine through it.
+//! The [`Network`] trait: a model instantiated on an engine, with its training, test and
+//! validation sets resident on that engine. Optimizers drive any engine through it.
 //!
 //! Minibatches are slices of indices into the resident training set, so an engine can keep
 //! data (and, for incremental RSO, cached activations) where it computes.
@@ -33,6 +33,11 @@ pub enum SplitKind {
     Train,
     /// The test set.
     Test,
+    /// The validation set ([`rso_data::Split::validation`]): samples held out of the training
+    /// set (`rso train --val-split`) to choose settings on without looking at the test set.
+    /// Never trained on, never used for BatchNorm calibration; empty (evaluating to 0
+    /// samples) when the run holds none out.
+    Validation,
 }
 
 /// Mean cross-entropy and accuracy over a set.
@@ -140,7 +145,8 @@ pub trait Network {
     fn calibrate_bn(&mut self, batch: &[u32]);
 
     /// Mean loss and accuracy over the first `limit` samples (all when `None`) of a resident
-    /// set; BatchNorm uses its running statistics.
+    /// set; BatchNorm uses its running statistics. A set of no samples (an empty validation
+    /// set, `limit` 0) gives loss 0, accuracy 0 and 0 samples.
     fn evaluate(&mut self, split: SplitKind, limit: Option<usize>) -> Eval;
 }
 

@@ -1,7 +1,7 @@
 //! The libtorch backend of the rso workspace: every [`ModelSpec`] on `tch` tensors, on the CPU or
 //! a CUDA GPU, behind the [`Network`] trait the optimizers drive.
 //!
-//! - The training and test sets are uploaded to the device once; a minibatch is an
+//! - The training, test and validation sets are uploaded to the device once; a minibatch is an
 //!   `index_select` of the resident set on the device.
 //! - Parameters live on the device in canonical order and shapes ([`ModelSpec::params`]);
 //!   [`Network::params`]/[`Network::set_params`] copy them through the host, so checkpoints go
@@ -158,8 +158,12 @@ pub struct TchNetwork {
     train_y: Tensor,
     test_x: Tensor,
     test_y: Tensor,
+    /// The validation set ([`SplitKind::Validation`]), evaluated only; often empty.
+    validation_x: Tensor,
+    validation_y: Tensor,
     train_len: usize,
     test_len: usize,
+    validation_len: usize,
     /// Caches of the incremental RSO path (see the `incremental` module).
     inc: incremental::Incremental,
 }
@@ -171,6 +175,7 @@ impl std::fmt::Debug for TchNetwork {
             .field("device", &self.device())
             .field("train_len", &self.train_len)
             .field("test_len", &self.test_len)
+            .field("validation_len", &self.validation_len)
             .finish()
     }
 }
@@ -278,12 +283,14 @@ fn to_host(t: &Tensor) -> Vec<f32> {
 
 impl TchNetwork {
     /// Instantiates `spec` with `params` on `device` (`"cpu"`, `"cuda"` or `"cuda:N"`), uploading
-    /// the training and test sets once.
+    /// the training, test and validation sets once.
     ///
-    /// Errors: an unknown device name, or a CUDA device without a usable GPU
+    /// # Errors
+    /// An unknown device name, or a CUDA device without a usable GPU
     /// ([`BackendError::Device`], "CUDA requested but no CUDA device is available (…)"); parameters
     /// that do not fit the spec ([`BackendError::Params`]); images of another shape, labels out of
-    /// range or non-finite pixels ([`BackendError::Data`]).
+    /// range or non-finite pixels ([`BackendError::Data`]). An empty validation set is not
+    /// checked (its header may be anything).
     pub fn new(
         spec: &ModelSpec,
         params: &Params,
@@ -318,6 +325,18 @@ impl TchNetwork {
             .collect();
         let (train_x, train_y) = upload(spec, &data.train, "training", device)?;
         let (test_x, test_y) = upload(spec, &data.test, "test", device)?;
+        let validation = if data.validation.is_empty() {
+            // None held out: an empty set of the model's shape, whatever its header says.
+            &rso_data::Dataset {
+                channels: spec.input[0],
+                height: spec.input[1],
+                width: spec.input[2],
+                ..data.validation.empty_like()
+            }
+        } else {
+            &data.validation
+        };
+        let (validation_x, validation_y) = upload(spec, validation, "validation", device)?;
         let mut net = TchNetwork {
             spec: spec.clone(),
             specs,
@@ -330,8 +349,11 @@ impl TchNetwork {
             train_y,
             test_x,
             test_y,
+            validation_x,
+            validation_y,
             train_len: data.train.len(),
             test_len: data.test.len(),
+            validation_len: data.validation.len(),
             inc: incremental::Incremental::default(),
         };
         net.upload_params(params);
@@ -697,6 +719,7 @@ impl Network for TchNetwork {
         let (x, y, len) = match split {
             SplitKind::Train => (&self.train_x, &self.train_y, self.train_len),
             SplitKind::Test => (&self.test_x, &self.test_y, self.test_len),
+            SplitKind::Validation => (&self.validation_x, &self.validation_y, self.validation_len),
         };
         let n = limit.map_or(len, |l| l.min(len));
         if n == 0 {

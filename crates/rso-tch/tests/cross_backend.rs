@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{random_batch, random_params, random_split, runner};
+use common::{random_batch, random_params, random_split_with_validation, runner};
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -24,13 +24,15 @@ use rso_testkit::{max_abs, wide, Tol};
 const TRAIN: usize = 16;
 /// Test samples in each generated data set.
 const TEST: usize = 8;
+/// Validation samples in each generated data set.
+const VALIDATION: usize = 6;
 /// Proptest cases per model and property.
 const CASES: u32 = 16;
 
 /// Both engines on the same spec, parameters and data.
 fn engines(spec: &ModelSpec, params: &Params, seed: u64, device: &str) -> (CpuNetwork, TchNetwork) {
     common::single_threaded();
-    let split = random_split(spec, TRAIN, TEST, seed);
+    let split = random_split_with_validation(spec, TRAIN, TEST, VALIDATION, seed);
     let tch = TchNetwork::new(spec, params, &split, device).expect("tch engine");
     let cpu = CpuNetwork::new(spec, params, split).expect("cpu engine");
     (cpu, tch)
@@ -137,8 +139,14 @@ fn calibrated_evaluation_agrees(device: &str) {
         let (mut cpu, mut tch) = engines(&spec, &random_params(&spec, seed), seed, device);
         cpu.calibrate_bn(batch);
         tch.calibrate_bn(batch);
-        for split in [SplitKind::Train, SplitKind::Test] {
+        for split in [SplitKind::Train, SplitKind::Test, SplitKind::Validation] {
             let (want, got) = (cpu.evaluate(split, None), tch.evaluate(split, None));
+            if want.samples != got.samples || want.samples == 0 {
+                return Err(format!(
+                    "{split:?}: {} samples on cpu, {} on tch",
+                    want.samples, got.samples
+                ));
+            }
             Tol {
                 rtol: 1e-5,
                 atol: 0.0,

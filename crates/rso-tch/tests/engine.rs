@@ -237,6 +237,36 @@ fn evaluate_counts_argmax_hits() {
 }
 
 #[test]
+fn the_validation_set_is_resident_and_empty_when_none_is_held_out() {
+    common::single_threaded();
+    let spec = ModelKind::TwoConv.mnist();
+    let params = random_params(&spec, 60);
+    // None held out: evaluating it gives no samples.
+    let mut none =
+        TchNetwork::new(&spec, &params, &random_split(&spec, 8, 4, 61), "cpu").expect("engine");
+    let eval = none.evaluate(SplitKind::Validation, None);
+    assert_eq!((eval.samples, eval.loss, eval.accuracy), (0, 0.0, 0.0));
+    // The test set placed in the validation slot evaluates exactly as the test set.
+    let mut split = random_split(&spec, 8, 5, 62);
+    split.validation = split.test.clone();
+    let mut n = TchNetwork::new(&spec, &params, &split, "cpu").expect("engine");
+    n.calibrate_bn(&[0, 2, 4, 6]);
+    let test = n.evaluate(SplitKind::Test, None);
+    assert_eq!(test.samples, 5);
+    assert_eq!(n.evaluate(SplitKind::Validation, None), test);
+    assert_eq!(
+        n.evaluate(SplitKind::Validation, Some(2)),
+        n.evaluate(SplitKind::Test, Some(2))
+    );
+    // A held-out set is checked like the others.
+    let mut bad = random_split(&spec, 8, 5, 63);
+    bad.validation = bad.test.clone();
+    bad.validation.labels[3] = 10;
+    let e = TchNetwork::new(&spec, &params, &bad, "cpu").unwrap_err();
+    assert!(e.to_string().contains("validation"), "{e}");
+}
+
+#[test]
 fn checkpoints_round_trip_through_safetensors() {
     let dir = tempfile::tempdir().expect("temp dir");
     for kind in ModelKind::ALL {

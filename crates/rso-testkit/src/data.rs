@@ -136,7 +136,7 @@ impl RandomData {
     pub fn split(&self, train: usize, test: usize, rng: &mut impl Rng) -> Split {
         let train = self.set(train, rng);
         let test = self.set(test, rng);
-        Split { train, test }
+        Split::new(train, test)
     }
 }
 

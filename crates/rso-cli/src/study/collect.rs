@@ -12,8 +12,9 @@ use anyhow::{ensure, Context};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The per-round columns summarised, in the summary's order.
-pub const METRICS: [&str; 9] = [
+/// The per-round columns summarised, in the summary's order (the validation ones last, so the
+/// earlier columns of a summary keep their places; empty where no run has a validation set).
+pub const METRICS: [&str; 11] = [
     "test_acc",
     "test_loss",
     "train_acc",
@@ -23,6 +24,8 @@ pub const METRICS: [&str; 9] = [
     "forward_equivalents",
     "cumulative_forward_equivalents",
     "cumulative_seconds",
+    "val_acc",
+    "val_loss",
 ];
 
 /// One run's rows: round → metric → value (empty cells left out).
@@ -270,5 +273,41 @@ mod tests {
         assert!((sd.unwrap() - (32.0f64 / 7.0).sqrt()).abs() < 1e-12);
         assert_eq!(stats(&[3.0]).unwrap().2, None);
         assert!(stats(&[]).is_none());
+    }
+
+    #[test]
+    fn validation_metrics_are_read_by_name_and_empty_cells_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            read_rows(&path).unwrap()
+        };
+        // Two runs with a validation set, one without (empty cells), one written before the
+        // columns existed.
+        let head = "round,test_acc,cumulative_seconds,val_loss,val_acc\n";
+        let runs = [
+            csv(
+                "a.csv",
+                &format!("{head}1,0.5,1.0,0.9,0.25\n2,0.6,2.0,0.8,0.75\n"),
+            ),
+            csv("b.csv", &format!("{head}1,0.7,1.5,0.7,0.5\n")),
+            csv("c.csv", &format!("{head}1,0.1,1.0,,\n2,0.2,2.0,,\n")),
+            csv("d.csv", "round,test_acc,cumulative_seconds\n1,0.3,1.0\n"),
+        ];
+        assert!(!runs[2][&1].contains_key("val_acc"));
+        let (n, mean, sd, min, max) = stats_at(&runs, 1, "val_acc");
+        assert_eq!((n, mean, min, max), (2, 0.375, 0.25, 0.5));
+        assert!((sd.unwrap() - 0.03125f64.sqrt()).abs() < 1e-15);
+        let (n, mean, sd, ..) = stats_at(&runs, 2, "val_loss");
+        assert_eq!((n, mean, sd), (1, 0.8, None));
+        assert_eq!(stats_at(&runs, 1, "test_acc").0, 4);
+        assert!(stats_at(&runs[2..], 1, "val_acc").1.is_nan());
+        assert!(METRICS.contains(&"val_acc") && METRICS.contains(&"val_loss"));
+        // A cell that is not a number is an error naming the column.
+        let path = dir.path().join("e.csv");
+        std::fs::write(&path, format!("{head}1,0.5,1.0,0.9,x\n")).unwrap();
+        let e = format!("{:#}", read_rows(&path).unwrap_err());
+        assert!(e.contains("val_acc"), "{e}");
     }
 }

@@ -532,13 +532,14 @@ mod tests {
             "sigma",
             "data_dir",
             "rso_eval",
+            "val_split",
         ] {
             assert!(s.iter().any(|k| k == key), "{key} missing from {s:?}");
         }
         for key in NOT_SETTINGS {
             assert!(!s.iter().any(|k| k == key), "{key} in {s:?}");
         }
-        assert_eq!(s.len(), 26, "{s:?}");
+        assert_eq!(s.len(), 27, "{s:?}");
     }
 
     #[test]
@@ -609,6 +610,75 @@ mod tests {
         let d = plan("[settings]\nmodel = \"one-conv\"\nrounds = 3\n[[grid]]\noptimizer = \"rso\"\nbatch_size = 32\n").unwrap();
         assert_ne!(d.runs[0].id, a.runs[0].id);
         assert_eq!(a.runs[0].id.len(), 16);
+    }
+
+    #[test]
+    fn a_val_split_is_a_setting_of_its_own_run_and_leaves_other_ids_alone() {
+        let a = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 32\n"
+        ))
+        .unwrap();
+        let b = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 32\nval_split = [0, 5000]\n"
+        ));
+        // 0 is refused as the command line refuses it.
+        let e = format!("{:#}", b.unwrap_err());
+        assert!(e.contains("--val-split must be at least 1"), "{e}");
+        let b = plan(&format!(
+            "{BASE}train_limit = 1000\n[[grid]]\noptimizer = \"rso\"\nbatch_size = 32\nval_split = 1000\n"
+        ));
+        let e = format!("{:#}", b.unwrap_err());
+        assert!(
+            e.contains("--val-split 1000") && e.contains("--train-limit 1000"),
+            "{e}"
+        );
+        let b = plan(&format!(
+            "{BASE}[[grid]]\noptimizer = \"rso\"\nbatch_size = 32\n\
+             [[grid]]\noptimizer = \"rso\"\nbatch_size = 32\nval_split = [100, 5000]\n"
+        ))
+        .unwrap();
+        assert_eq!(b.runs.len(), 3);
+        assert_eq!(b.runs[0].id, a.runs[0].id);
+        assert!(!b.runs[0].canonical.contains("val_split"));
+        assert!(b.runs[1].canonical.contains("\"val_split\":100"));
+        assert!(b.runs[1].args.contains(&"--val-split=100".to_string()));
+        assert_ne!(b.runs[1].id, b.runs[0].id);
+        assert_ne!(b.runs[1].id, b.runs[2].id);
+    }
+
+    /// The committed studies under `results/` keep the ids their runs are stored under: the
+    /// ids of their plans today are those of their manifests.
+    #[test]
+    fn the_committed_studies_keep_their_run_ids() {
+        let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../results");
+        let mut studies = 0;
+        for stem in ["seed_table", "comparison", "comparison_two_conv"] {
+            let plan_path = results.join(format!("{stem}.plan.toml"));
+            let manifest = results.join(stem).join("manifest.csv");
+            if !plan_path.is_file() || !manifest.is_file() {
+                continue;
+            }
+            studies += 1;
+            let p = Plan::load(&plan_path, Some(&results.join(stem))).unwrap();
+            let mut reader = csv::Reader::from_path(&manifest).unwrap();
+            let ids: Vec<String> = reader
+                .records()
+                .map(|r| r.unwrap()[1].to_string())
+                .collect();
+            let now: Vec<String> = p.runs.iter().map(|r| r.id.clone()).collect();
+            assert_eq!(now, ids, "{stem}");
+            for id in &ids {
+                assert!(
+                    results.join(stem).join("runs").join(id).is_dir(),
+                    "{stem}: {id}"
+                );
+            }
+        }
+        assert!(
+            studies > 0,
+            "no committed study found under {}",
+            results.display()
+        );
     }
 
     #[test]

@@ -55,8 +55,9 @@ pub fn rso_fails(args: &[&str]) -> String {
     err
 }
 
-/// The columns of a `rso train` CSV, in order: today's 14, then the study columns.
-pub const COLUMNS: [&str; 19] = [
+/// The columns of a `rso train` CSV, in order: the first 14, the study columns, then the
+/// validation columns.
+pub const COLUMNS: [&str; 21] = [
     "round",
     "model",
     "optimizer",
@@ -76,6 +77,8 @@ pub const COLUMNS: [&str; 19] = [
     "forward_equivalents",
     "cumulative_forward_equivalents",
     "cumulative_seconds",
+    "val_loss",
+    "val_acc",
 ];
 
 /// The time columns: the only ones that may differ between runs with the same settings.

@@ -1,5 +1,6 @@
 //! [`Executor`]: a [`ModelSpec`] laid out as a [plan] of per-layer steps on the pure-Rust
-//! kernels, with its parameters, its resident training and test sets and its workspace; it runs
+//! kernels, with its parameters, its resident training, test and validation sets and its
+//! workspace; it runs
 //! forward ([`forward`]) and backward ([`backward`]) passes. The incremental RSO path's caches
 //! live beside it in [`CpuNetwork`](crate::CpuNetwork), not in it.
 //!
@@ -106,6 +107,8 @@ pub(crate) struct Executor {
     running: Vec<BnStats>,
     pub(crate) train: Dataset,
     pub(crate) test: Dataset,
+    /// Held out of training, evaluated only ([`SplitKind::Validation`]); often empty.
+    pub(crate) validation: Dataset,
     pub(crate) ws: Workspace,
     /// Steps with less work than this over the batch run on one thread ([`PAR_MIN_WORK`];
     /// tests lower it to split every step).
@@ -123,6 +126,10 @@ impl Executor {
         let plan = build_plan(spec)?;
         check_set(spec, &data.train, "training")?;
         check_set(spec, &data.test, "test")?;
+        // An empty validation set (none held out) may have any header.
+        if !data.validation.is_empty() {
+            check_set(spec, &data.validation, "validation")?;
+        }
         let running: Vec<BnStats> = plan
             .iter()
             .filter_map(|s| match s.op {
@@ -143,6 +150,7 @@ impl Executor {
             running,
             train: data.train,
             test: data.test,
+            validation: data.validation,
             ws,
             par_min_work: PAR_MIN_WORK,
         })
@@ -198,6 +206,7 @@ impl Executor {
         let set = match split {
             SplitKind::Train => &self.train,
             SplitKind::Test => &self.test,
+            SplitKind::Validation => &self.validation,
         };
         let len = set.image_len();
         self.ws.acts[0][..range.len() * len]
@@ -210,6 +219,7 @@ impl Executor {
         match split {
             SplitKind::Train => &self.train,
             SplitKind::Test => &self.test,
+            SplitKind::Validation => &self.validation,
         }
     }
 

@@ -27,10 +27,10 @@ fn network(kind: ModelKind, train: usize, test: usize, seed: u64) -> CpuNetwork 
 
 fn network_of(spec: &ModelSpec, train: usize, test: usize, seed: u64) -> CpuNetwork {
     let spec = spec.clone();
-    let split = Split {
-        train: random_set(&spec, train, seed),
-        test: random_set(&spec, test, seed + 1),
-    };
+    let split = Split::new(
+        random_set(&spec, train, seed),
+        random_set(&spec, test, seed + 1),
+    );
     CpuNetwork::new(&spec, &random_params(&spec, seed + 2), split).expect("valid network")
 }
 
@@ -271,10 +271,7 @@ fn evaluation_spans_several_chunks_and_honours_the_limit() {
     let spec = ModelKind::OneConv.mnist();
     let set = random_set(&spec, n, 50);
     let params = random_params(&spec, 51);
-    let split = Split {
-        train: set.clone(),
-        test: set,
-    };
+    let split = Split::new(set.clone(), set);
     let mut net = CpuNetwork::new(&spec, &params, split).expect("valid network");
     let all = net.evaluate(SplitKind::Test, None);
     assert_eq!(all.samples, n);
@@ -295,6 +292,51 @@ fn evaluation_spans_several_chunks_and_honours_the_limit() {
     assert_eq!(some.loss, net.batch_loss(&[0, 1, 2], Reduction::Mean));
     let none = net.evaluate(SplitKind::Train, Some(0));
     assert_eq!((none.samples, none.loss, none.accuracy), (0, 0.0, 0.0));
+}
+
+#[test]
+fn the_validation_set_evaluates_as_the_test_set_does() {
+    for kind in ModelKind::ALL {
+        let spec = kind.mnist();
+        // One-conv spans two evaluation chunks; the BatchNorm models stay small.
+        let n = if kind == ModelKind::OneConv {
+            EVAL_CHUNK + 17
+        } else {
+            23
+        };
+        let set = random_set(&spec, n, 60);
+        let split = Split {
+            train: random_set(&spec, 12, 61),
+            test: set.clone(),
+            validation: set,
+        };
+        let mut net = CpuNetwork::new(&spec, &random_params(&spec, 62), split).expect("valid");
+        net.calibrate_bn(&[0, 3, 5, 7, 11]);
+        let test = net.evaluate(SplitKind::Test, None);
+        let validation = net.evaluate(SplitKind::Validation, None);
+        assert_eq!(validation.samples, n, "{}", kind.name());
+        assert_eq!(validation, test, "{}", kind.name());
+        assert_eq!(
+            net.evaluate(SplitKind::Validation, Some(7)),
+            net.evaluate(SplitKind::Test, Some(7)),
+            "{}",
+            kind.name()
+        );
+        // The validation set is not the training set: evaluating it says something else.
+        assert_ne!(validation, net.evaluate(SplitKind::Train, None));
+    }
+}
+
+#[test]
+fn an_empty_validation_set_evaluates_to_no_samples() {
+    let mut net = network(ModelKind::TwoConv, 6, 4, 70);
+    assert!(net.exec.validation.is_empty());
+    net.calibrate_bn(&[0, 1, 2]);
+    let eval = net.evaluate(SplitKind::Validation, None);
+    assert_eq!((eval.samples, eval.loss, eval.accuracy), (0, 0.0, 0.0));
+    // Training and test evaluation still see their sets afterwards.
+    assert_eq!(net.evaluate(SplitKind::Test, None).samples, 4);
+    assert_eq!(net.evaluate(SplitKind::Train, None).samples, 6);
 }
 
 #[test]
@@ -416,10 +458,7 @@ fn weights_and_parameters_round_trip() {
 fn construction_rejects_what_does_not_fit() {
     let spec = ModelKind::OneConv.mnist();
     let params = random_params(&spec, 1);
-    let good = || Split {
-        train: random_set(&spec, 4, 2),
-        test: random_set(&spec, 3, 3),
-    };
+    let good = || Split::new(random_set(&spec, 4, 2), random_set(&spec, 3, 3));
     let err = |split: Split, params: &Params| match CpuNetwork::new(&spec, params, split) {
         Ok(_) => panic!("accepted"),
         Err(e) => e,
@@ -454,6 +493,24 @@ fn construction_rejects_what_does_not_fit() {
     let mut split = good();
     split.test.images.pop();
     assert!(matches!(err(split, &params), BackendError::Data(_)));
+
+    // A validation set is checked like the others once it holds samples.
+    let mut split = good();
+    split.validation = random_set(&spec, 3, 4);
+    split.validation.labels[1] = 10;
+    let e = err(split, &params).to_string();
+    assert!(
+        e.contains("validation set") && e.contains("sample 1"),
+        "{e}"
+    );
+    let mut split = good();
+    split.validation = random_set(&spec, 2, 4);
+    split.validation.images[784] = f32::NAN;
+    let e = err(split, &params).to_string();
+    assert!(
+        e.contains("validation set") && e.contains("sample 1"),
+        "{e}"
+    );
 
     // A spec whose shapes do not chain.
     let mut bad = spec.clone();

@@ -62,6 +62,22 @@ pub fn random_split(spec: &ModelSpec, n: usize, n_test: usize, seed: u64) -> Spl
         .split(n, n_test, &mut rng(seed))
 }
 
+/// [`random_split`] with a validation set of `n_validation` more random images (drawn from
+/// their own generator, so the training and test sets are [`random_split`]'s).
+pub fn random_split_with_validation(
+    spec: &ModelSpec,
+    n: usize,
+    n_test: usize,
+    n_validation: usize,
+    seed: u64,
+) -> Split {
+    let mut split = random_split(spec, n, n_test, seed);
+    split.validation = RandomData::of(spec)
+        .pixels(Pixels::Normal)
+        .set(n_validation, &mut rng(seed ^ 0x7a11_da7e));
+    split
+}
+
 /// Random parameters for `spec` from `seed`: weights N(0, sqrt(2/fan_in)) (He), biases and β
 /// N(0, 0.1), γ uniform in [0.5, 1.5) ([`Weights::Normal`]).
 pub fn random_params(spec: &ModelSpec, seed: u64) -> Params {
