@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train one model with one optimizer, evaluating after every round.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Regenerate a results file in results/ (with its provenance).
     #[command(subcommand)]
     Reproduce(ReproduceCommand),

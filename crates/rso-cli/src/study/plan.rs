@@ -444,7 +444,7 @@ pub fn parse_train(args: &[String]) -> anyhow::Result<TrainArgs> {
         Ok(Cli {
             command: Command::Train(t),
             ..
-        }) => Ok(t),
+        }) => Ok(*t),
         Ok(_) => bail!("not a train command"),
         Err(e) => {
             // clap's message on one line, without its usage and help hints.
