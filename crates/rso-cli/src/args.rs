@@ -161,6 +161,13 @@ pub struct ForwardOnlyArgs {
     /// Learning rate of the SGD reference (untuned).
     #[arg(long, default_value_t = 0.01)]
     pub sgd_lr: f32,
+    /// Train on the first N training images only (a quick look; the validation split is taken
+    /// from these).
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub test_limit: Option<usize>,
     /// Runs at a time (as `rso study run --jobs`).
     #[arg(long, default_value_t = 1)]
     pub jobs: usize,

@@ -86,6 +86,17 @@ pub struct SummaryRow {
     pub seconds_mean: f64,
 }
 
+/// The settings lines both studies share after the plan head: batch size and data limits.
+fn shared_settings(a: &ForwardOnlyArgs) -> String {
+    let mut s = format!("batch_size = {}\n", a.batch_size);
+    for (key, limit) in [("train_limit", a.train_limit), ("test_limit", a.test_limit)] {
+        if let Some(n) = limit {
+            s.push_str(&format!("{key} = {n}\n"));
+        }
+    }
+    s
+}
+
 /// The grid lines every run of a forward-only method on `model` shares.
 fn method_grid(model: &str, optimizer: &str, a: &ForwardOnlyArgs) -> String {
     let kind: ModelKind = model.parse().unwrap_or(ModelKind::OneConv);
@@ -104,10 +115,8 @@ fn tuning_plan(a: &ForwardOnlyArgs) -> anyhow::Result<String> {
         "forward_only_tuning",
         "Forward-only methods, each knob's four values on a validation split",
     )?;
-    plan.push_str(&format!(
-        "batch_size = {}\nval_split = {}\n",
-        a.batch_size, a.val_split
-    ));
+    plan.push_str(&shared_settings(a));
+    plan.push_str(&format!("val_split = {}\n", a.val_split));
     for model in &a.models {
         for (optimizer, key, values) in TUNING {
             plan.push_str(&method_grid(model, optimizer, a));
@@ -167,7 +176,7 @@ fn final_plan(a: &ForwardOnlyArgs, tuning: &[TuningRow]) -> anyhow::Result<Strin
         "forward_only",
         "Forward-only methods at the same budget, the values chosen on validation, and SGD",
     )?;
-    plan.push_str(&format!("batch_size = {}\n", a.batch_size));
+    plan.push_str(&shared_settings(a));
     for model in &a.models {
         for (optimizer, key, _) in TUNING {
             let chosen = tuning
@@ -233,7 +242,7 @@ fn summary_markdown(p: &Meta, rows: &[SummaryRow]) -> String {
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.4} | {:.0} |\n",
+            "| {} | {} | {} | {} | {} | {:.3e} | {} | {:.4} | {:.1} |\n",
             r.model,
             r.optimizer,
             r.setting,
