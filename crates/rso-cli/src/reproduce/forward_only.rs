@@ -127,6 +127,17 @@ fn tuning_plan(a: &ForwardOnlyArgs) -> anyhow::Result<String> {
     Ok(plan)
 }
 
+/// The index of the highest value, the first of equal ones; a NaN never wins.
+fn best(values: &[f64]) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, &v) in values.iter().enumerate() {
+        if !v.is_nan() && best.is_none_or(|b| v > values[b]) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
 /// The tuning study's rows, the chosen value first marked, per model and method in plan order.
 fn tuning_rows(plan: &Plan, a: &ForwardOnlyArgs) -> anyhow::Result<Vec<TuningRow>> {
     let mut rows = Vec::new();
@@ -151,19 +162,9 @@ fn tuning_rows(plan: &Plan, a: &ForwardOnlyArgs) -> anyhow::Result<Vec<TuningRow
                     chosen: false,
                 });
             }
-            // The first of the best; a NaN accuracy never wins.
-            let mut best: Option<usize> = None;
-            for i in first..rows.len() {
-                let better = match best {
-                    None => !rows[i].val_acc.is_nan(),
-                    Some(b) => rows[i].val_acc > rows[b].val_acc,
-                };
-                if better {
-                    best = Some(i);
-                }
-            }
-            let best = best.with_context(|| format!("{model} {optimizer}: no usable run"))?;
-            rows[best].chosen = true;
+            let accs: Vec<f64> = rows[first..].iter().map(|r| r.val_acc).collect();
+            let best = best(&accs).with_context(|| format!("{model} {optimizer}: no usable run"))?;
+            rows[first + best].chosen = true;
         }
     }
     Ok(rows)
@@ -405,4 +406,96 @@ fn results_meta(
         a.val_split
     ));
     meta
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> ForwardOnlyArgs {
+        let mut argv = vec!["rso", "reproduce", "forward-only", "--data-dir", "/d"];
+        argv.extend_from_slice(extra);
+        match crate::Cli::parse_from(argv).command {
+            crate::Command::Reproduce(crate::args::ReproduceCommand::ForwardOnly(a)) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_budget_is_three_forward_passes_per_parameter_per_rso_round() {
+        // DESIGN §3: one-conv has 7 890 parameters, two-conv 10 330.
+        assert_eq!(budget(ModelKind::OneConv, 256, 3), 3 * 3 * 256 * 7890);
+        assert_eq!(budget(ModelKind::TwoConv, 256, 1), 3 * 256 * 10330);
+    }
+
+    #[test]
+    fn the_best_value_is_the_first_highest_and_never_nan() {
+        assert_eq!(best(&[0.5, 0.7, 0.7, 0.1]), Some(1));
+        assert_eq!(best(&[f64::NAN, 0.2, f64::NAN, 0.3]), Some(3));
+        assert_eq!(best(&[f64::NAN]), None);
+        assert_eq!(best(&[]), None);
+    }
+
+    #[test]
+    fn every_method_gets_four_values_on_the_validation_split_and_the_same_budget() {
+        let a = args(&["--models", "one-conv", "two-conv", "--val-split", "500"]);
+        let text = tuning_plan(&a).unwrap();
+        let plan: toml::Table = text.parse().unwrap();
+        assert_eq!(plan["settings"]["val_split"].as_integer(), Some(500));
+        let grids = plan["grid"].as_array().unwrap();
+        assert_eq!(grids.len(), 2 * TUNING.len());
+        for (g, (model, (optimizer, key, values))) in grids.iter().zip(
+            ["one-conv", "two-conv"]
+                .iter()
+                .flat_map(|m| TUNING.iter().map(move |t| (m, t))),
+        ) {
+            assert_eq!(g["model"].as_str(), Some(*model));
+            assert_eq!(g["optimizer"].as_str(), Some(*optimizer));
+            let tried: Vec<f64> = g[*key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_float().or(v.as_integer().map(|i| i as f64)).unwrap())
+                .collect();
+            assert_eq!(tried, values);
+            let kind: ModelKind = model.parse().unwrap();
+            assert_eq!(
+                g["max_forward_equivalents"].as_integer(),
+                Some(budget(kind, 256, 3) as i64)
+            );
+            assert_eq!(g["rounds"].as_integer(), Some(4));
+        }
+    }
+
+    #[test]
+    fn the_final_plan_takes_the_chosen_values_and_adds_sgd() {
+        let a = args(&["--models", "one-conv", "--seeds", "2"]);
+        let tuning: Vec<TuningRow> = TUNING
+            .iter()
+            .flat_map(|(o, k, values)| {
+                values.iter().enumerate().map(move |(i, v)| TuningRow {
+                    model: "one-conv".into(),
+                    optimizer: o.to_string(),
+                    setting: k.to_string(),
+                    value: v.to_string(),
+                    forward_equivalents: 0.0,
+                    val_loss: 0.0,
+                    val_acc: 0.0,
+                    chosen: i == 2,
+                })
+            })
+            .collect();
+        let plan: toml::Table = final_plan(&a, &tuning).unwrap().parse().unwrap();
+        assert!(plan["settings"].get("val_split").is_none());
+        let grids = plan["grid"].as_array().unwrap();
+        assert_eq!(grids.len(), TUNING.len() + 1);
+        for (g, (_, key, values)) in grids.iter().zip(TUNING) {
+            assert_eq!(g[key].to_string(), values[2].to_string());
+            assert_eq!(g["seeds"].as_integer(), Some(2));
+        }
+        let sgd = &grids[TUNING.len()];
+        assert_eq!(sgd["optimizer"].as_str(), Some("sgd"));
+        assert_eq!(sgd["rounds"].as_integer(), Some(20));
+    }
 }
