@@ -177,6 +177,9 @@ fn the_other_forward_only_methods_are_deterministic_across_thread_counts() {
             "100",
             "--seed",
             "23",
+            // A few thousand steps of each (a whole round is 11 835 for SPSA and ES).
+            "--max-forward-equivalents",
+            "100000",
         ];
         args.extend(method);
         check(&args, 1, 1);
