@@ -25,9 +25,10 @@ use serde::Serialize;
 
 /// Each forward-only method's tuned knob (a `rso train` setting) and the four values tried: the
 /// same number of trials for every method, RSO included (its σ scale), spanning about a decade
-/// around the value that worked in trial runs.
+/// around the value that worked in trial runs (RSO's first grid, 0.25–2, had its best value at
+/// its edge on one-conv's validation split, so it was moved up by one step).
 pub const TUNING: [(&str, &str, [f64; 4]); 4] = [
-    ("rso", "sigma_scale", [0.25, 0.5, 1.0, 2.0]),
+    ("rso", "sigma_scale", [0.5, 1.0, 2.0, 4.0]),
     ("spsa", "lr", [1e-4, 3e-4, 1e-3, 3e-3]),
     ("es", "es_sigma", [3e-4, 1e-3, 3e-3, 1e-2]),
     ("cfd", "lr", [1.0, 2.0, 4.0, 8.0]),
