@@ -10,11 +10,13 @@
 //! w_j ← w_j − lr·g_j for the whole block at once. Cost: 3·|batch| forward passes per
 //! coordinate, as for an RSO visit, so a round is exactly one RSO round's forward passes.
 
-use crate::forward_only::{skip_visit_draw, step_rng};
+use crate::forward_only::{
+    batch_settings, check_batch_size, check_positive, skip_visit_draw, step_rng,
+};
 use crate::rso::schedule;
 use crate::{
-    round_rng, shuffled, BatchPolicy, Batches, OptimError, Optimizer, RoundStats, RsoConfig,
-    RsoEval, SweepStep,
+    shuffled, BatchPolicy, Batches, OptimError, Optimizer, RoundStats, RsoConfig, RsoEval,
+    SweepStep,
 };
 use rso_models::network::reference_candidate_losses;
 use rso_models::{ModelSpec, Network, Preset, Reduction};
@@ -60,24 +62,12 @@ impl Cfd {
     /// [`OptimError::Config`] on a zero batch size or block, a non-positive or non-finite μ, or
     /// a negative or non-finite learning rate.
     pub fn new(spec: &ModelSpec, config: CfdConfig) -> Result<Cfd, OptimError> {
-        if config.batch_size == 0 {
-            return Err(OptimError::Config("--batch-size must be at least 1".into()));
-        }
+        check_batch_size(config.batch_size)?;
         if config.block == 0 {
             return Err(OptimError::Config("--cfd-block must be at least 1".into()));
         }
-        if !(config.mu.is_finite() && config.mu > 0.0) {
-            return Err(OptimError::Config(format!(
-                "--cfd-mu must be a positive number, got {}",
-                config.mu
-            )));
-        }
-        if !(config.lr.is_finite() && config.lr >= 0.0) {
-            return Err(OptimError::Config(format!(
-                "--lr must be a number ≥ 0, got {}",
-                config.lr
-            )));
-        }
+        check_positive("--cfd-mu", f64::from(config.mu), false)?;
+        check_positive("--lr", f64::from(config.lr), true)?;
         let order = RsoConfig::preset(config.preset, 1, config.batch_size, config.seed);
         Ok(Cfd {
             schedule: schedule(spec, &order),
@@ -123,23 +113,20 @@ impl Optimizer for Cfd {
 
     fn resolved_settings(&self) -> Vec<(String, String)> {
         let c = &self.config;
-        vec![
+        let mut v = vec![
             ("preset".to_string(), c.preset.name().to_string()),
             ("cfd_block".into(), c.block.to_string()),
             ("cfd_mu".into(), c.mu.to_string()),
             ("lr".into(), c.lr.to_string()),
-            ("batch_size".into(), c.batch_size.to_string()),
-            (
-                "batch_policy".into(),
-                format!("{:?}", c.batch_policy).to_lowercase(),
-            ),
-            (
-                "reduction".into(),
-                format!("{:?}", c.reduction).to_lowercase(),
-            ),
             ("eval".into(), format!("{:?}", c.eval).to_lowercase()),
-            ("seed".into(), c.seed.to_string()),
-        ]
+        ];
+        v.extend(batch_settings(
+            c.batch_size,
+            c.batch_policy,
+            c.reduction,
+            c.seed,
+        ));
+        v
     }
 
     fn steps_per_round(&self, net: &dyn Network) -> usize {
@@ -154,12 +141,12 @@ impl Optimizer for Cfd {
         progress: &mut dyn FnMut(usize),
     ) -> Result<RoundStats, OptimError> {
         let c = self.config.clone();
-        let n = net.train_len();
-        if n == 0 {
+        // The sequential policy's first reshuffle is the first sweep's (as in RSO), not this.
+        let mut rng = crate::round_rng(c.seed, round);
+        if net.train_len() == 0 {
             return Err(OptimError::Config("the training set is empty".into()));
         }
-        let mut rng = round_rng(c.seed, round);
-        let mut batches = Batches::new(c.batch_policy, c.batch_size, n, &mut rng);
+        let mut batches = Batches::new(c.batch_policy, c.batch_size, net.train_len(), &mut rng);
         let lens: Vec<usize> = net.spec().params().iter().map(|p| p.len()).collect();
         let mut stats = RoundStats::default();
         let (mut loss_sum, mut blocks) = (0.0, 0usize);

@@ -10,9 +10,10 @@
 //! ([`Optimizer::state`]).
 
 use crate::forward_only::{
-    add_direction, all_finite, parse_state, round_steps, skip_visit_draw, step_rng, Direction,
+    add_direction, all_finite, batch_settings, check_batch_size, check_positive, parse_state,
+    round_source, round_steps, skip_visit_draw, step_rng, Direction,
 };
-use crate::{round_rng, BatchPolicy, Batches, OptimError, Optimizer, RoundStats};
+use crate::{BatchPolicy, OptimError, Optimizer, RoundStats};
 use rso_models::{Network, Reduction};
 
 /// Steps between two adaptations of σ.
@@ -53,15 +54,8 @@ impl Es {
     /// # Errors
     /// [`OptimError::Config`] on a zero batch size or a non-positive or non-finite σ.
     pub fn new(config: EsConfig) -> Result<Es, OptimError> {
-        if config.batch_size == 0 {
-            return Err(OptimError::Config("--batch-size must be at least 1".into()));
-        }
-        if !(config.sigma.is_finite() && config.sigma > 0.0) {
-            return Err(OptimError::Config(format!(
-                "--es-sigma must be a positive number, got {}",
-                config.sigma
-            )));
-        }
+        check_batch_size(config.batch_size)?;
+        check_positive("--es-sigma", config.sigma, false)?;
         Ok(Es {
             sigma: config.sigma,
             config,
@@ -99,21 +93,18 @@ impl Optimizer for Es {
 
     fn resolved_settings(&self) -> Vec<(String, String)> {
         let c = &self.config;
-        vec![
+        let mut v = vec![
             ("es_sigma".into(), c.sigma.to_string()),
             ("es_window".into(), WINDOW.to_string()),
             ("es_factor".into(), FACTOR.to_string()),
-            ("batch_size".into(), c.batch_size.to_string()),
-            (
-                "batch_policy".into(),
-                format!("{:?}", c.batch_policy).to_lowercase(),
-            ),
-            (
-                "reduction".into(),
-                format!("{:?}", c.reduction).to_lowercase(),
-            ),
-            ("seed".into(), c.seed.to_string()),
-        ]
+        ];
+        v.extend(batch_settings(
+            c.batch_size,
+            c.batch_policy,
+            c.reduction,
+            c.seed,
+        ));
+        v
     }
 
     fn steps_per_round(&self, net: &dyn Network) -> usize {
@@ -128,14 +119,9 @@ impl Optimizer for Es {
         progress: &mut dyn FnMut(usize),
     ) -> Result<RoundStats, OptimError> {
         let c = self.config.clone();
-        let n = net.train_len();
-        if n == 0 {
-            return Err(OptimError::Config("the training set is empty".into()));
-        }
         let steps = self.steps_per_round(net);
-        let mut rng = round_rng(c.seed, round);
-        let mut batches = Batches::new(c.batch_policy, c.batch_size, n, &mut rng);
-        batches.start_group(&mut rng);
+        let (mut rng, mut batches) =
+            round_source(net, c.seed, round, c.batch_policy, c.batch_size)?;
         let mut stats = RoundStats::default();
         let mut w = net.params();
         let mut child = w.clone();

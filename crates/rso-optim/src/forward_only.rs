@@ -16,10 +16,11 @@
 //! [`step_rng`], a generator of `(seed, round, step)` alone: regenerated, never stored, as MeZO
 //! regenerates its directions from a per-step seed.
 
+use crate::{round_rng, BatchPolicy, Batches, OptimError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
-use rso_models::Params;
+use rso_models::{Network, Params, Reduction};
 
 /// How a random direction's entries are drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +86,66 @@ pub fn add_direction(w: &mut Params, scale: f32, dist: Direction, mut rng: ChaCh
     }
 }
 
+/// The settings SPSA, ES and CFD share, as their `resolved_settings` list them.
+pub(crate) fn batch_settings(
+    batch_size: usize,
+    policy: BatchPolicy,
+    reduction: Reduction,
+    seed: u64,
+) -> Vec<(String, String)> {
+    vec![
+        ("batch_size".into(), batch_size.to_string()),
+        ("batch_policy".into(), format!("{policy:?}").to_lowercase()),
+        ("reduction".into(), format!("{reduction:?}").to_lowercase()),
+        ("seed".into(), seed.to_string()),
+    ]
+}
+
+/// Round `round`'s generator and its minibatch source (started as for a layer's sweep).
+///
+/// # Errors
+/// [`OptimError::Config`] when the training set is empty.
+pub(crate) fn round_source(
+    net: &dyn Network,
+    seed: u64,
+    round: usize,
+    policy: BatchPolicy,
+    batch_size: usize,
+) -> Result<(ChaCha8Rng, Batches), OptimError> {
+    let n = net.train_len();
+    if n == 0 {
+        return Err(OptimError::Config("the training set is empty".into()));
+    }
+    let mut rng = round_rng(seed, round);
+    let mut batches = Batches::new(policy, batch_size, n, &mut rng);
+    batches.start_group(&mut rng);
+    Ok((rng, batches))
+}
+
+/// Refuses a zero batch size.
+pub(crate) fn check_batch_size(batch_size: usize) -> Result<(), OptimError> {
+    if batch_size == 0 {
+        return Err(OptimError::Config("--batch-size must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// Refuses a value of `flag` that is not finite or not positive (with `zero_ok`, negative).
+pub(crate) fn check_positive(flag: &str, value: f64, zero_ok: bool) -> Result<(), OptimError> {
+    let ok = value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0));
+    if !ok {
+        let what = if zero_ok {
+            "a number ≥ 0"
+        } else {
+            "a positive number"
+        };
+        return Err(OptimError::Config(format!(
+            "{flag} must be {what}, got {value}"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether every value is finite (a run never keeps weights it could not save and reload).
 pub fn all_finite(params: &Params) -> bool {
     params.values.iter().flatten().all(|x| x.is_finite())
@@ -107,7 +168,6 @@ pub(crate) fn parse_state<T: std::str::FromStr>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{round_rng, BatchPolicy, Batches};
     use rand_distr::{Distribution, Normal};
 
     #[test]

@@ -7,9 +7,10 @@
 //! regenerated from a per-step seed). Cost: 2·q·|batch| forward passes per step.
 
 use crate::forward_only::{
-    add_direction, all_finite, round_steps, skip_visit_draw, step_rng, Direction,
+    add_direction, all_finite, batch_settings, check_batch_size, check_positive, round_source,
+    round_steps, skip_visit_draw, step_rng, Direction,
 };
-use crate::{round_rng, BatchPolicy, Batches, OptimError, Optimizer, RoundStats};
+use crate::{BatchPolicy, OptimError, Optimizer, RoundStats};
 use rso_models::{Network, Reduction};
 
 /// SPSA settings.
@@ -46,26 +47,14 @@ impl Spsa {
     /// [`OptimError::Config`] on a zero batch size or q, or a non-positive or non-finite ε, or a
     /// negative or non-finite learning rate.
     pub fn new(config: SpsaConfig) -> Result<Spsa, OptimError> {
-        if config.batch_size == 0 {
-            return Err(OptimError::Config("--batch-size must be at least 1".into()));
-        }
+        check_batch_size(config.batch_size)?;
         if config.directions == 0 {
             return Err(OptimError::Config(
                 "--spsa-directions must be at least 1".into(),
             ));
         }
-        if !(config.eps.is_finite() && config.eps > 0.0) {
-            return Err(OptimError::Config(format!(
-                "--spsa-eps must be a positive number, got {}",
-                config.eps
-            )));
-        }
-        if !(config.lr.is_finite() && config.lr >= 0.0) {
-            return Err(OptimError::Config(format!(
-                "--lr must be a number ≥ 0, got {}",
-                config.lr
-            )));
-        }
+        check_positive("--spsa-eps", f64::from(config.eps), false)?;
+        check_positive("--lr", f64::from(config.lr), true)?;
         Ok(Spsa { config })
     }
 
@@ -82,22 +71,19 @@ impl Optimizer for Spsa {
 
     fn resolved_settings(&self) -> Vec<(String, String)> {
         let c = &self.config;
-        vec![
+        let mut v = vec![
             ("spsa_eps".into(), c.eps.to_string()),
             ("lr".into(), c.lr.to_string()),
             ("spsa_directions".into(), c.directions.to_string()),
             ("spsa_dist".into(), c.dist.name().into()),
-            ("batch_size".into(), c.batch_size.to_string()),
-            (
-                "batch_policy".into(),
-                format!("{:?}", c.batch_policy).to_lowercase(),
-            ),
-            (
-                "reduction".into(),
-                format!("{:?}", c.reduction).to_lowercase(),
-            ),
-            ("seed".into(), c.seed.to_string()),
-        ]
+        ];
+        v.extend(batch_settings(
+            c.batch_size,
+            c.batch_policy,
+            c.reduction,
+            c.seed,
+        ));
+        v
     }
 
     fn steps_per_round(&self, net: &dyn Network) -> usize {
@@ -112,14 +98,9 @@ impl Optimizer for Spsa {
         progress: &mut dyn FnMut(usize),
     ) -> Result<RoundStats, OptimError> {
         let c = &self.config;
-        let n = net.train_len();
-        if n == 0 {
-            return Err(OptimError::Config("the training set is empty".into()));
-        }
         let steps = self.steps_per_round(net);
-        let mut rng = round_rng(c.seed, round);
-        let mut batches = Batches::new(c.batch_policy, c.batch_size, n, &mut rng);
-        batches.start_group(&mut rng);
+        let (mut rng, mut batches) =
+            round_source(net, c.seed, round, c.batch_policy, c.batch_size)?;
         let mut stats = RoundStats::default();
         let mut w = net.params();
         let mut probe = w.clone();

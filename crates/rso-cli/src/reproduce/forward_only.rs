@@ -12,7 +12,7 @@
 //! Every forward-only run gets `rounds = --budget-rounds + 1` and
 //! `--max-forward-equivalents` = the budget, so each stops within one step of it.
 
-use super::{curve_rows, ensure_dir, plan_head, run_study, CurveRow};
+use super::{curve_rows, ensure_dir, plan_head, provenance_sentence, run_study, CurveRow};
 use crate::args::ForwardOnlyArgs;
 use crate::output;
 use crate::plot::Band;
@@ -164,7 +164,8 @@ fn tuning_rows(plan: &Plan, a: &ForwardOnlyArgs) -> anyhow::Result<Vec<TuningRow
                 });
             }
             let accs: Vec<f64> = rows[first..].iter().map(|r| r.val_acc).collect();
-            let best = best(&accs).with_context(|| format!("{model} {optimizer}: no usable run"))?;
+            let best =
+                best(&accs).with_context(|| format!("{model} {optimizer}: no usable run"))?;
             rows[first + best].chosen = true;
         }
     }
@@ -230,15 +231,8 @@ fn summary_markdown(p: &Meta, rows: &[SummaryRow]) -> String {
     let mut s = format!(
         "Forward-only methods at the same forward-pass budget (SGD: its epochs), MNIST, test \
          accuracy at the end, mean ± sd over n seeds; each method's setting chosen on a \
-         validation split. Command: `{}`; revision {}; machine: {}, {} cores ({}); {}; \
-         finished {}.\n\n",
-        p.command_line(),
-        p.revision_label(),
-        p.machine.cpu,
-        p.machine.cores,
-        p.machine.simd_class,
-        p.engine.label,
-        p.ended
+         validation split. {}\n\n",
+        provenance_sentence(p)
     );
     s.push_str("| model | method | setting | n | budget | forward-equivalents | test acc | test loss | seconds |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|\n");

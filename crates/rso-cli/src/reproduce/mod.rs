@@ -371,6 +371,20 @@ fn seed_table(a: &SeedTableArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Markdown table's provenance: "Command: `…`; revision …; machine: …; engine; finished …."
+fn provenance_sentence(p: &Meta) -> String {
+    format!(
+        "Command: `{}`; revision {}; machine: {}, {} cores ({}); {}; finished {}.",
+        p.command_line(),
+        p.revision_label(),
+        p.machine.cpu,
+        p.machine.cores,
+        p.machine.simd_class,
+        p.engine.label,
+        p.ended
+    )
+}
+
 /// The seed table as Markdown, provenance first.
 pub fn seed_table_markdown(p: &Meta, rows: &[SeedTableRow]) -> String {
     let opt = |v: Option<f64>, digits: usize| {
@@ -382,15 +396,8 @@ pub fn seed_table_markdown(p: &Meta, rows: &[SeedTableRow]) -> String {
         None => format!("{mean:.digits$}"),
     };
     let mut s = format!(
-        "RSO, preset `seed`, MNIST, mean ± sd over n seeds. Command: `{}`; revision {}; \
-         machine: {}, {} cores ({}); {}; finished {}.\n\n",
-        p.command_line(),
-        p.revision_label(),
-        p.machine.cpu,
-        p.machine.cores,
-        p.machine.simd_class,
-        p.engine.label,
-        p.ended
+        "RSO, preset `seed`, MNIST, mean ± sd over n seeds. {}\n\n",
+        provenance_sentence(p)
     );
     s.push_str("| model | rounds | batch | n | seconds | test loss | test acc | notebook seconds | notebook test loss | notebook test acc | notebook within ±2 sd | speedup |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
