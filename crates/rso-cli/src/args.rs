@@ -351,7 +351,7 @@ pub const OPTIMIZER_SETTINGS: [(&str, &[OptimizerKind]); 13] = {
     [
         ("lr", &[Sgd, Spsa, Cfd]),
         ("sigma", &[Rso]),
-        ("sigma_scale", &[Rso]),
+        ("sigma_multiplier", &[Rso]),
         ("anneal", &[Rso]),
         ("weight_decay", &[Rso]),
         ("batch_policy", &[Rso, Spsa, Es, Cfd]),
@@ -429,9 +429,10 @@ pub struct TrainArgs {
     /// RSO: one fixed σ for every layer (overrides the preset's rule).
     #[arg(long)]
     pub sigma: Option<f64>,
-    /// RSO: a factor applied to every layer's σ (default 1), for tuning.
+    /// RSO: a multiplier of every layer's σ (default 1), for tuning (not the CSV's
+    /// sigma_scale column, which is the annealing factor).
     #[arg(long)]
-    pub sigma_scale: Option<f64>,
+    pub sigma_multiplier: Option<f64>,
     /// RSO: annealing floor α in [0, 1], or `none` (overrides the preset).
     #[arg(long, value_parser = parse_anneal)]
     // The inner `Option` is spelled out so clap does not read `Option<Option<_>>` as a flag
@@ -440,7 +441,7 @@ pub struct TrainArgs {
     /// RSO: weight decay factor applied before each visit (overrides the preset).
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// RSO: minibatch source (overrides the preset).
+    /// RSO, spsa, es and cfd: minibatch source (overrides the preset's).
     #[arg(long, value_enum)]
     pub batch_policy: Option<BatchPolicyArg>,
     /// RSO and cfd: candidate-loss implementation.
@@ -517,7 +518,7 @@ pub const RESUME_CONFLICTS: [&str; 28] = [
     "weight_decay",
     "batch_policy",
     "rso_eval",
-    "sigma_scale",
+    "sigma_multiplier",
     "spsa_eps",
     "spsa_directions",
     "spsa_dist",

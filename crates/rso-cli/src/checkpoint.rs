@@ -37,7 +37,9 @@
 //! - optimizer state: what [`rso_optim::Optimizer::state`] returns (ES's σ and the counts of its
 //!   current 1/5-rule window; nothing for RSO, whose schedule derives from the model and
 //!   settings, SGD without momentum, SPSA and CFD);
-//! - BatchNorm running statistics: not stored. Training (RSO and SGD) uses each minibatch's
+//! - whether `--max-forward-equivalents` ended the run (`budget_reached`), so a resumed run
+//!   that is over trains nothing;
+//! - BatchNorm running statistics: not stored. Training (every optimizer) uses each minibatch's
 //!   statistics, and before every evaluation `rso train` replaces the running statistics by
 //!   those of a fixed training subset (chosen from the seed) under the current weights, so they
 //!   are a function of the weights and are recomputed on resume;
@@ -137,9 +139,9 @@ pub struct RunConfig {
     pub init_weights: Option<PathBuf>,
     // The settings below were added in version 3. Absent when not given (so a run that does not
     // give them serialises, and is identified in a study, exactly as before).
-    /// `--sigma-scale`.
+    /// `--sigma-multiplier`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sigma_scale: Option<String>,
+    pub sigma_multiplier: Option<String>,
     /// `--spsa-eps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spsa_eps: Option<String>,
@@ -498,7 +500,7 @@ impl RunConfig {
             backend: enum_name(&args.backend),
             device: args.device.clone(),
             init_weights: args.init_weights.clone(),
-            sigma_scale: args.sigma_scale.map(|s| s.to_string()),
+            sigma_multiplier: args.sigma_multiplier.map(|s| s.to_string()),
             spsa_eps: args.spsa_eps.map(|s| s.to_string()),
             spsa_directions: args.spsa_directions,
             spsa_dist: args.spsa_dist.as_ref().map(enum_name),
@@ -560,7 +562,7 @@ impl RunConfig {
                 .map(|s| enum_value::<BatchPolicyArg>(s, "batch_policy"))
                 .transpose()?,
             rso_eval: enum_value::<RsoEvalArg>(&self.rso_eval, "rso_eval")?,
-            sigma_scale: opt_float(&self.sigma_scale, "sigma_scale")?,
+            sigma_multiplier: opt_float(&self.sigma_multiplier, "sigma_multiplier")?,
             spsa_eps: opt_float(&self.spsa_eps, "spsa_eps")?,
             spsa_directions: self.spsa_directions,
             spsa_dist: self
@@ -967,7 +969,7 @@ mod tests {
                 device: "cpu".into(),
                 init_weights: None,
                 // Every later setting given, so that the round trips cover them.
-                sigma_scale: Some("0.5".into()),
+                sigma_multiplier: Some("0.5".into()),
                 spsa_eps: Some("0.001".into()),
                 spsa_directions: Some(2),
                 spsa_dist: Some("rademacher".into()),
@@ -1047,7 +1049,7 @@ mod tests {
         // The serialisation of a version-2 config as written before --val-split and the
         // forward-only methods' settings existed (study run ids hash it): the same bytes today.
         let cfg = RunConfig {
-            sigma_scale: None,
+            sigma_multiplier: None,
             spsa_eps: None,
             spsa_directions: None,
             spsa_dist: None,

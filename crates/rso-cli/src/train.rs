@@ -11,7 +11,7 @@ use crate::output::{self, RoundRow};
 use crate::provenance::{utc_now, Meta};
 use anyhow::{bail, ensure, Context};
 use rso_data::Split;
-use rso_models::{init_params, ModelSpec, Network, Params, SplitKind};
+use rso_models::{init_params, Eval, ModelSpec, Network, Params, SplitKind};
 use rso_optim::{
     setup_rng, shuffled, BatchPolicy, Cfd, CfdConfig, Direction, Es, EsConfig, OptimError,
     Optimizer, RoundStats, Rso, RsoConfig, RsoEval, Sgd, SgdConfig, SigmaRule, Spsa, SpsaConfig,
@@ -266,7 +266,7 @@ pub fn optimizer_name(kind: OptimizerKind) -> String {
 fn check_optimizer_settings(args: &TrainArgs) -> anyhow::Result<()> {
     let given = [
         ("sigma", args.sigma.is_some()),
-        ("sigma_scale", args.sigma_scale.is_some()),
+        ("sigma_multiplier", args.sigma_multiplier.is_some()),
         ("anneal", args.anneal.is_some()),
         ("weight_decay", args.weight_decay.is_some()),
         ("batch_policy", args.batch_policy.is_some()),
@@ -370,8 +370,8 @@ pub fn rso_config(args: &TrainArgs) -> RsoConfig {
     if let Some(wd) = args.weight_decay {
         cfg.weight_decay = wd;
     }
-    if let Some(f) = args.sigma_scale {
-        cfg.sigma_scale = f;
+    if let Some(f) = args.sigma_multiplier {
+        cfg.sigma_multiplier = f;
     }
     cfg.batch_policy = batch_policy(args);
     cfg.eval = match args.rso_eval {
@@ -712,6 +712,49 @@ fn resume(
     train_rounds(session, rows, reporter)
 }
 
+/// The CSV row of round `round` (0-based) from the optimizer's statistics, its training seconds,
+/// the evaluations after it (training, test, validation) and the previous round's row.
+fn round_row(
+    args: &TrainArgs,
+    net: &dyn Network,
+    round: usize,
+    stats: &RoundStats,
+    elapsed: f64,
+    (train, test, validation): (Eval, Eval, Option<Eval>),
+    previous: Option<&RoundRow>,
+) -> RoundRow {
+    RoundRow {
+        round: round + 1,
+        model: net.spec().name.clone(),
+        optimizer: optimizer_name(args.optimizer),
+        preset: args.preset.name().to_string(),
+        backend: net.backend().to_string(),
+        device: net.device(),
+        batch: args.batch_size,
+        seconds: elapsed,
+        steps: stats.steps,
+        accepted: stats.accepted,
+        train_loss: train.loss,
+        train_acc: train.accuracy,
+        test_loss: test.loss,
+        test_acc: test.accuracy,
+        // The share of steps kept: RSO's accepted visits, ES's successful children.
+        accept_rate: matches!(args.optimizer, OptimizerKind::Rso | OptimizerKind::Es)
+            .then(|| stats.accepted as f64 / stats.steps.max(1) as f64),
+        sigma_scale: stats.sigma_scale,
+        forward_equivalents: Some(stats.forward_equivalents),
+        cumulative_forward_equivalents: match previous {
+            None => Some(stats.forward_equivalents),
+            Some(p) => p
+                .cumulative_forward_equivalents
+                .map(|c| c + stats.forward_equivalents),
+        },
+        cumulative_seconds: previous.map_or(0.0, |p| p.cumulative_seconds) + elapsed,
+        val_loss: validation.map(|v| v.loss),
+        val_acc: validation.map(|v| v.accuracy),
+    }
+}
+
 /// Trains from round `rows.len()` to the end, evaluating, writing `--out` and checkpointing
 /// after every round; then writes `--save-weights`.
 fn train_rounds(
@@ -726,7 +769,6 @@ fn train_rounds(
         mut meta,
         checkpointing,
     } = session;
-    let spec = net.spec().clone();
     let calibration: Vec<u32> = {
         let mut order = shuffled(net.train_len(), &mut setup_rng(args.seed, 2));
         order.truncate(BN_CALIBRATION_SAMPLES);
@@ -762,6 +804,11 @@ fn train_rounds(
         let budget = args
             .max_forward_equivalents
             .map(|m| m.saturating_sub(spent));
+        if budget == Some(0) {
+            // The budget ran out exactly at the end of the previous round.
+            write_out(&rows)?;
+            break;
+        }
         let steps = optimizer.steps_per_round(net.as_ref());
         reporter.round_started(round, args.rounds, steps);
         let start = Instant::now();
@@ -773,41 +820,20 @@ fn train_rounds(
         let elapsed = start.elapsed().as_secs_f64();
         finished = stats.budget_reached;
         if finished && stats.steps == 0 {
-            // The budget ran out exactly at the end of the previous round: no empty row.
+            // Less than one step was left of the budget: no empty row.
+            write_out(&rows)?;
             break;
         }
-        let (train, test, validation) = evaluate(net.as_mut(), &calibration);
-        let previous = rows.last();
-        let row = RoundRow {
-            round: round + 1,
-            model: spec.name.clone(),
-            optimizer: optimizer.name().to_string(),
-            preset: args.preset.name().to_string(),
-            backend: net.backend().to_string(),
-            device: net.device(),
-            batch: args.batch_size,
-            seconds: elapsed,
-            steps: stats.steps,
-            accepted: stats.accepted,
-            train_loss: train.loss,
-            train_acc: train.accuracy,
-            test_loss: test.loss,
-            test_acc: test.accuracy,
-            // The share of steps kept: RSO's accepted visits, ES's successful children.
-            accept_rate: matches!(args.optimizer, OptimizerKind::Rso | OptimizerKind::Es)
-                .then(|| stats.accepted as f64 / stats.steps.max(1) as f64),
-            sigma_scale: stats.sigma_scale,
-            forward_equivalents: Some(stats.forward_equivalents),
-            cumulative_forward_equivalents: match previous {
-                None => Some(stats.forward_equivalents),
-                Some(p) => p
-                    .cumulative_forward_equivalents
-                    .map(|c| c + stats.forward_equivalents),
-            },
-            cumulative_seconds: previous.map_or(0.0, |p| p.cumulative_seconds) + elapsed,
-            val_loss: validation.map(|v| v.loss),
-            val_acc: validation.map(|v| v.accuracy),
-        };
+        let evals = evaluate(net.as_mut(), &calibration);
+        let row = round_row(
+            args,
+            net.as_ref(),
+            round,
+            &stats,
+            elapsed,
+            evals,
+            rows.last(),
+        );
         reporter.round_finished(&row, args.rounds);
         rows.push(row);
         if let Some(ck) = &checkpointing {

@@ -408,8 +408,8 @@ fn settings_of_another_optimizer_and_bad_knobs_are_refused() {
             "spsa",
         ),
         (
-            &["--optimizer", "spsa", "--sigma-scale", "2"],
-            "--sigma-scale",
+            &["--optimizer", "spsa", "--sigma-multiplier", "2"],
+            "--sigma-multiplier",
             "rso",
         ),
         (
@@ -419,7 +419,8 @@ fn settings_of_another_optimizer_and_bad_knobs_are_refused() {
         ),
     ] {
         let e = run(extra);
-        assert!(e.contains(flag) && e.contains(belongs), "{extra:?}: {e}");
+        let belongs = format!("setting of --optimizer {belongs};");
+        assert!(e.contains(flag) && e.contains(&belongs), "{extra:?}: {e}");
         assert_eq!(e.trim().lines().count(), 1, "{e}");
     }
     for (extra, flag) in [
@@ -435,8 +436,8 @@ fn settings_of_another_optimizer_and_bad_knobs_are_refused() {
         (&["--optimizer", "cfd", "--cfd-block", "0"], "--cfd-block"),
         (&["--optimizer", "cfd", "--cfd-mu", "inf"], "--cfd-mu"),
         (
-            &["--optimizer", "rso", "--sigma-scale", "0"],
-            "--sigma-scale",
+            &["--optimizer", "rso", "--sigma-multiplier", "0"],
+            "--sigma-multiplier",
         ),
         (
             &["--optimizer", "rso", "--max-forward-equivalents", "0"],

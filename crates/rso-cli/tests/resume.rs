@@ -409,6 +409,39 @@ fn a_forward_pass_budget_ends_a_resumed_run_where_it_ends_the_whole_one() {
         rows_without_times(Path::new(&csv))
     );
     assert!(!ck.join("round-000003").exists());
+
+    // A budget of exactly one round (CFD with k = 1 visits every coordinate once, and 16
+    // divides the 400 samples): round 2 has nothing left; the run, and its resumed copy, end
+    // with one row, and the resumed one still writes its --out.
+    let exact = (3 * 16 * 7890).to_string();
+    let one = forward_only(&[
+        "--optimizer",
+        "cfd",
+        "--lr",
+        "0.5",
+        "--max-forward-equivalents",
+        &exact,
+    ]);
+    let ck2 = tmp.path().join("ck2").to_str().unwrap().to_string();
+    let first = tmp.path().join("c.csv").to_str().unwrap().to_string();
+    let mut run = vec![
+        "train",
+        "--rounds",
+        "3",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    run.extend(one.iter().map(String::as_str));
+    run.extend(["--checkpoint-dir", &ck2, "--out", &first]);
+    rso_ok(&run);
+    let fe = common::column(Path::new(&first), "cumulative_forward_equivalents");
+    assert_eq!(fe, [exact]);
+    let again = tmp.path().join("d.csv").to_str().unwrap().to_string();
+    rso_ok(&["train", "--resume", &ck2, "--out", &again]);
+    assert_eq!(
+        rows_without_times(Path::new(&again)),
+        rows_without_times(Path::new(&first))
+    );
 }
 
 /// While a run writes checkpoints into a directory, a second run — a `--resume` or a new run

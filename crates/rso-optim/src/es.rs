@@ -77,7 +77,10 @@ impl Es {
             // 5·successes vs trials: the success rate against 1/5, in integers.
             match (5 * self.successes).cmp(&self.trials) {
                 std::cmp::Ordering::Greater => self.sigma /= FACTOR,
-                std::cmp::Ordering::Less => self.sigma *= FACTOR,
+                // Never 0: a checkpoint must hold a σ that resumes.
+                std::cmp::Ordering::Less => {
+                    self.sigma = (self.sigma * FACTOR).max(f64::MIN_POSITIVE)
+                }
                 std::cmp::Ordering::Equal => {}
             }
             self.successes = 0;

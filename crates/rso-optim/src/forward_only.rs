@@ -4,8 +4,8 @@
 //! # A round is one RSO round's forward passes
 //! RSO visits every scalar parameter once per round at 3·|batch| forward passes of one sample
 //! each, so its round costs 3·B·P forward-equivalents for P parameters at batch size B. The
-//! other methods' rounds take as many steps as fit in that (`round_steps`), so their per-round
-//! CSV rows line up with RSO's on the forward-equivalents axis.
+//! other methods' rounds take the fewest steps that reach it (`round_steps`: at most one step
+//! more), so their per-round CSV rows line up with RSO's on the forward-equivalents axis.
 //!
 //! # The same minibatches as RSO
 //! Every step draws from the round's generator ([`crate::round_rng`]) what an RSO visit draws,

@@ -60,12 +60,14 @@ pub enum OptimError {
         /// The loss value.
         loss: f64,
     },
-    /// The minibatch loss at the current weights turned NaN or infinite (ES, CFD).
+    /// The minibatch loss at the current weights (SPSA: on both sides of them) turned NaN or
+    /// infinite (SPSA, ES, CFD).
     #[error("round {}, step {}: the minibatch loss at the current weights is {loss}; training diverged", round + 1, step + 1)]
     StepDiverged {
         /// Round (0-based; the message counts from 1).
         round: usize,
-        /// Step within the round (0-based; the message counts from 1).
+        /// Step within the round (CFD: coordinates visited before it; 0-based, the message
+        /// counts from 1).
         step: usize,
         /// The loss value.
         loss: f64,
@@ -78,20 +80,23 @@ pub enum OptimError {
     State(String),
 }
 
-/// What one round (RSO) or epoch (SGD) did.
+/// What one round (RSO, SPSA, ES, CFD) or epoch (SGD) did.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct RoundStats {
-    /// Weights visited (RSO) or minibatch steps taken (SGD).
+    /// Weights visited (RSO), minibatch steps taken (SGD, SPSA, ES) or coordinates visited
+    /// (CFD).
     pub steps: usize,
-    /// RSO: weights whose change was accepted. SGD: 0.
+    /// Steps that changed the weights: RSO's accepted visits, SPSA's applied steps, ES's kept
+    /// children, CFD's moved coordinates. SGD: 0.
     pub accepted: usize,
-    /// Mean of the minibatch losses seen during the round (losses at W for RSO, before the
-    /// decision; the step's loss for SGD).
+    /// Mean of the minibatch losses seen during the round: at W for RSO, ES and CFD (before
+    /// the decision or step), the step's loss for SGD, the mean of L(W ± εz) for SPSA.
     pub mean_batch_loss: f64,
     /// The work the algorithm asked for, in forward passes of one sample, counted with the
     /// actual minibatch sizes: 3·|batch| per RSO weight visit (losses at W, W + Δ and W − Δ,
-    /// whichever engine path computed them) and 3·|batch| per SGD step (a forward pass and a
-    /// backward pass of about twice its cost). Evaluation passes are not counted.
+    /// whichever engine path computed them), 3·|batch| per SGD step (a forward pass and a
+    /// backward pass of about twice its cost), 2·q·|batch| per SPSA step, 2·|batch| per ES step
+    /// and 3·|batch| per CFD coordinate. Evaluation passes are not counted.
     pub forward_equivalents: u64,
     /// RSO: the annealing factor σ was scaled by in this round (1 without annealing).
     /// ES: σ at the end of the round divided by its initial value. Others: `None`.
@@ -121,7 +126,7 @@ pub fn forward_equivalents(batch: usize) -> u64 {
 
 /// A training algorithm that improves a network one round (or epoch) at a time.
 pub trait Optimizer {
-    /// Name as the CLI spells it (`rso`, `sgd`).
+    /// Name as the CLI spells it (`rso`, `sgd`, `spsa`, `es`, `cfd`).
     fn name(&self) -> &'static str;
 
     /// Every setting the optimizer runs with, presets resolved (σ per array in visiting order

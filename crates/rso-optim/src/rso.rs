@@ -53,8 +53,8 @@ pub struct RsoConfig {
     pub batch_size: usize,
     /// σ rule.
     pub sigma: SigmaRule,
-    /// A factor every array's σ is multiplied by (1: the rule's σ), for tuning.
-    pub sigma_scale: f64,
+    /// A multiplier of every array's σ (1: the rule's σ), for tuning.
+    pub sigma_multiplier: f64,
     /// Annealing floor α: σ_c = σ·(α + (1−α)(C−c)/C) for round c; `None` = constant σ.
     pub anneal: Option<f64>,
     /// Multiplicative weight decay applied to a weight before each visit: w ← w·(1 − wd).
@@ -78,7 +78,7 @@ impl RsoConfig {
                 rounds,
                 batch_size,
                 sigma: SigmaRule::SeedCumulative,
-                sigma_scale: 1.0,
+                sigma_multiplier: 1.0,
                 anneal: None,
                 weight_decay: 0.0,
                 batch_policy: BatchPolicy::Random,
@@ -91,7 +91,7 @@ impl RsoConfig {
                 rounds,
                 batch_size,
                 sigma: SigmaRule::PaperAnalytic,
-                sigma_scale: 1.0,
+                sigma_multiplier: 1.0,
                 anneal: Some(0.1),
                 weight_decay: 1e-4,
                 batch_policy: BatchPolicy::Sequential,
@@ -173,10 +173,10 @@ impl Rso {
                 )));
             }
         }
-        if !(config.sigma_scale.is_finite() && config.sigma_scale > 0.0) {
+        if !(config.sigma_multiplier.is_finite() && config.sigma_multiplier > 0.0) {
             return Err(OptimError::Config(format!(
-                "--sigma-scale must be a positive number, got {}",
-                config.sigma_scale
+                "--sigma-multiplier must be a positive number, got {}",
+                config.sigma_multiplier
             )));
         }
         if let Some(a) = config.anneal {
@@ -282,7 +282,7 @@ pub(crate) fn schedule(spec: &ModelSpec, config: &RsoConfig) -> Vec<SweepStep> {
         .into_iter()
         .map(|(param, group)| SweepStep {
             param,
-            sigma: sigmas[param] * config.sigma_scale,
+            sigma: sigmas[param] * config.sigma_multiplier,
             group,
         })
         .collect()
@@ -408,7 +408,7 @@ impl Optimizer for Rso {
                     SigmaRule::Fixed(s) => format!("fixed {s}"),
                 },
             ),
-            ("sigma_scale".into(), c.sigma_scale.to_string()),
+            ("sigma_multiplier".into(), c.sigma_multiplier.to_string()),
             (
                 "anneal".into(),
                 c.anneal.map_or_else(|| "none".into(), |a| a.to_string()),

@@ -128,6 +128,15 @@ impl Optimizer for Spsa {
                     net.set_params(&probe).expect("layout unchanged");
                     *loss = net.batch_loss(batch, c.reduction);
                 }
+                if !losses[0].is_finite() && !losses[1].is_finite() {
+                    // Neither side of W is finite: W itself has diverged. W stays.
+                    net.set_params(&w).expect("layout unchanged");
+                    return Err(OptimError::StepDiverged {
+                        round,
+                        step,
+                        loss: losses[0],
+                    });
+                }
                 pair_sum += 0.5 * (losses[0] + losses[1]);
                 *g = (losses[0] - losses[1]) / (2.0 * f64::from(c.eps));
             }

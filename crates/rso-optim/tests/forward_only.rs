@@ -285,12 +285,13 @@ fn es_never_keeps_a_worse_candidate_on_its_minibatch() {
     let (mut kept, mut i) = (0, 0);
     while i < log.len() {
         // parent loss, child weights, child loss, then the parent's weights back unless kept.
-        let Event::BatchLoss(_, parent) = log[i] else {
+        let Event::BatchLoss(ref parent_batch, parent) = log[i] else {
             panic!("step at {i} does not start with the parent's loss")
         };
-        let Event::BatchLoss(_, child) = log[i + 2] else {
+        let Event::BatchLoss(ref child_batch, child) = log[i + 2] else {
             panic!("no child loss at {}", i + 2)
         };
+        assert_eq!(parent_batch, child_batch, "step at {i}: two minibatches");
         let restored = matches!(log.get(i + 3), Some(Event::SetParams(_)));
         assert_eq!(
             restored,
@@ -333,7 +334,7 @@ fn spsas_direction_regenerated_from_its_seed_is_the_one_used() {
     assert_eq!(plus.values, with(1e-3));
     assert_eq!(minus.values, with(-1e-3));
     let g = (l_plus - l_minus) / 2e-3;
-    assert_eq!(next.values, with((-0.05 * g) as f32));
+    assert_eq!(next.values, with((-f64::from(0.05f32) * g) as f32));
     assert_ne!(next.values, w.values);
 }
 
@@ -356,12 +357,20 @@ fn a_zero_step_changes_nothing() {
 
 #[test]
 fn non_finite_losses_are_never_taken() {
+    // Every loss away from the initial weights is NaN: ES and CFD keep W all round; SPSA, which
+    // sees only W ± εz, calls that divergence, with W as it was.
     for (name, mut opt) in methods() {
         let mut net = Logged::poisoned(network(7));
         let before = net.params();
-        let stats = round(opt.as_mut(), &mut net, 0);
+        let result = opt.run_round(&mut net, 0, None, &mut |_| {});
         assert_eq!(net.params().values, before.values, "{name}");
-        assert_eq!(stats.accepted, 0, "{name}");
+        match result {
+            Ok(stats) => assert!(name != "spsa" && stats.accepted == 0, "{name}: {stats:?}"),
+            Err(e) => assert!(
+                name == "spsa" && matches!(e, OptimError::StepDiverged { step: 0, .. }),
+                "{name}: {e}"
+            ),
+        }
     }
 }
 
@@ -387,6 +396,13 @@ fn a_budget_stops_every_optimizer_before_it_is_exceeded() {
         let free = opt.run_round(&mut net, 1, None, &mut |_| {}).unwrap();
         assert!(!free.budget_reached, "{name}");
     }
+    // A budget of exactly four RSO visits (every minibatch of 40 samples holds 8): all four are
+    // taken, the fifth is not.
+    let stats = rso()
+        .run_round(&mut network(8), 0, Some(4 * 3 * BATCH as u64), &mut |_| {})
+        .unwrap();
+    assert_eq!((stats.steps, stats.forward_equivalents), (4, 96));
+    assert!(stats.budget_reached);
 }
 
 #[test]

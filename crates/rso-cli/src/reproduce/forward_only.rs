@@ -12,7 +12,9 @@
 //! Every forward-only run gets `rounds = --budget-rounds + 1` and
 //! `--max-forward-equivalents` = the budget, so each stops within one step of it.
 
-use super::{curve_rows, ensure_dir, plan_head, provenance_sentence, run_study, CurveRow};
+use super::{
+    curve_rows, ensure_dir, plan_head, provenance_sentence, run_study, run_study_allowing, CurveRow,
+};
 use crate::args::ForwardOnlyArgs;
 use crate::output;
 use crate::plot::Band;
@@ -24,11 +26,11 @@ use rso_models::ModelKind;
 use serde::Serialize;
 
 /// Each forward-only method's tuned knob (a `rso train` setting) and the four values tried: the
-/// same number of trials for every method, RSO included (its σ scale), spanning about a decade
+/// same number of trials for every method, RSO included (its σ multiplier), spanning about a decade
 /// around the value that worked in trial runs (RSO's first grid, 0.25–2, had its best value at
 /// its edge on one-conv's validation split, so it was moved up by one step).
 pub const TUNING: [(&str, &str, [f64; 4]); 4] = [
-    ("rso", "sigma_scale", [0.5, 1.0, 2.0, 4.0]),
+    ("rso", "sigma_multiplier", [0.5, 1.0, 2.0, 4.0]),
     ("spsa", "lr", [1e-4, 3e-4, 1e-3, 3e-3]),
     ("es", "es_sigma", [3e-4, 1e-3, 3e-3, 1e-2]),
     ("cfd", "lr", [1.0, 2.0, 4.0, 8.0]),
@@ -148,10 +150,17 @@ fn tuning_rows(plan: &Plan, a: &ForwardOnlyArgs) -> anyhow::Result<Vec<TuningRow
             grid += 1;
             let first = rows.len();
             for run in plan.runs.iter().filter(|r| r.grid == grid) {
-                let csv = plan.run_dir(run).join(study::ROUNDS_CSV);
-                let runs = [collect::read_rows(&csv)?];
-                let last = *runs[0].keys().last().context("a run without rows")?;
-                let at = |m: &str| collect::stats_at(&runs, last, m).1;
+                // A failed run (a setting that diverged) counts as NaN: never chosen.
+                let runs = match study::status(plan, run) {
+                    study::Status::Done => {
+                        vec![collect::read_rows(
+                            &plan.run_dir(run).join(study::ROUNDS_CSV),
+                        )?]
+                    }
+                    _ => Vec::new(),
+                };
+                let last = runs.first().and_then(|r| r.keys().last().copied());
+                let at = |m: &str| last.map_or(f64::NAN, |l| collect::stats_at(&runs, l, m).1);
                 rows.push(TuningRow {
                     model: model.clone(),
                     optimizer: optimizer.into(),
@@ -288,7 +297,7 @@ pub fn run(a: &ForwardOnlyArgs) -> anyhow::Result<()> {
         a.val_split
     );
     let tuning_path = out("forward_only_tuning.plan.toml");
-    let tuning_study = run_study(&tuning_path, &tuning_plan(a)?, a.jobs)?;
+    let tuning_study = run_study_allowing(&tuning_path, &tuning_plan(a)?, a.jobs, true)?;
     let tuning = tuning_rows(&tuning_study, a)?;
     println!("== the chosen values, {} seeds, and SGD", a.seeds);
     let final_path = out("forward_only.plan.toml");

@@ -227,6 +227,17 @@ fn plan_head(c: &CommonArgs, study: &str, what: &str) -> anyhow::Result<String> 
 
 /// Runs the study of `plan_text` (written to `path`) to the end and collects it.
 fn run_study(path: &Path, plan_text: &str, jobs: usize) -> anyhow::Result<Plan> {
+    run_study_allowing(path, plan_text, jobs, false)
+}
+
+/// [`run_study`]; with `failures_ok`, runs that fail (a diverging setting of a tuning grid) do
+/// not stop it, stopped ones still do.
+fn run_study_allowing(
+    path: &Path,
+    plan_text: &str,
+    jobs: usize,
+    failures_ok: bool,
+) -> anyhow::Result<Plan> {
     output::write_file(path, plan_text)?;
     let plan = Plan::load(path, None)?;
     println!(
@@ -237,7 +248,7 @@ fn run_study(path: &Path, plan_text: &str, jobs: usize) -> anyhow::Result<Plan> 
     );
     let code = exec::run_pending(&plan, jobs)?;
     anyhow::ensure!(
-        code == 0,
+        code == 0 || (failures_ok && code != study::EXIT_STOPPED),
         "the study {} did not finish (exit status {code}); run the command again to run what \
          is missing",
         plan.dir.display()
