@@ -537,6 +537,29 @@ struct Checkpointing {
     _lock: std::fs::File,
 }
 
+impl Checkpointing {
+    /// Checkpoints the run after its last row: rows, optimizer state, whether the budget ended
+    /// it, and the weights (as a stop-aware write, see [`crate::stop::checkpoint`]).
+    fn save(
+        &self,
+        rows: &[RoundRow],
+        optimizer: &dyn Optimizer,
+        net: &dyn Network,
+        budget_reached: bool,
+        rounds: usize,
+    ) -> anyhow::Result<()> {
+        let mut state = self.base.clone();
+        state.rounds_completed = rows.len();
+        state.rows = rows.iter().map(SavedRow::from_row).collect();
+        state.optimizer_state = optimizer.state().into_iter().collect();
+        state.budget_reached = budget_reached;
+        let params = net.params();
+        crate::stop::checkpoint(rows.len(), rounds, &self.dir, || {
+            checkpoint::write(&self.dir, &state, &params)
+        })
+    }
+}
+
 /// A run ready to train: everything checked, nothing written yet.
 struct Session<'a> {
     args: &'a TrainArgs,
@@ -712,6 +735,16 @@ fn resume(
     train_rounds(session, rows, reporter)
 }
 
+/// What is left of `--max-forward-equivalents` after `rows` (none: no budget).
+fn remaining_budget(args: &TrainArgs, rows: &[RoundRow]) -> Option<u64> {
+    let spent = rows
+        .last()
+        .and_then(|r| r.cumulative_forward_equivalents)
+        .unwrap_or(0);
+    args.max_forward_equivalents
+        .map(|m| m.saturating_sub(spent))
+}
+
 /// The CSV row of round `round` (0-based) from the optimizer's statistics, its training seconds,
 /// the evaluations after it (training, test, validation) and the previous round's row.
 fn round_row(
@@ -797,13 +830,7 @@ fn train_rounds(
         if finished {
             break;
         }
-        let spent = rows
-            .last()
-            .and_then(|r| r.cumulative_forward_equivalents)
-            .unwrap_or(0);
-        let budget = args
-            .max_forward_equivalents
-            .map(|m| m.saturating_sub(spent));
+        let budget = remaining_budget(args, &rows);
         if budget == Some(0) {
             // The budget ran out exactly at the end of the previous round.
             write_out(&rows)?;
@@ -837,19 +864,26 @@ fn train_rounds(
         reporter.round_finished(&row, args.rounds);
         rows.push(row);
         if let Some(ck) = &checkpointing {
-            let mut state = ck.base.clone();
-            state.rounds_completed = round + 1;
-            state.rows = rows.iter().map(SavedRow::from_row).collect();
-            state.optimizer_state = optimizer.state().into_iter().collect();
-            state.budget_reached = finished;
-            let params = net.params();
-            crate::stop::checkpoint(round + 1, args.rounds, &ck.dir, || {
-                checkpoint::write(&ck.dir, &state, &params)
-            })?;
+            ck.save(
+                &rows,
+                optimizer.as_ref(),
+                net.as_ref(),
+                finished,
+                args.rounds,
+            )?;
         }
         write_out(&rows)?;
         crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     }
+    finish(args, net.as_ref(), rows)
+}
+
+/// The outcome of a run that trained `rows`, its `--save-weights` written.
+fn finish(
+    args: &TrainArgs,
+    net: &dyn Network,
+    rows: Vec<RoundRow>,
+) -> anyhow::Result<TrainOutcome> {
     ensure!(
         !rows.is_empty(),
         "--max-forward-equivalents {}: the first step alone costs more",
