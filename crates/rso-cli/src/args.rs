@@ -309,9 +309,11 @@ pub enum DatasetKind {
 /// RSO minibatch source (overrides the preset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BatchPolicyArg {
-    /// One of the round's shuffled batches, drawn with replacement for every weight.
+    /// One of the round's shuffled batches, drawn with replacement for every step (RSO: every
+    /// weight).
     Random,
-    /// Consecutive windows of a per-layer shuffle.
+    /// Consecutive windows of a shuffle, reshuffled at each layer's sweep (RSO, cfd) or each
+    /// round (spsa, es).
     Sequential,
 }
 
@@ -332,6 +334,19 @@ fn parse_preset(s: &str) -> Result<Preset, String> {
     s.parse()
 }
 
+/// A whole number, written plainly or in scientific notation (`18000000`, `1.8e7`).
+fn parse_count(s: &str) -> Result<u64, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    match s.parse::<f64>() {
+        Ok(x) if x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(63) => Ok(x as u64),
+        _ => Err(format!(
+            "'{s}' is not a whole number ≥ 0 (e.g. 18000000 or 1.8e7)"
+        )),
+    }
+}
+
 fn parse_anneal(s: &str) -> Result<Option<f64>, String> {
     if s == "none" {
         return Ok(None);
@@ -343,9 +358,8 @@ fn parse_anneal(s: &str) -> Result<Option<f64>, String> {
 }
 
 /// The optimizer-specific `rso train` settings (snake_case flag names) and the optimizers that
-/// read each. A run refuses a setting given for another optimizer (those with a default value,
-/// `lr` and `rso_eval`, cannot be told apart from their default and are not checked), and a
-/// study leaves the settings its run's optimizer does not read out of the run's id.
+/// read each. A run refuses a setting given for another optimizer, and a study leaves the
+/// settings its run's optimizer does not read out of the run's id.
 pub const OPTIMIZER_SETTINGS: [(&str, &[OptimizerKind]); 13] = {
     use OptimizerKind::{Cfd, Es, Rso, Sgd, Spsa};
     [
@@ -423,9 +437,10 @@ pub struct TrainArgs {
     /// val_loss, val_acc), for choosing settings without looking at the test set.
     #[arg(long, value_name = "N")]
     pub val_split: Option<usize>,
-    /// Learning rate of sgd, spsa and cfd.
-    #[arg(long, default_value_t = 0.01)]
-    pub lr: f32,
+    /// Learning rate of sgd (default 0.01, the notebook's), spsa (default 3e-4) and cfd (default
+    /// 2; the last two as tuned on one-conv at batch 256, results/forward_only_tuning.csv).
+    #[arg(long)]
+    pub lr: Option<f32>,
     /// RSO: one fixed σ for every layer (overrides the preset's rule).
     #[arg(long)]
     pub sigma: Option<f64>,
@@ -444,9 +459,9 @@ pub struct TrainArgs {
     /// RSO, spsa, es and cfd: minibatch source (overrides the preset's).
     #[arg(long, value_enum)]
     pub batch_policy: Option<BatchPolicyArg>,
-    /// RSO and cfd: candidate-loss implementation.
-    #[arg(long, value_enum, default_value = "incremental")]
-    pub rso_eval: RsoEvalArg,
+    /// RSO and cfd: candidate-loss implementation (default incremental).
+    #[arg(long, value_enum)]
+    pub rso_eval: Option<RsoEvalArg>,
     /// spsa: perturbation size ε of L(W ± εz) (default 1e-3, MeZO's).
     #[arg(long)]
     pub spsa_eps: Option<f32>,
@@ -467,7 +482,8 @@ pub struct TrainArgs {
     pub cfd_mu: Option<f32>,
     /// Stop the run once its next step would bring the forward-equivalents (the CSV's
     /// cumulative_forward_equivalents) above N, whatever the optimizer; --rounds still bounds it.
-    #[arg(long, value_name = "N")]
+    /// N is a whole number, also in scientific notation (1.8e7).
+    #[arg(long, value_name = "N", value_parser = parse_count)]
     pub max_forward_equivalents: Option<u64>,
     /// Backend.
     #[arg(long, value_enum, default_value = "cpu")]

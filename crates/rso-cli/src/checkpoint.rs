@@ -489,14 +489,14 @@ impl RunConfig {
             train_limit: args.train_limit,
             test_limit: args.test_limit,
             val_split: args.val_split,
-            lr: args.lr.to_string(),
+            lr: crate::train::lr(args).to_string(),
             sigma: args.sigma.map(|s| s.to_string()),
             anneal: args
                 .anneal
                 .map(|a| a.map_or_else(|| "none".to_string(), |a| a.to_string())),
             weight_decay: args.weight_decay.map(|w| w.to_string()),
             batch_policy: args.batch_policy.as_ref().map(enum_name),
-            rso_eval: enum_name(&args.rso_eval),
+            rso_eval: enum_name(&crate::train::rso_eval(args)),
             backend: enum_name(&args.backend),
             device: args.device.clone(),
             init_weights: args.init_weights.clone(),
@@ -528,9 +528,10 @@ impl RunConfig {
             Some("none") => Some(None),
             Some(a) => Some(Some(float::<f64>(a, "anneal")?)),
         };
+        let optimizer = enum_value::<OptimizerKind>(&self.optimizer, "optimizer")?;
         Ok(TrainArgs {
             model,
-            optimizer: enum_value::<OptimizerKind>(&self.optimizer, "optimizer")?,
+            optimizer,
             rounds: self.rounds,
             batch_size: self.batch_size,
             preset,
@@ -544,7 +545,10 @@ impl RunConfig {
             train_limit: self.train_limit,
             test_limit: self.test_limit,
             val_split: self.val_split,
-            lr: float(&self.lr, "lr")?,
+            // Settings the optimizer does not read stay unset (they would be refused).
+            lr: crate::train::reads(optimizer, "lr")
+                .then(|| float(&self.lr, "lr"))
+                .transpose()?,
             sigma: self
                 .sigma
                 .as_deref()
@@ -561,7 +565,9 @@ impl RunConfig {
                 .as_deref()
                 .map(|s| enum_value::<BatchPolicyArg>(s, "batch_policy"))
                 .transpose()?,
-            rso_eval: enum_value::<RsoEvalArg>(&self.rso_eval, "rso_eval")?,
+            rso_eval: crate::train::reads(optimizer, "rso_eval")
+                .then(|| enum_value::<RsoEvalArg>(&self.rso_eval, "rso_eval"))
+                .transpose()?,
             sigma_multiplier: opt_float(&self.sigma_multiplier, "sigma_multiplier")?,
             spsa_eps: opt_float(&self.spsa_eps, "spsa_eps")?,
             spsa_directions: self.spsa_directions,
@@ -1149,8 +1155,6 @@ mod tests {
             "random",
             "--train-limit",
             "50",
-            "--lr",
-            "0.3",
             "--rso-eval",
             "reference",
             "--val-split",
@@ -1168,9 +1172,26 @@ mod tests {
         assert_eq!(RunConfig::from_args(&back, Path::new("/abs/mnist")), cfg);
         assert_eq!(back.sigma, Some(0.1));
         assert_eq!(back.anneal, Some(None));
-        assert_eq!(back.lr, 0.3f32);
+        // RSO does not read the learning rate: it stays unset (given, it would be refused).
+        assert_eq!(back.lr, None);
+        assert_eq!(back.rso_eval, Some(crate::args::RsoEvalArg::Reference));
         assert_eq!(back.val_split, Some(7));
         assert_eq!(back.checkpoint_dir.as_deref(), Some(Path::new("ck")));
+        // SGD's learning rate comes back, RSO's candidate path does not.
+        let sgd = RunConfig {
+            optimizer: "sgd".into(),
+            lr: "0.3".into(),
+            sigma: None,
+            anneal: None,
+            weight_decay: None,
+            batch_policy: None,
+            // What a new SGD run records (the setting is RSO's and CFD's).
+            rso_eval: "incremental".into(),
+            ..cfg
+        };
+        let back = sgd.to_args(&args, Path::new("ck")).unwrap();
+        assert_eq!((back.lr, back.rso_eval), (Some(0.3f32), None));
+        assert_eq!(RunConfig::from_args(&back, Path::new("/abs/mnist")), sgd);
     }
 
     #[test]

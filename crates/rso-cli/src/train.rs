@@ -75,6 +75,11 @@ pub trait Reporter {
     fn resumed(&mut self, dir: &Path, completed: usize, rounds: usize) {
         let _ = (dir, completed, rounds);
     }
+    /// `--max-forward-equivalents budget` ended the run after `rounds` rounds (the last one
+    /// partial, or ended at the budget) and `spent` forward-equivalents.
+    fn budget_reached(&mut self, budget: u64, spent: u64, rounds: usize) {
+        let _ = (budget, spent, rounds);
+    }
 }
 
 /// Prints a progress bar with ETA on a terminal (stderr), plain per-round lines always (stdout).
@@ -147,6 +152,14 @@ impl Reporter for ConsoleReporter {
             std::io::stdout(),
             "resuming {}: {completed}/{rounds} rounds done",
             dir.display()
+        );
+    }
+
+    fn budget_reached(&mut self, budget: u64, spent: u64, rounds: usize) {
+        let _ = writeln!(
+            std::io::stdout(),
+            "stopped by --max-forward-equivalents {budget} after round {rounds} ({spent} spent; \
+             the next step would have gone over)"
         );
     }
 }
@@ -262,9 +275,36 @@ pub fn optimizer_name(kind: OptimizerKind) -> String {
         .unwrap_or_default()
 }
 
+/// Whether `optimizer` reads the optimizer setting `name` ([`OPTIMIZER_SETTINGS`]; settings not
+/// listed there are read by every optimizer).
+pub fn reads(optimizer: OptimizerKind, name: &str) -> bool {
+    OPTIMIZER_SETTINGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .is_none_or(|(_, readers)| readers.contains(&optimizer))
+}
+
+/// The learning rate: `--lr`, else the optimizer's default (sgd 0.01, the notebook's; spsa 3e-4
+/// and cfd 2, as tuned on one-conv at batch 256; 0.01, unread, for the others, as runs recorded
+/// it before the defaults differed).
+pub fn lr(args: &TrainArgs) -> f32 {
+    args.lr.unwrap_or(match args.optimizer {
+        OptimizerKind::Spsa => 3e-4,
+        OptimizerKind::Cfd => 2.0,
+        OptimizerKind::Sgd | OptimizerKind::Rso | OptimizerKind::Es => 0.01,
+    })
+}
+
+/// The candidate-loss implementation: `--rso-eval`, else incremental.
+pub fn rso_eval(args: &TrainArgs) -> RsoEvalArg {
+    args.rso_eval.unwrap_or(RsoEvalArg::Incremental)
+}
+
 /// Refuses a setting given for an optimizer other than the run's ([`OPTIMIZER_SETTINGS`]).
 fn check_optimizer_settings(args: &TrainArgs) -> anyhow::Result<()> {
     let given = [
+        ("lr", args.lr.is_some()),
+        ("rso_eval", args.rso_eval.is_some()),
         ("sigma", args.sigma.is_some()),
         ("sigma_multiplier", args.sigma_multiplier.is_some()),
         ("anneal", args.anneal.is_some()),
@@ -374,7 +414,7 @@ pub fn rso_config(args: &TrainArgs) -> RsoConfig {
         cfg.sigma_multiplier = f;
     }
     cfg.batch_policy = batch_policy(args);
-    cfg.eval = match args.rso_eval {
+    cfg.eval = match rso_eval(args) {
         RsoEvalArg::Reference => RsoEval::Reference,
         RsoEvalArg::Incremental => RsoEval::Incremental,
     };
@@ -396,14 +436,14 @@ pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box
     let preset = RsoConfig::preset(args.preset, args.rounds, args.batch_size, args.seed);
     Ok(match args.optimizer {
         OptimizerKind::Sgd => Box::new(Sgd::new(SgdConfig {
-            lr: args.lr,
+            lr: lr(args),
             batch_size: args.batch_size,
             seed: args.seed,
         })?),
         OptimizerKind::Rso => Box::new(Rso::new(spec, rso_config(args))?),
         OptimizerKind::Spsa => Box::new(Spsa::new(SpsaConfig {
             eps: args.spsa_eps.unwrap_or(1e-3),
-            lr: args.lr,
+            lr: lr(args),
             directions: args.spsa_directions.unwrap_or(1),
             dist: match args.spsa_dist {
                 Some(DirectionArg::Rademacher) => Direction::Rademacher,
@@ -427,7 +467,7 @@ pub fn build_optimizer(args: &TrainArgs, spec: &ModelSpec) -> anyhow::Result<Box
                 preset: args.preset,
                 block: args.cfd_block.unwrap_or(1),
                 mu: args.cfd_mu.unwrap_or(1e-3),
-                lr: args.lr,
+                lr: lr(args),
                 batch_size: args.batch_size,
                 batch_policy: batch_policy(args),
                 reduction: preset.reduction,
@@ -499,6 +539,8 @@ fn settings_json(
         .map(|(k, v)| (k, serde_json::Value::String(v)))
         .collect();
     if let Some(map) = value.as_object_mut() {
+        // Only what the optimizer reads (a run's own records say nothing of other methods).
+        map.retain(|key, _| reads(args.optimizer, key));
         map.insert("resolved".into(), resolved.into());
         map.entry("val_split").or_insert(serde_json::Value::Null);
         map.insert("train_samples".into(), net.train_len().into());
@@ -875,7 +917,7 @@ fn train_rounds(
         write_out(&rows)?;
         crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     }
-    finish(args, net.as_ref(), rows)
+    finish(args, net.as_ref(), rows, reporter)
 }
 
 /// The outcome of a run that trained `rows`, its `--save-weights` written.
@@ -883,10 +925,20 @@ fn finish(
     args: &TrainArgs,
     net: &dyn Network,
     rows: Vec<RoundRow>,
+    reporter: &mut dyn Reporter,
 ) -> anyhow::Result<TrainOutcome> {
+    if let (Some(budget), Some(last)) = (args.max_forward_equivalents, rows.last()) {
+        // Fewer rounds than asked for: the budget ended it (any other end is an error).
+        if rows.len() < args.rounds {
+            let spent = last.cumulative_forward_equivalents.unwrap_or(0);
+            reporter.budget_reached(budget, spent, rows.len());
+        }
+    }
     ensure!(
         !rows.is_empty(),
-        "--max-forward-equivalents {}: the first step alone costs more",
+        "--max-forward-equivalents {}: the first step alone costs more (a step costs, in \
+         forward passes of one sample: 3·batch for rso and sgd, 2·q·batch for spsa, 2·batch \
+         for es, 3·k·batch for cfd)",
         args.max_forward_equivalents.unwrap_or(0)
     );
     let seconds = rows.iter().map(|r| r.seconds).sum();

@@ -62,7 +62,7 @@ pub enum OptimError {
     },
     /// The minibatch loss at the current weights (SPSA: on both sides of them) turned NaN or
     /// infinite (SPSA, ES, CFD).
-    #[error("round {}, step {}: the minibatch loss at the current weights is {loss}; training diverged", round + 1, step + 1)]
+    #[error("round {}, step {}: the minibatch loss at the current weights (spsa: at both W ± εz) is {loss}; training diverged (check --lr and the method's step: --spsa-eps, --es-sigma, --cfd-mu)", round + 1, step + 1)]
     StepDiverged {
         /// Round (0-based; the message counts from 1).
         round: usize,
