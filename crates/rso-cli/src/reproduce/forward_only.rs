@@ -303,6 +303,7 @@ pub fn run(a: &ForwardOnlyArgs) -> anyhow::Result<()> {
     let final_path = out("forward_only.plan.toml");
     let study = run_study(&final_path, &final_plan(a, &tuning)?, a.jobs)?;
     let (backend, device) = engine(&study);
+    let meta = results_meta(a, &tuning_study, &study, (&backend, &device), &started);
     let mut curves: Vec<CurveRow> = Vec::new();
     let mut summary = Vec::new();
     let mut grid = 0;
@@ -339,7 +340,6 @@ pub fn run(a: &ForwardOnlyArgs) -> anyhow::Result<()> {
         } else {
             out(&format!("forward_only_{}.svg", model.replace('-', "_")))
         };
-        let meta = results_meta(a, &tuning_study, &study, (&backend, &device), &started);
         let title = format!(
             "Forward-only methods at equal compute, {model}, batch {}: test accuracy, mean ± sd \
              over {} seeds",
@@ -348,7 +348,6 @@ pub fn run(a: &ForwardOnlyArgs) -> anyhow::Result<()> {
         output::write_file(&svg, &crate::plot::band_svg(&title, &meta, &bands)?)?;
         println!("wrote {}", svg.display());
     }
-    let meta = results_meta(a, &tuning_study, &study, (&backend, &device), &started);
     for (name, csv) in [
         ("forward_only.csv", output::csv_text(&curves)?),
         ("forward_only_summary.csv", output::csv_text(&summary)?),
