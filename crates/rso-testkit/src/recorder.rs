@@ -3,7 +3,8 @@
 //! two candidate paths (or two engines) computed visit by visit; and [`random_visits`], a random
 //! sequence of RSO visits with RSO's bookkeeping around them.
 
-use crate::random_batch_up_to;
+use crate::{random_batch_up_to, Tol};
+use rso_models::network::reference_candidate_losses;
 use rso_models::{BackendError, Eval, ModelSpec, Network, Params, Reduction, SplitKind};
 
 /// Delegates every call to `net` and records the losses RSO asks for: [`Network::batch_loss`]
@@ -21,6 +22,9 @@ pub struct Recorder<N> {
     pub batch_loss_samples: u64,
     /// Minibatch sizes passed to `candidate_losses`, summed over its calls.
     pub candidate_samples: u64,
+    /// Whether every `candidate_losses` result is checked against the reference path
+    /// ([`Recorder::checked`]).
+    pub check: bool,
 }
 
 impl<N: Network> Recorder<N> {
@@ -32,6 +36,20 @@ impl<N: Network> Recorder<N> {
             visits: Vec::new(),
             batch_loss_samples: 0,
             candidate_samples: 0,
+            check: false,
+        }
+    }
+
+    /// [`Recorder::new`] that also checks every `candidate_losses` result against the
+    /// reference path on the same network (after it, so the engine's bookkeeping of the
+    /// reference's `set_weight` calls is exercised too).
+    ///
+    /// # Panics
+    /// (In `candidate_losses`) when a loss is not within [`Tol::losses`].
+    pub fn checked(net: N) -> Recorder<N> {
+        Recorder {
+            check: true,
+            ..Recorder::new(net)
         }
     }
 
@@ -89,6 +107,16 @@ impl<N: Network> Network for Recorder<N> {
         let l = self
             .net
             .candidate_losses(batch, param, index, delta, reduction);
+        if self.check {
+            let reference =
+                reference_candidate_losses(&mut self.net, batch, param, index, delta, reduction);
+            let name = &self.net.spec().params()[param].name;
+            Tol::losses(batch.len(), reduction).assert_close(
+                &format!("visit {} ({name}[{index}])", self.visits.len()),
+                &l,
+                &reference,
+            );
+        }
         self.visits.push(l);
         self.candidate_samples += batch.len() as u64;
         l

@@ -121,6 +121,13 @@ pub(crate) struct ConvCache {
     pub(crate) b_snap: Vec<f32>,
     /// Dirty channels other than the visited one (reused buffer).
     pub(crate) dirty: Vec<usize>,
+    /// The array whose visits are under way (weights or biases) and the channels folded
+    /// during them, which are not folded again before that array's visits end (see
+    /// [`fold_candidates`]).
+    pub(crate) sweep_param: usize,
+    pub(crate) folded: Vec<bool>,
+    /// The dirty channels a visit may fold (reused buffer).
+    pub(crate) foldable: Vec<usize>,
     /// The next convolution's weights of the dirty channels, `[c_out_next][dirty][9]`, and of
     /// channel `k`, `[c_out_next][9]`.
     pub(crate) w_dirty: Vec<f32>,
@@ -203,6 +210,9 @@ impl ConvCache {
             w_snap: p[weight].clone(),
             b_snap: bias.map_or_else(Vec::new, |b| p[b].clone()),
             dirty: Vec::with_capacity(conv.c_out),
+            sweep_param: weight,
+            folded: vec![false; conv.c_out],
+            foldable: Vec::with_capacity(conv.c_out),
             w_dirty: Vec::new(),
             w_k: Vec::new(),
             parts: Vec::new(),
@@ -422,14 +432,24 @@ fn visit_cached(
     let mut dirty = std::mem::take(&mut cache.dirty);
     dirty.clear();
     dirty.extend((0..conv.c_out).filter(|&c| c != k && cache.is_dirty(exec, c)));
-    if !dirty.is_empty() {
+    if param != cache.sweep_param {
+        cache.sweep_param = param;
+        cache.folded.fill(false);
+    }
+    let mut foldable = std::mem::take(&mut cache.foldable);
+    fold_candidates(cache, &dirty, &mut foldable);
+    if !foldable.is_empty() {
         let next_conv = matches!(cache.next, Next::Conv { .. });
         let remaining = cache.remaining_visits(exec, param, index);
-        if fold_now(next_conv, dirty.len(), remaining, batch.len(), n_train) {
-            fold(inc, cache, exec, &dirty);
-            dirty.clear();
+        if fold_now(next_conv, foldable.len(), remaining, batch.len(), n_train) {
+            fold(inc, cache, exec, &foldable);
+            for &c in &foldable {
+                cache.folded[c] = true;
+            }
+            dirty.retain(|c| !foldable.contains(c));
         }
     }
+    cache.foldable = foldable;
     cache.prepare_next(exec, &dirty, k);
     let mut parts = std::mem::take(&mut cache.parts);
     let store = &inc.store;
@@ -466,6 +486,18 @@ fn visit_cached(
     cache.dirty = dirty;
     cache.kc = kc;
     sums.map(|s| reduction.finish(s, batch.len()))
+}
+
+/// The dirty channels a visit may fold: those not yet folded during the current array's
+/// visits. The fold rule ([`fold_now`]) assumes RSO's order, in which a channel's scalars are
+/// visited one after the other, so a channel folded once is not changed again in that array's
+/// visits. In any other order (CFD's shuffled coordinates) a folded channel soon changes again,
+/// and folding it each time would cost the whole training set per visit; such a channel
+/// stays dirty (recomputed for each visit's batch) until the snapshot ends. RSO's folds, and so
+/// its arithmetic, are unchanged.
+fn fold_candidates(cache: &ConvCache, dirty: &[usize], out: &mut Vec<usize>) {
+    out.clear();
+    out.extend(dirty.iter().copied().filter(|&c| !cache.folded[c]));
 }
 
 /// Ends a convolution's snapshot: folds every dirty channel so that the stored arrays are

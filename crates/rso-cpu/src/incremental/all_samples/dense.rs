@@ -28,7 +28,7 @@
 //! [`Store::settle`](super::store::Store::settle) returns to sample order for every other
 //! reader of the logits.
 
-use super::dense_rows::{constants, lanes, row_constants, Rows};
+use super::dense_rows::{constants, lanes, row_constants, row_constants_at, Rows};
 use super::pending::pending_sum;
 use super::slots::Slots;
 use super::store::{Layout, FB};
@@ -47,10 +47,20 @@ const CHUNK: usize = 256;
 /// second thread costs about as much), so in practice visits stay on one thread.
 const PAR_BATCH: usize = 1 << 20;
 
+/// Consecutive weight visits of one row, with no other row changed between them, after which
+/// its [`Rows`] are computed for every sample. RSO visits a row's weights one after the other,
+/// so it computes them on its fourth visit of each row and keeps them for the rest; in an order
+/// that jumps between rows (CFD's shuffled coordinates) they would be stale at the next visit,
+/// so each visit computes its batch's constants on the spot instead of the training set's.
+const ROWS_AFTER: usize = 4;
+
 /// State of the dense path.
 #[derive(Debug, Default)]
 pub(crate) struct DenseState {
     rows: Option<Rows>,
+    /// The row of the last weight visit that found no current [`Rows`], the row ticks then,
+    /// and how many such visits in a row it had.
+    streak: (usize, Vec<u64>, usize),
     parts: Vec<[LogProd; 3]>,
     slots: Slots,
 }
@@ -89,7 +99,7 @@ pub(crate) fn cached(
     } = v;
     let n = exec.train.len();
     let (k, j) = dense_target(exec, layer, param, index);
-    prepare(inc, exec, layer, batch, k, j);
+    let rows_kept = prepare(inc, exec, layer, batch, k, j);
     let [dp, dm] = changes(exec.params.values[param][index], delta);
     // The block of x_j, and where x_j sits in a sample's line of it.
     let (xb, stride, f) = match j {
@@ -105,8 +115,10 @@ pub(crate) fn cached(
         n,
         k,
         classes: exec.spec.classes,
-        // Bias visits compute their row constants on the spot.
-        rows: j.and(inc.dense.rows.as_ref()),
+        // Bias visits compute their row constants on the spot, and so do weight visits of a
+        // row whose constants are not kept (with their arithmetic).
+        rows: inc.dense.rows.as_ref().filter(|_| rows_kept),
+        on_the_spot_as_rows: j.is_some(),
         xb,
         stride,
         f,
@@ -132,6 +144,8 @@ pub(crate) fn cached(
 
 /// Makes what a visit of row `k` (input `j`, `None` for the bias) reads current: the store's
 /// logits and blocked input, the batches' layout, the pending changes, the row constants.
+/// Returns whether the kept [`Rows`] are row `k`'s and current (else the visit computes its
+/// batch's on the spot; see [`ROWS_AFTER`]).
 fn prepare(
     inc: &mut Incremental,
     exec: &mut Executor,
@@ -139,7 +153,7 @@ fn prepare(
     batch: &[u32],
     k: usize,
     j: Option<usize>,
-) {
+) -> bool {
     let n = exec.train.len();
     inc.store.ensure(exec, &inc.clock, &[layer], true);
     if j.is_none() {
@@ -176,32 +190,53 @@ fn prepare(
         store.flush_pending();
     }
     // Row constants: computed once per row of a weight sweep.
-    if j.is_some() {
-        let fresh = inc.dense.rows.as_ref().is_some_and(|r| {
-            r.k == k
-                && r.ticks
-                    .iter()
-                    .zip(&inc.store.row_ticks)
-                    .enumerate()
-                    .all(|(c, (a, b))| c == k || a == b)
-        });
-        if !fresh {
-            let labels = inc
-                .store
-                .layout
-                .as_ref()
-                .map_or(&exec.train.labels[..], |l| &l.labels[..]);
-            let rows = row_constants(
-                &inc.store.z.data,
-                labels,
-                exec.spec.classes,
-                k,
-                &inc.store.row_ticks,
-                &mut inc.dense.rows,
-            );
-            inc.dense.rows = Some(rows);
-        }
+    if j.is_none() {
+        return false;
     }
+    let others_unchanged = |k0: usize, ticks: &[u64]| {
+        k0 == k
+            && ticks
+                .iter()
+                .zip(&inc.store.row_ticks)
+                .enumerate()
+                .all(|(c, (a, b))| c == k || a == b)
+    };
+    let fresh = inc
+        .dense
+        .rows
+        .as_ref()
+        .is_some_and(|r| others_unchanged(r.k, &r.ticks));
+    if fresh {
+        return true;
+    }
+    let (k0, ticks, count) = &inc.dense.streak;
+    let count = if others_unchanged(*k0, ticks) {
+        count + 1
+    } else {
+        1
+    };
+    let streak = &mut inc.dense.streak;
+    streak.0 = k;
+    streak.1.clone_from(&inc.store.row_ticks);
+    streak.2 = count;
+    if count < ROWS_AFTER {
+        return false;
+    }
+    let labels = inc
+        .store
+        .layout
+        .as_ref()
+        .map_or(&exec.train.labels[..], |l| &l.labels[..]);
+    let rows = row_constants(
+        &inc.store.z.data,
+        labels,
+        exec.spec.classes,
+        k,
+        &inc.store.row_ticks,
+        &mut inc.dense.rows,
+    );
+    inc.dense.rows = Some(rows);
+    true
 }
 
 /// What every chunk of a dense visit reads.
@@ -213,8 +248,11 @@ struct DenseVisit<'a> {
     /// The visited logit row.
     k: usize,
     classes: usize,
-    /// Row `k`'s constants (weight visits); `None`: computed per sample (bias visits).
+    /// Row `k`'s constants (weight visits); `None`: computed per sample.
     rows: Option<&'a Rows>,
+    /// Per-sample constants with the arithmetic of [`Rows`] (weight visits, so that the losses
+    /// do not depend on whether the rows were kept), else with `f64::exp` (bias visits).
+    on_the_spot_as_rows: bool,
     /// The lines of `x_j`'s block (`None` for a bias), line `p` at `xb[p·stride..][..FB]`, and
     /// `x_j`'s place `f` in a line.
     xb: Option<&'a [f32]>,
@@ -306,6 +344,9 @@ impl DenseVisit<'_> {
             let label = usize::from(self.labels[i as usize]);
             [m[t], s[t], zl[t], isk[t]] = match self.rows {
                 Some(rows) => rows.c[p],
+                None if self.on_the_spot_as_rows => {
+                    row_constants_at(z, n, self.classes, k, p, label)
+                }
                 None => constants(z, n, self.classes, k, p, label),
             };
             zk[t] = z[k * n + p];

@@ -122,6 +122,34 @@ pub(crate) fn constants(
     }
 }
 
+/// The [`Rows`] entry of sample `i` computed on the spot with the arithmetic of
+/// [`row_constants`] (the same bits): for weight visits of a row whose constants are not kept
+/// (see `dense::prepare`).
+#[inline(always)]
+pub(crate) fn row_constants_at(
+    z: &[f64],
+    n: usize,
+    classes: usize,
+    k: usize,
+    i: usize,
+    label: usize,
+) -> [f64; 4] {
+    let mut m = f64::NEG_INFINITY;
+    for c in (0..classes).filter(|&c| c != k) {
+        m = m.max(z[c * n + i]);
+    }
+    let mut s = 0.0;
+    for c in (0..classes).filter(|&c| c != k) {
+        let a = z[c * n + i] - m;
+        s += if a <= 709.0 { exp_kernel(a) } else { f64::NAN };
+    }
+    if label == k {
+        [m, s, 0.0, 1.0]
+    } else {
+        [m, s, z[label * n + i], 0.0]
+    }
+}
+
 /// [`Rows`] of row `k` for every sample, reusing the buffer of `old`. Class by class over
 /// contiguous rows of the logits, so the loops vectorise.
 pub(crate) fn row_constants(
@@ -184,5 +212,37 @@ fn exp_sum_body(z: &[f64], m: &[f64], s: &mut [f64]) {
     for ((s, &z), &m) in s.iter_mut().zip(z).zip(m) {
         let a = z - m;
         *s += if a <= 709.0 { exp_kernel(a) } else { f64::NAN };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{row_constants, row_constants_at};
+    use rand::{Rng, SeedableRng};
+
+    /// A weight visit gives the same losses whether its row's constants were kept or computed
+    /// for its batch only, so the two must agree bit for bit, exponents past 709 (NaN) included.
+    #[test]
+    fn constants_on_the_spot_are_the_kept_rows_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let (n, classes) = (4099, 10);
+        let mut z: Vec<f64> = (0..n * classes)
+            .map(|_| rng.random_range(-30.0..30.0))
+            .collect();
+        z[3 * n + 5] = 800.0;
+        z[4 * n + 5] = -800.0;
+        z[2 * n + 17] = f64::NAN;
+        let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..classes as u8)).collect();
+        for k in [0, 3, classes - 1] {
+            let rows = row_constants(&z, &labels, classes, k, &[0; 10], &mut None);
+            for (i, kept) in rows.c.iter().enumerate() {
+                let spot = row_constants_at(&z, n, classes, k, i, usize::from(labels[i]));
+                assert_eq!(
+                    kept.map(f64::to_bits),
+                    spot.map(f64::to_bits),
+                    "row {k} sample {i}"
+                );
+            }
+        }
     }
 }
