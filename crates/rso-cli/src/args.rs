@@ -9,7 +9,8 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "rso", version, about)]
 pub struct Cli {
-    /// Worker threads of the pure-Rust backend (default: all cores). Results do not depend on it.
+    /// Worker threads of the pure-Rust backend (default: all cores; for each run of a study or
+    /// reproduction: the plan's `threads`, else cores / --jobs). Results do not depend on it.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     /// What to do.

@@ -37,6 +37,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             .map_err(|e| anyhow::anyhow!("--threads {threads}: {e}"))?;
         #[cfg(feature = "tch")]
         rso_tch::set_threads(threads);
+        // Studies (and the reproductions run as studies) give it to each run they start.
+        study::exec::set_threads(threads);
     }
     match &cli.command {
         // Training in this process: stop it cleanly (status 75).

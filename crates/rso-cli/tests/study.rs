@@ -107,9 +107,10 @@ fn a_study_runs_what_is_missing_resumes_what_was_interrupted_and_collects() {
     let log = std::fs::read_to_string(study.join("runs").join(&half_way).join("log.txt")).unwrap();
     assert!(log.contains("resuming"), "{log}");
 
-    // A third time: nothing to run.
-    let out = rso_ok(&["study", "run", plan.to_str().unwrap()]);
+    // A third time: nothing to run. The global --threads is each run's thread count.
+    let out = rso_ok(&["--threads", "7", "study", "run", plan.to_str().unwrap()]);
     assert!(out.contains("6 runs, 0 to run"), "{out}");
+    assert!(out.contains("7 threads each"), "{out}");
     assert!(runs.iter().all(|(id, _)| attempts(&study, id) <= 2));
 
     // collect: 3 settings × 3 rounds, n = 2 everywhere.

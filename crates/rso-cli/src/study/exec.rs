@@ -15,6 +15,23 @@ use std::sync::Mutex;
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// Set once a stop signal arrived: no further run starts.
 static STOPPING: AtomicBool = AtomicBool::new(false);
+/// The command line's global `--threads`, which overrides a plan's `threads`.
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Makes `threads` (the global `--threads`) the thread count of every run this process starts,
+/// over the plan's `threads` and the default split; the first call wins.
+pub fn set_threads(threads: usize) {
+    let _ = THREADS.set(threads);
+}
+
+/// The threads of each run: the global `--threads`, else the plan's, else `default`.
+pub fn threads_or(plan: &Plan, default: impl FnOnce() -> usize) -> usize {
+    THREADS
+        .get()
+        .copied()
+        .or(plan.threads)
+        .unwrap_or_else(default)
+}
 
 /// Passes SIGTERM, SIGINT and SIGUSR1 on to the running `rso train` children (which then stop
 /// cleanly with status 75, recorded as `stopped`) and starts no further run; this process
@@ -101,9 +118,7 @@ pub fn run_pending(plan: &Plan, jobs: usize) -> anyhow::Result<i32> {
             cores()
         );
     }
-    let threads = plan
-        .threads
-        .unwrap_or_else(|| (cores() / jobs.min(todo.len().max(1))).max(1));
+    let threads = threads_or(plan, || (cores() / jobs.min(todo.len().max(1))).max(1));
     write_manifest(plan)?;
     println!(
         "study {}: {} runs, {} to run, {jobs} at a time, {threads} threads each",

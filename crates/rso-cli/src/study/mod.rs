@@ -144,7 +144,7 @@ pub fn run(cmd: &StudyCommand) -> anyhow::Result<i32> {
             }
             exec::check_data(&plan)?;
             exec::forward_signals()?;
-            let threads = plan.threads.unwrap_or_else(exec::cores);
+            let threads = exec::threads_or(&plan, exec::cores);
             let outcome = exec::run_one(&plan, run, threads)?;
             println!("run {} ({}): {}", run.index, run.id, outcome.status.name());
             Ok(match outcome.status {
