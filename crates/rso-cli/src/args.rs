@@ -442,7 +442,8 @@ pub struct TrainArgs {
     /// 2; the last two as tuned on one-conv at batch 256, results/forward_only_tuning.csv).
     #[arg(long)]
     pub lr: Option<f32>,
-    /// RSO: one fixed σ for every layer (overrides the preset's rule).
+    /// RSO: one fixed σ for every layer (overrides the preset's rule); at most 3.4e37 (times
+    /// the multiplier), since Δ is drawn as f32.
     #[arg(long)]
     pub sigma: Option<f64>,
     /// RSO: a multiplier of every layer's σ (default 1), for tuning (not the CSV's

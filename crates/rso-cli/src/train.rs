@@ -493,17 +493,24 @@ fn evaluate(
     (train, test, (validation.samples > 0).then_some(validation))
 }
 
+/// The first NaN or infinite parameter: `name[index] is value`.
+fn first_non_finite(params: &Params) -> Option<String> {
+    params
+        .specs
+        .iter()
+        .zip(&params.values)
+        .find_map(|(spec, values)| {
+            let (i, x) = values.iter().enumerate().find(|(_, x)| !x.is_finite())?;
+            Some(format!("{}[{i}] is {x}", spec.name))
+        })
+}
+
 /// Refuses parameters with a NaN or infinite value, naming the first one.
 fn check_finite(params: &Params) -> anyhow::Result<()> {
-    for (spec, values) in params.specs.iter().zip(&params.values) {
-        if let Some((i, x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-            bail!(
-                "{}[{i}] is {x}; refusing to train from non-finite weights",
-                spec.name
-            );
-        }
+    match first_non_finite(params) {
+        Some(what) => bail!("{what}; refusing to train from non-finite weights"),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Runs `rso train`: a new run, or (`--resume`) the continuation of a checkpointed one.
@@ -887,6 +894,26 @@ fn train_rounds(
             })
             .map_err(|e: OptimError| anyhow::anyhow!(e))?;
         let elapsed = start.elapsed().as_secs_f64();
+        // A diverged round (an SGD step can overflow the logits, or a weight) writes nothing:
+        // no results of NaN and no weights the program would refuse to read.
+        let diverged = |what: String| {
+            let kept = match &ck_dir {
+                Some(d) if !rows.is_empty() => {
+                    format!(
+                        "; the checkpoint in {} holds the rounds before",
+                        d.display()
+                    )
+                }
+                _ => String::new(),
+            };
+            anyhow::anyhow!(
+                "round {}: training diverged ({what}); nothing of this round is written{kept}",
+                round + 1
+            )
+        };
+        if let Some(what) = first_non_finite(&net.params()) {
+            return Err(diverged(what));
+        }
         finished = stats.budget_reached;
         if finished && stats.steps == 0 {
             // Less than one step was left of the budget: no empty row.
@@ -894,6 +921,12 @@ fn train_rounds(
             break;
         }
         let evals = evaluate(net.as_mut(), &calibration);
+        if !evals.0.loss.is_finite() {
+            return Err(diverged(format!(
+                "the training loss is {}; check the step sizes: --lr, --sigma",
+                evals.0.loss
+            )));
+        }
         let row = round_row(
             args,
             net.as_ref(),

@@ -740,6 +740,67 @@ fn a_loss_that_overflows_stops_training_with_a_clear_error() {
 }
 
 #[test]
+fn steps_that_overflow_f32_are_refused_and_a_diverged_round_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = mnist_dir();
+    let out = tmp.path().join("out.csv");
+    let weights = tmp.path().join("w.safetensors");
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--model",
+            "one-conv",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "8",
+            "--train-limit",
+            "8",
+            "--test-limit",
+            "10",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--save-weights",
+            weights.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // Perturbations whose draws overflow f32 are refused when the run is set up, naming the flag.
+    for (extra, flag) in [
+        (&["--optimizer", "rso", "--sigma", "1e39"][..], "--sigma"),
+        (
+            &["--optimizer", "rso", "--sigma-multiplier", "1e39"],
+            "--sigma-multiplier",
+        ),
+        (&["--optimizer", "es", "--es-sigma", "1e39"], "--es-sigma"),
+        (&["--optimizer", "spsa", "--spsa-eps", "1e39"], "--spsa-eps"),
+        (&["--optimizer", "cfd", "--cfd-mu", "1e38"], "--cfd-mu"),
+    ] {
+        let args = base(extra);
+        let e = rso_fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(e.contains(flag) && e.contains("3.4e37"), "{e}");
+        assert!(
+            !out.exists() && !weights.exists(),
+            "{extra:?}: something was written"
+        );
+    }
+    // An SGD step so large that the logits overflow: the round is an error, and neither NaN
+    // results nor weights are written.
+    let args = base(&["--optimizer", "sgd", "--lr", "3e38"]);
+    let e = rso_fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("training diverged") && e.contains("NaN"), "{e}");
+    assert!(
+        !out.exists() && !weights.exists(),
+        "a diverged round was written"
+    );
+}
+
+#[test]
 fn nan_or_infinite_pixels_are_refused_by_the_engine() {
     // IDX and CIFAR files hold bytes, so non-finite pixels can only come from code using the
     // library; the engine refuses them with the set and the sample named.

@@ -11,7 +11,7 @@
 //! coordinate, as for an RSO visit, so a round is exactly one RSO round's forward passes.
 
 use crate::forward_only::{
-    batch_settings, check_batch_size, check_positive, skip_visit_draw, step_rng,
+    batch_settings, check_batch_size, check_positive, check_step, skip_visit_draw, step_rng,
 };
 use crate::rso::schedule;
 use crate::{
@@ -66,7 +66,7 @@ impl Cfd {
         if config.block == 0 {
             return Err(OptimError::Config("--cfd-block must be at least 1".into()));
         }
-        check_positive("--cfd-mu", f64::from(config.mu), false)?;
+        check_step("--cfd-mu", f64::from(config.mu))?;
         check_positive("--lr", f64::from(config.lr), true)?;
         let order = RsoConfig::preset(config.preset, 1, config.batch_size, config.seed);
         Ok(Cfd {

@@ -10,7 +10,7 @@
 //! ([`Optimizer::state`]).
 
 use crate::forward_only::{
-    add_direction, all_finite, batch_settings, check_batch_size, check_positive, parse_state,
+    add_direction, all_finite, batch_settings, check_batch_size, check_step, parse_state,
     round_source, round_steps, skip_visit_draw, step_rng, Direction,
 };
 use crate::{BatchPolicy, OptimError, Optimizer, RoundStats};
@@ -55,7 +55,7 @@ impl Es {
     /// [`OptimError::Config`] on a zero batch size or a non-positive or non-finite σ.
     pub fn new(config: EsConfig) -> Result<Es, OptimError> {
         check_batch_size(config.batch_size)?;
-        check_positive("--es-sigma", config.sigma, false)?;
+        check_step("--es-sigma", config.sigma)?;
         Ok(Es {
             sigma: config.sigma,
             config,

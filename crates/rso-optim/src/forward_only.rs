@@ -146,6 +146,20 @@ pub(crate) fn check_positive(flag: &str, value: f64, zero_ok: bool) -> Result<()
     Ok(())
 }
 
+/// [`check_positive`] for a perturbation's size (σ, ε, μ), which must also be at most
+/// [`crate::SIGMA_MAX`]: weights are f32, and a larger step overflows them.
+pub(crate) fn check_step(flag: &str, value: f64) -> Result<(), OptimError> {
+    // (An f32 flag given a value past the largest f32 arrives here as infinity.)
+    if value > crate::SIGMA_MAX {
+        return Err(OptimError::Config(format!(
+            "{flag} must be at most {:.1e} (a tenth of the largest f32: weights are f32), got \
+             {value:.3e}",
+            crate::SIGMA_MAX
+        )));
+    }
+    check_positive(flag, value, false)
+}
+
 /// Whether every value is finite (a run never keeps weights it could not save and reload).
 pub fn all_finite(params: &Params) -> bool {
     params.values.iter().flatten().all(|x| x.is_finite())

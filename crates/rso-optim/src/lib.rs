@@ -27,7 +27,7 @@ pub use cfd::{Cfd, CfdConfig};
 pub use es::{Es, EsConfig};
 pub use forward_only::Direction;
 pub use rso::{
-    choose, BatchPolicy, Batches, Choice, Rso, RsoConfig, RsoEval, SigmaRule, SweepStep,
+    choose, BatchPolicy, Batches, Choice, Rso, RsoConfig, RsoEval, SigmaRule, SweepStep, SIGMA_MAX,
 };
 pub use sgd::{Sgd, SgdConfig};
 pub use spsa::{Spsa, SpsaConfig};

@@ -9,6 +9,10 @@ use rand_distr::{Distribution, Normal};
 use rso_models::network::reference_candidate_losses;
 use rso_models::{Layer, ModelSpec, Network, ParamKind, Preset, Reduction};
 
+/// The largest σ (after `--sigma-multiplier`) RSO accepts: Δ is drawn as f32, and at σ ≤
+/// f32::MAX / 10 a draw exceeds f32::MAX (10 standard deviations) with probability below 1e-20.
+pub const SIGMA_MAX: f64 = f32::MAX as f64 / 10.0;
+
 /// How σ, the standard deviation of the perturbation Δ, is chosen per parameter array.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SigmaRule {
@@ -193,6 +197,23 @@ impl Rso {
             )));
         }
         let schedule = schedule(spec, &config);
+        if let Some(s) = schedule
+            .iter()
+            .find(|s| s.sigma > SIGMA_MAX || s.sigma.is_nan())
+        {
+            let flag = match config.sigma {
+                SigmaRule::Fixed(_) => "--sigma",
+                _ => "--sigma-multiplier",
+            };
+            return Err(OptimError::Config(format!(
+                "{flag}: σ = {:.3e} for {} is too large: Δ ~ N(0, σ²) is a f32, whose largest value \
+                 is {:.1e}; σ (times --sigma-multiplier) must be at most {SIGMA_MAX:.1e}, so that \
+                 a draw overflows with probability below 1e-20",
+                s.sigma,
+                spec.params()[s.param].name,
+                f32::MAX
+            )));
+        }
         let names = spec.params().into_iter().map(|p| p.name).collect();
         Ok(Rso {
             config,
@@ -498,6 +519,14 @@ impl Optimizer for Rso {
                         net.candidate_losses(batch, step.param, index, delta, cfg.reduction)
                     }
                 };
+                // A candidate value that is not finite is never accepted, whatever its loss (a
+                // ReLU after an infinite weight can give a finite one).
+                let mut losses = losses;
+                for (loss, candidate) in losses[1..].iter_mut().zip([w + delta, w - delta]) {
+                    if !candidate.is_finite() {
+                        *loss = f64::NAN;
+                    }
+                }
                 if !losses[0].is_finite() {
                     return Err(OptimError::NonFiniteLoss {
                         round,

@@ -7,8 +7,8 @@
 //! regenerated from a per-step seed). Cost: 2·q·|batch| forward passes per step.
 
 use crate::forward_only::{
-    add_direction, all_finite, batch_settings, check_batch_size, check_positive, round_source,
-    round_steps, skip_visit_draw, step_rng, Direction,
+    add_direction, all_finite, batch_settings, check_batch_size, check_positive, check_step,
+    round_source, round_steps, skip_visit_draw, step_rng, Direction,
 };
 use crate::{BatchPolicy, OptimError, Optimizer, RoundStats};
 use rso_models::{Network, Reduction};
@@ -53,7 +53,7 @@ impl Spsa {
                 "--spsa-directions must be at least 1".into(),
             ));
         }
-        check_positive("--spsa-eps", f64::from(config.eps), false)?;
+        check_step("--spsa-eps", f64::from(config.eps))?;
         check_positive("--lr", f64::from(config.lr), true)?;
         Ok(Spsa { config })
     }

@@ -3,13 +3,14 @@
 //! state across rounds.
 
 use rso_cpu::CpuNetwork;
+use rso_models::network::reference_candidate_losses;
 use rso_models::{
     BackendError, Eval, Init, ModelKind, ModelSpec, Network, Params, Preset, Reduction, SplitKind,
 };
 use rso_optim::forward_only::{add_direction, step_rng};
 use rso_optim::{
     BatchPolicy, Cfd, CfdConfig, Direction, Es, EsConfig, OptimError, Optimizer, Rso, RsoConfig,
-    RsoEval, Sgd, SgdConfig, Spsa, SpsaConfig,
+    RsoEval, Sgd, SgdConfig, SigmaRule, Spsa, SpsaConfig, SIGMA_MAX,
 };
 use rso_testkit::{random_params, wide, RandomData, Tol, Weights};
 
@@ -97,11 +98,15 @@ enum Event {
 }
 
 /// Delegates to `net`, logs the calls an optimizer makes, and (with `poison`) answers NaN for
-/// every loss at weights other than the initial ones.
+/// every loss at weights other than the initial ones; with `lure`, the loss is Σ (w/10³⁸)² of
+/// the weights instead of the network's, and −10³⁰ (better than any) at weights that are not
+/// all finite, which it counts.
 struct Logged {
     net: CpuNetwork,
     log: Vec<Event>,
     poison: Option<Params>,
+    lure: bool,
+    lured: usize,
 }
 
 impl Logged {
@@ -110,6 +115,33 @@ impl Logged {
             net,
             log: Vec::new(),
             poison: None,
+            lure: false,
+            lured: 0,
+        }
+    }
+
+    /// Every weight 3.3·10³⁸ (a step of 10³⁷ overflows f32), the luring loss.
+    fn luring(mut net: CpuNetwork) -> Logged {
+        let mut p = net.params();
+        p.values.iter_mut().flatten().for_each(|w| *w = 3.3e38);
+        net.set_params(&p).unwrap();
+        Logged {
+            lure: true,
+            ..Logged::new(net)
+        }
+    }
+
+    fn lure_loss(&mut self) -> f64 {
+        let p = self.net.params();
+        if p.values.iter().flatten().all(|w| w.is_finite()) {
+            p.values
+                .iter()
+                .flatten()
+                .map(|&w| (f64::from(w) / 1e38).powi(2))
+                .sum()
+        } else {
+            self.lured += 1;
+            -1e30
         }
     }
 
@@ -172,6 +204,9 @@ impl Network for Logged {
         self.net.logits(batch)
     }
     fn batch_loss(&mut self, batch: &[u32], reduction: Reduction) -> f64 {
+        if self.lure {
+            return self.lure_loss();
+        }
         let mut l = self.net.batch_loss(batch, reduction);
         if self.moved() {
             l = f64::NAN;
@@ -188,6 +223,9 @@ impl Network for Logged {
         reduction: Reduction,
     ) -> [f64; 3] {
         self.log.push(Event::Candidates(batch.to_vec()));
+        if self.lure {
+            return reference_candidate_losses(self, batch, param, index, delta, reduction);
+        }
         let mut l = self
             .net
             .candidate_losses(batch, param, index, delta, reduction);
@@ -492,4 +530,50 @@ fn cfd_on_the_incremental_path_follows_the_reference_path() {
         tol.assert_close(&s.name, x, &wide(y));
     }
     assert_ne!(a.values, network(10).params().values);
+}
+
+#[test]
+fn no_method_keeps_a_weight_that_is_not_finite() {
+    // Weights next to f32::MAX, steps at the largest size allowed, and a loss that rewards a
+    // weight that overflowed: every optimizer is offered infinite weights and keeps none.
+    let mut big_rso = RsoConfig::preset(Preset::Seed, 3, BATCH, 5);
+    big_rso.sigma = SigmaRule::Fixed(SIGMA_MAX);
+    let big_spsa = SpsaConfig {
+        eps: SIGMA_MAX as f32,
+        lr: 1e-3,
+        directions: 1,
+        dist: Direction::Gaussian,
+        batch_size: BATCH,
+        batch_policy: BatchPolicy::Random,
+        reduction: Reduction::Mean,
+        seed: 5,
+    };
+    let big_cfd = CfdConfig {
+        preset: Preset::Seed,
+        block: 1,
+        mu: SIGMA_MAX as f32,
+        lr: 1.0,
+        batch_size: BATCH,
+        batch_policy: BatchPolicy::Random,
+        reduction: Reduction::Mean,
+        eval: RsoEval::Incremental,
+        seed: 5,
+    };
+    let big: Vec<(&str, Box<dyn Optimizer>)> = vec![
+        ("rso", Box::new(Rso::new(&spec(), big_rso).unwrap())),
+        ("spsa", Box::new(Spsa::new(big_spsa).unwrap())),
+        ("es", Box::new(es(SIGMA_MAX))),
+        ("cfd", Box::new(Cfd::new(&spec(), big_cfd).unwrap())),
+    ];
+    for (name, mut opt) in big {
+        let mut net = Logged::luring(network(11));
+        let _ = opt.run_round(&mut net, 0, None, &mut |_| {});
+        // (ES checks a child before it evaluates it, so it is never even offered one.)
+        assert!(name == "es" || net.lured > 0, "{name}: no step overflowed");
+        let p = net.params();
+        assert!(
+            p.values.iter().flatten().all(|w| w.is_finite()),
+            "{name} kept a weight that is not finite"
+        );
+    }
 }
