@@ -801,6 +801,40 @@ fn steps_that_overflow_f32_are_refused_and_a_diverged_round_writes_nothing() {
 }
 
 #[test]
+fn every_cause_is_printed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    copy_dir(&mnist_dir(), &data);
+    // gzip's magic, then a compression method that does not exist.
+    let mut bad = vec![0x1f, 0x8b, 0x09, 0, 0, 0, 0, 0, 0, 3];
+    bad.extend_from_slice(b"abcdefgh");
+    std::fs::write(data.join("train-labels-idx1-ubyte.gz"), bad).unwrap();
+    let out = tmp.path().join("out.csv");
+    let common = [
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--batch-size", "8", "--data-dir", data.to_str().unwrap()]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    let e = rso_fails(&args);
+    assert_eq!(e.matches("invalid gzip header").count(), 1, "{e}");
+    let missing = tmp.path().join("none.safetensors");
+    let mnist = mnist_dir();
+    let mut args = common.to_vec();
+    args.extend(["--batch-size", "8", "--data-dir", mnist.to_str().unwrap()]);
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(["--init-weights", missing.to_str().unwrap()]);
+    let e = rso_fails(&args);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+}
+
+#[test]
 fn nan_or_infinite_pixels_are_refused_by_the_engine() {
     // IDX and CIFAR files hold bytes, so non-finite pixels can only come from code using the
     // library; the engine refuses them with the set and the sample named.

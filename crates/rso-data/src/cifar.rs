@@ -30,9 +30,9 @@ pub struct CifarBatch {
 /// The file's length must be a non-zero multiple of 3073 bytes and every label `< 10`; errors
 /// name the file.
 pub fn read_cifar_batch(path: &Path) -> Result<CifarBatch> {
-    let io_err = |source| DataError::Io {
+    let io_err = |error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => DataError::Missing {

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The file could not be opened or read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (in the message, and so not also given as the error's source,
+        /// which would print it twice in a chain).
+        error: std::io::Error,
     },
     /// The file's content is not what its format requires.
     #[error("{path}: {reason}")]

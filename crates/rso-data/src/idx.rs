@@ -34,9 +34,9 @@ const MNIST_HINT: &str = "run scripts/fetch-mnist.sh";
 /// Errors name the file: wrong magic or data type, a payload shorter (truncated) or longer
 /// (trailing bytes) than the header's dimensions, or a header whose size overflows.
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let io_err = |source| DataError::Io {
+    let io_err = |error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => DataError::Missing {
@@ -72,9 +72,9 @@ enum Source {
 
 fn read_idx_stream(mut r: impl Read, path: &Path, src: Source) -> Result<IdxArray> {
     let fmt = |reason: String| DataError::format(path, reason);
-    let io_err = |source| DataError::Io {
+    let io_err = |error| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     // `read_exact` that reports a short read as a truncated header rather than a bare EOF.
     let mut read_header = |buf: &mut [u8], what: &str| -> Result<()> {

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ParamError {
     /// File system error on a weights file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (in the message, and so not also given as the error's source,
+        /// which would print it twice in a chain).
+        error: std::io::Error,
     },
     /// A weights file that is not valid safetensors.
     #[error("{path}: not a valid safetensors file: {reason}")]
@@ -131,14 +132,12 @@ impl Params {
             reason,
         };
         let specs = spec.params();
+        names_match(spec, &specs, &st.names()).map_err(mismatch)?;
         let mut values = Vec::with_capacity(specs.len());
         for p in &specs {
-            let t = st.tensor(&p.name).map_err(|_| {
-                mismatch(format!(
-                    "no tensor '{}' (is this a {} checkpoint?)",
-                    p.name, spec.name
-                ))
-            })?;
+            let t = st
+                .tensor(&p.name)
+                .map_err(|e| mismatch(format!("{}: {e}", p.name)))?;
             if t.dtype() != safetensors::Dtype::F32 {
                 return Err(mismatch(format!(
                     "{} has dtype {:?}, expected F32",
@@ -162,31 +161,73 @@ impl Params {
                 .collect();
             values.push(v);
         }
-        let extra = st.len().saturating_sub(specs.len());
-        if extra > 0 {
-            return Err(mismatch(format!(
-                "{extra} tensor(s) not in model {} (is this another model's checkpoint?)",
-                spec.name
-            )));
-        }
         Ok(Params { specs, values })
     }
 
     /// Writes a safetensors file atomically (temp file, fsync, rename).
     pub fn save(&self, path: &Path) -> Result<(), ParamError> {
-        write_atomic(path, &self.to_safetensors()).map_err(|source| ParamError::Io {
+        write_atomic(path, &self.to_safetensors()).map_err(|error| ParamError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 
     /// Reads a safetensors file for `spec`.
     pub fn load(spec: &ModelSpec, path: &Path) -> Result<Params, ParamError> {
-        let bytes = std::fs::read(path).map_err(|source| ParamError::Io {
+        let bytes = std::fs::read(path).map_err(|error| ParamError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Params::from_safetensors(spec, &bytes, path)
+    }
+}
+
+/// Refuses a file whose tensor names are not the model's: names the tensors the model lacks and
+/// those the file lacks (the first few of each, in sorted and canonical order).
+fn names_match(spec: &ModelSpec, specs: &[ParamSpec], names: &[&String]) -> Result<(), String> {
+    const SHOWN: usize = 4;
+    let list = |v: &[&str]| {
+        let mut s = v[..v.len().min(SHOWN)].join(", ");
+        if v.len() > SHOWN {
+            s.push_str(&format!(" and {} more", v.len() - SHOWN));
+        }
+        s
+    };
+    let mut extra: Vec<&str> = names
+        .iter()
+        .map(|n| n.as_str())
+        .filter(|n| !specs.iter().any(|p| p.name == *n))
+        .collect();
+    extra.sort_unstable();
+    let missing: Vec<&str> = specs
+        .iter()
+        .map(|p| p.name.as_str())
+        .filter(|n| !names.iter().any(|m| m.as_str() == *n))
+        .collect();
+    let mut parts = Vec::new();
+    if !extra.is_empty() {
+        parts.push(format!(
+            "{} tensor(s) not in model {}: {}",
+            extra.len(),
+            spec.name,
+            list(&extra)
+        ));
+    }
+    if !missing.is_empty() {
+        parts.push(format!(
+            "{} tensor(s) of model {} missing: {}",
+            missing.len(),
+            spec.name,
+            list(&missing)
+        ));
+    }
+    if parts.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} (is this another model's checkpoint?)",
+            parts.join("; ")
+        ))
     }
 }
 
@@ -259,6 +300,48 @@ mod tests {
         assert!(err.contains("w.safetensors"), "{err}");
         assert!(
             err.contains("conv1.weight") || err.contains("conv2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn extra_and_missing_tensors_are_named_a_few_at_most() {
+        let spec = ModelKind::OneConv.mnist();
+        let p = numbered(&spec);
+        // One extra tensor, then six extra and the bias missing.
+        let with = |names: &[&str], drop: Option<&str>| {
+            let mut specs = p.specs.clone();
+            let mut values = p.values.clone();
+            for n in names {
+                specs.push(ParamSpec {
+                    name: n.to_string(),
+                    ..specs[0].clone()
+                });
+                values.push(values[0].clone());
+            }
+            if let Some(d) = drop {
+                let i = specs.iter().position(|s| s.name == d).unwrap();
+                specs.remove(i);
+                values.remove(i);
+            }
+            let bytes = Params { specs, values }.to_safetensors();
+            Params::from_safetensors(&spec, &bytes, Path::new("x.safetensors"))
+                .unwrap_err()
+                .to_string()
+        };
+        let err = with(&["head.weight"], None);
+        assert!(
+            err.contains("1 tensor(s) not in model one-conv: head.weight"),
+            "{err}"
+        );
+        assert!(!err.contains("missing"), "{err}");
+        let err = with(&["a1", "a2", "a3", "a4", "a5", "a6"], Some("fc.bias"));
+        assert!(
+            err.contains("6 tensor(s) not in model one-conv: a1, a2, a3, a4 and 2 more"),
+            "{err}"
+        );
+        assert!(
+            err.contains("1 tensor(s) of model one-conv missing: fc.bias"),
             "{err}"
         );
     }
