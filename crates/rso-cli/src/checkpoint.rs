@@ -770,7 +770,7 @@ pub fn write(dir: &Path, state: &State, params: &Params) -> anyhow::Result<()> {
 }
 
 /// Reads at most `limit` bytes of `path`, refusing larger files ("larger than … bytes; `what`").
-fn read_limited(path: &Path, limit: u64, what: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_limited(path: &Path, limit: u64, what: &str) -> anyhow::Result<Vec<u8>> {
     let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut bytes = Vec::new();
     f.take(limit + 1)

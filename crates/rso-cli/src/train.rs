@@ -201,7 +201,18 @@ pub fn load_data(args: &TrainArgs) -> anyhow::Result<Split> {
     }
     let norm = args.preset.normalization();
     let mut split = match args.dataset {
-        DatasetKind::Mnist => rso_data::load_mnist(&dir, norm),
+        DatasetKind::Mnist => {
+            // Spellings other than the published names (an archive tool's) are said.
+            let files = rso_data::mnist_files(&dir)?;
+            if files.iter().any(|f| f.to_string_lossy().contains(".idx")) {
+                let names: Vec<String> = files
+                    .iter()
+                    .filter_map(|f| Some(f.file_name()?.to_string_lossy().into_owned()))
+                    .collect();
+                eprintln!("data: {} in {}", names.join(", "), dir.display());
+            }
+            rso_data::load_mnist(&dir, norm)
+        }
         DatasetKind::Cifar10 => rso_data::load_cifar10(&dir, norm),
     }?;
     if let Some(n) = args.train_limit {

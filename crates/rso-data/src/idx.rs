@@ -5,9 +5,9 @@
 //! is checked against what the file can hold *before* anything of that size is allocated.
 
 use crate::{DataError, Dataset, Normalization, Result, Split};
-use flate2::read::MultiGzDecoder;
+use flate2::bufread;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 /// An IDX file's content: its dimensions and its unsigned-byte payload.
@@ -29,10 +29,20 @@ const MAX_DEFLATE_RATIO: u64 = 1032;
 /// How to get MNIST when it is missing.
 const MNIST_HINT: &str = "run scripts/fetch-mnist.sh";
 
-/// Reads one IDX file of unsigned bytes; a path ending in `.gz` is decompressed.
+/// The largest IDX payload read (2 GiB; EMNIST's largest file holds 0.55 GB): a header that
+/// claims more is refused before anything is read.
+pub const MAX_IDX_BYTES: u64 = 1 << 31;
+
+/// gzip's magic bytes (RFC 1952).
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Reads one IDX file of unsigned bytes, gzip'd or not (decided from its first bytes, not its
+/// name).
 ///
-/// Errors name the file: wrong magic or data type, a payload shorter (truncated) or longer
-/// (trailing bytes) than the header's dimensions, or a header whose size overflows.
+/// Errors name the file: wrong magic or data type (saying what the file is instead when it is
+/// recognisably something else: empty, HTML, a Git LFS pointer, …), a payload shorter
+/// (truncated) or longer (trailing bytes) than the header's dimensions, a header whose size
+/// overflows or exceeds [`MAX_IDX_BYTES`].
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
     let io_err = |error| DataError::Io {
         path: path.to_path_buf(),
@@ -46,18 +56,69 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
         _ => io_err(e),
     })?;
     let file_len = file.metadata().map_err(io_err)?.len();
-    let is_gz = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
-    if is_gz {
-        let max_out = file_len.saturating_mul(MAX_DEFLATE_RATIO);
-        read_idx_stream(
-            MultiGzDecoder::new(BufReader::new(file)),
+    let mut reader = BufReader::new(file);
+    let head = reader.fill_buf().map_err(io_err)?;
+    if let Some(kind) = crate::filetype::sniff(&head[..head.len().min(64)]) {
+        return Err(DataError::format(
             path,
-            Source::Gzip { max_out },
-        )
+            format!("not an IDX file: {}", kind.describe()),
+        ));
+    }
+    if head.starts_with(&GZIP_MAGIC) {
+        let max_out = file_len.saturating_mul(MAX_DEFLATE_RATIO);
+        read_idx_stream(GzMembers::new(reader), path, Source::Gzip { max_out })
     } else {
-        read_idx_stream(BufReader::new(file), path, Source::Raw { file_len })
+        read_idx_stream(reader, path, Source::Raw { file_len })
+    }
+}
+
+/// The members of a gzip stream one after the other (RFC 1952 allows several; each with any of
+/// the optional header fields, which [`bufread::GzDecoder`] reads), then the end of the file:
+/// zero bytes after the last member (padding some tools write) are accepted, anything else is
+/// an error.
+struct GzMembers<R: BufRead> {
+    member: Option<bufread::GzDecoder<R>>,
+}
+
+impl<R: BufRead> GzMembers<R> {
+    fn new(r: R) -> Self {
+        GzMembers {
+            member: Some(bufread::GzDecoder::new(r)),
+        }
+    }
+}
+
+impl<R: BufRead> Read for GzMembers<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while let Some(member) = self.member.as_mut() {
+            let n = member.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                return Ok(n);
+            }
+            // The member ended (trailer checked): another one, padding, or the end.
+            let mut r = self.member.take().expect("a member").into_inner();
+            let next = r.fill_buf()?;
+            if next.starts_with(&GZIP_MAGIC) {
+                self.member = Some(bufread::GzDecoder::new(r));
+            } else {
+                loop {
+                    let rest = r.fill_buf()?;
+                    if rest.is_empty() {
+                        break;
+                    }
+                    if rest.iter().any(|&b| b != 0) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "bytes after the last gzip member that are neither a member nor \
+                             zero padding",
+                        ));
+                    }
+                    let len = rest.len();
+                    r.consume(len);
+                }
+            }
+        }
+        Ok(0)
     }
 }
 
@@ -155,6 +216,13 @@ fn read_idx_stream(mut r: impl Read, path: &Path, src: Source) -> Result<IdxArra
             0
         }
     };
+    // (After the checks against the file, which say more about a lying header.)
+    if expected64 > MAX_IDX_BYTES {
+        return Err(fmt(format!(
+            "header dimensions {shape} = {expected} bytes exceed the {MAX_IDX_BYTES} bytes this \
+             reader accepts"
+        )));
+    }
     let mut data = Vec::with_capacity(capacity);
     r.take(expected64 + 1)
         .read_to_end(&mut data)
@@ -189,51 +257,74 @@ fn type_name(t: u8) -> &'static str {
     }
 }
 
-/// Loads the four MNIST files from `dir` and normalises them.
+/// The MNIST files' names: training images and labels, test images and labels.
+pub const MNIST_FILES: [&str; 4] = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+];
+
+/// Loads the four MNIST files from `dir` (as [`mnist_files`] finds them) and normalises them.
 ///
-/// Each of `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte` and
-/// `t10k-labels-idx1-ubyte` may be raw or gzip'd (`.gz` suffix); the raw file wins when both
-/// exist. Images must be 28×28, labels `< 10`, and each label file must hold one label per image.
-/// Pixels are scaled to `[0, 1]`, then `norm` is applied.
+/// Each may be raw or gzip'd, whatever its name says. Images must be 28×28, labels `< 10`,
+/// and each label file must hold one label per image. Pixels are scaled to `[0, 1]`, then
+/// `norm` is applied.
 pub fn load_mnist(dir: &Path, norm: Normalization) -> Result<Split> {
+    let [train_images, train_labels, test_images, test_labels] = mnist_files(dir)?;
+    let mut split = Split::new(
+        mnist_set(&train_images, &train_labels)?,
+        mnist_set(&test_images, &test_labels)?,
+    );
+    norm.apply(&mut split);
+    Ok(split)
+}
+
+/// The four MNIST files in `dir`, in [`MNIST_FILES`] order. Each may be spelt as published
+/// (`train-images-idx3-ubyte`) or as common archive tools extract it
+/// (`train-images.idx3-ubyte`), each with or without `.gz`; the first of those that exists, in
+/// that order, is used.
+///
+/// # Errors
+/// [`DataError::Missing`] for `dir` or the first file with none of its spellings.
+pub fn mnist_files(dir: &Path) -> Result<[PathBuf; 4]> {
     if !dir.is_dir() {
         return Err(DataError::Missing {
             path: dir.to_path_buf(),
             hint: MNIST_HINT.into(),
         });
     }
-    let mut split = Split::new(
-        mnist_set(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?,
-        mnist_set(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?,
-    );
-    norm.apply(&mut split);
-    Ok(split)
-}
-
-/// `dir/name` if it exists, else `dir/name.gz` if that exists, else a `Missing` error.
-fn find_raw_or_gz(dir: &Path, name: &str) -> Result<PathBuf> {
-    let raw = dir.join(name);
-    let gz = dir.join(format!("{name}.gz"));
-    if raw.is_file() {
-        Ok(raw)
-    } else if gz.is_file() {
-        Ok(gz)
-    } else {
-        Err(DataError::Missing {
-            path: raw,
-            hint: format!("nor {name}.gz; {MNIST_HINT}"),
-        })
-    }
+    let find = |name: &str| -> Result<PathBuf> {
+        let dotted = name.replacen("-idx", ".idx", 1);
+        let spellings = [
+            name.to_string(),
+            format!("{name}.gz"),
+            dotted.clone(),
+            format!("{dotted}.gz"),
+        ];
+        spellings
+            .iter()
+            .map(|s| dir.join(s))
+            .find(|p| p.is_file())
+            .ok_or_else(|| DataError::Missing {
+                path: dir.join(name),
+                hint: format!("nor {name}.gz, {dotted} or {dotted}.gz; {MNIST_HINT}"),
+            })
+    };
+    Ok([
+        find(MNIST_FILES[0])?,
+        find(MNIST_FILES[1])?,
+        find(MNIST_FILES[2])?,
+        find(MNIST_FILES[3])?,
+    ])
 }
 
 /// Reads one image file and its label file into a checked [`Dataset`] with pixels in `[0, 1]`.
-fn mnist_set(dir: &Path, images_name: &str, labels_name: &str) -> Result<Dataset> {
-    let images_path = find_raw_or_gz(dir, images_name)?;
-    let labels_path = find_raw_or_gz(dir, labels_name)?;
-    let images = read_idx(&images_path)?;
+fn mnist_set(images_path: &Path, labels_path: &Path) -> Result<Dataset> {
+    let images = read_idx(images_path)?;
     if images.dims.len() != 3 {
         return Err(DataError::format(
-            &images_path,
+            images_path,
             format!(
                 "expected 3 dimensions (images×rows×columns), found {}",
                 images.dims.len()
@@ -243,23 +334,23 @@ fn mnist_set(dir: &Path, images_name: &str, labels_name: &str) -> Result<Dataset
     let (count, height, width) = (images.dims[0], images.dims[1], images.dims[2]);
     if (height, width) != (28, 28) {
         return Err(DataError::format(
-            &images_path,
+            images_path,
             format!("expected 28×28 MNIST images, found {height}×{width}"),
         ));
     }
     if count == 0 {
-        return Err(DataError::format(&images_path, "holds no images"));
+        return Err(DataError::format(images_path, "holds no images"));
     }
-    let labels = read_idx(&labels_path)?;
+    let labels = read_idx(labels_path)?;
     if labels.dims.len() != 1 {
         return Err(DataError::format(
-            &labels_path,
+            labels_path,
             format!("expected 1 dimension (labels), found {}", labels.dims.len()),
         ));
     }
     if labels.dims[0] != count {
         return Err(DataError::format(
-            &labels_path,
+            labels_path,
             format!(
                 "holds {} labels but {} holds {count} images",
                 labels.dims[0],
@@ -267,7 +358,7 @@ fn mnist_set(dir: &Path, images_name: &str, labels_name: &str) -> Result<Dataset
             ),
         ));
     }
-    check_labels(&labels_path, &labels.data, 10)?;
+    check_labels(labels_path, &labels.data, 10)?;
     Ok(Dataset {
         images: images.data.iter().map(|&p| f32::from(p) / 255.0).collect(),
         labels: labels.data,

@@ -8,6 +8,7 @@
 
 mod cifar;
 mod error;
+pub mod filetype;
 mod idx;
 mod normalize;
 
@@ -15,7 +16,7 @@ pub use cifar::{
     load_cifar10, read_cifar_batch, CifarBatch, CIFAR_IMAGE_BYTES, CIFAR_RECORD_BYTES,
 };
 pub use error::DataError;
-pub use idx::{load_mnist, read_idx, IdxArray};
+pub use idx::{load_mnist, mnist_files, read_idx, IdxArray, MAX_IDX_BYTES, MNIST_FILES};
 pub use normalize::Normalization;
 
 /// Result type of this crate.

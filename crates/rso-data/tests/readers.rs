@@ -348,3 +348,124 @@ fn cifar_errors_name_the_file() {
     let e = load_cifar10(&dir.path().join("nowhere"), Normalization::UnitRange).unwrap_err();
     assert!(matches!(e, DataError::Missing { .. }), "{e}");
 }
+
+#[test]
+fn gzip_or_raw_is_decided_by_the_content_not_the_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = pixels(2 * 3, 4);
+    let bytes = idx_bytes(&[2, 3], &payload);
+    for (name, content) in [("raw.gz", bytes.clone()), ("gzipped-idx2", gz(&bytes))] {
+        let a = read_idx(&write(dir.path(), name, &content)).unwrap();
+        assert_eq!(a.data, payload, "{name}");
+    }
+}
+
+/// A gzip member with the FHCRC flag (a CRC16 of its header), which writers rarely set.
+fn gz_member_with_header_crc(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut member = vec![0x1f, 0x8b, 8, 0x02, 0, 0, 0, 0, 0, 255];
+    let mut crc = flate2::Crc::new();
+    crc.update(&member);
+    member.extend_from_slice(&(crc.sum() as u16).to_le_bytes());
+    let mut deflate = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    deflate.write_all(bytes).unwrap();
+    member.extend(deflate.finish().unwrap());
+    let mut crc = flate2::Crc::new();
+    crc.update(bytes);
+    member.extend_from_slice(&crc.sum().to_le_bytes());
+    member.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    member
+}
+
+#[test]
+fn gzip_reads_as_rfc_1952_allows_it() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let payload = pixels(3 * 100, 7);
+    let file = idx_bytes(&[3, 100], &payload);
+    let (a, rest) = file.split_at(50);
+    let (b, c) = rest.split_at(120);
+    // Three members: one with FEXTRA, FNAME and FCOMMENT, one with FHCRC, a plain one; then the
+    // zero padding some tools write after the last member.
+    let mut named = flate2::GzBuilder::new()
+        .filename("train-images-idx3-ubyte")
+        .comment("part 1")
+        .extra(vec![b'r', b's', 2, 0, 1, 2])
+        .write(Vec::new(), flate2::Compression::default());
+    named.write_all(a).unwrap();
+    let mut bytes = named.finish().unwrap();
+    bytes.extend(gz_member_with_header_crc(b));
+    bytes.extend(gz(c));
+    let unpadded = bytes.len();
+    bytes.extend(vec![0u8; 1000]);
+    let read = read_idx(&write(dir.path(), "members.gz", &bytes)).unwrap();
+    assert_eq!((read.dims, read.data), (vec![3, 100], payload.clone()));
+    // Anything else after the last member is refused.
+    bytes.truncate(unpadded);
+    bytes.extend_from_slice(b"\0\0junk");
+    let msg = err_naming(read_idx(&write(dir.path(), "junk.gz", &bytes)), "junk.gz");
+    assert!(msg.contains("after the last gzip member"), "{msg}");
+}
+
+#[test]
+fn files_that_are_something_else_say_what_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, what) in [
+        ("empty-idx", &b""[..], "empty"),
+        (
+            "page-idx.gz",
+            b"<!DOCTYPE html><html><body>Not found",
+            "HTML page",
+        ),
+        (
+            "pointer-idx.gz",
+            b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9912422\n",
+            "Git LFS pointer",
+        ),
+    ] {
+        let msg = err_naming(read_idx(&write(dir.path(), name, bytes)), name);
+        assert!(msg.contains(what), "{msg}");
+    }
+}
+
+#[test]
+fn mnist_files_as_archive_tools_name_them_are_found() {
+    let dir = tempfile::tempdir().unwrap();
+    write_mnist(dir.path(), &[1, 2, 3], &[4, 5], true);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        std::fs::rename(&path, dir.path().join(name.replacen("-idx", ".idx", 1))).unwrap();
+    }
+    let files = rso_data::mnist_files(dir.path()).unwrap();
+    let names: Vec<&str> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "train-images.idx3-ubyte.gz",
+            "train-labels.idx1-ubyte",
+            "t10k-images.idx3-ubyte.gz",
+            "t10k-labels.idx1-ubyte"
+        ]
+    );
+    let split = load_mnist(dir.path(), Normalization::UnitRange).unwrap();
+    assert_eq!((split.train.len(), split.test.len()), (3, 2));
+}
+
+#[test]
+fn a_payload_above_the_size_limit_is_refused_before_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = (rso_data::MAX_IDX_BYTES / 2 + 1) as u32;
+    let header = idx_bytes(&[2, n], &[]);
+    let path = write(dir.path(), "huge-idx2", &header);
+    // A sparse file exactly as long as the header says: nothing else is wrong with it.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(header.len() as u64 + 2 * u64::from(n)).unwrap();
+    let t = Instant::now();
+    let msg = err_naming(read_idx(&path), "huge-idx2");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert!(msg.contains("exceed"), "{msg}");
+}

@@ -173,12 +173,62 @@ impl Params {
     }
 
     /// Reads a safetensors file for `spec`.
+    ///
+    /// # Errors
+    /// [`ParamError::Io`]; [`ParamError::Format`] for a file larger than `spec`'s weights can
+    /// be ([`max_file_len`], checked before reading), or not safetensors (saying what it is
+    /// when recognisable: a PyTorch file, an HTML page, a Git LFS pointer, empty);
+    /// [`ParamError::Mismatch`] as [`Params::from_safetensors`].
     pub fn load(spec: &ModelSpec, path: &Path) -> Result<Params, ParamError> {
-        let bytes = std::fs::read(path).map_err(|error| ParamError::Io {
+        use std::io::Read;
+        let io = |error| ParamError::Io {
             path: path.to_path_buf(),
             error,
-        })?;
-        Params::from_safetensors(spec, &bytes, path)
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let max = max_file_len(spec);
+        if len > max {
+            return Err(ParamError::Format {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "{len} bytes, more than weights of model {} can take (at most {max})",
+                    spec.name
+                ),
+            });
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+        Params::from_safetensors(spec, &bytes, path).map_err(|e| match e {
+            ParamError::Format { path, reason } => ParamError::Format {
+                reason: match rso_data::filetype::sniff(&bytes[..bytes.len().min(64)]) {
+                    Some(kind) => format!("{}; {}", kind.describe(), convert_hint(kind)),
+                    None => reason,
+                },
+                path,
+            },
+            e => e,
+        })
+    }
+}
+
+/// The largest weights file [`Params::load`] reads for `spec`: its f32 values and 1 MiB for
+/// the safetensors header (a few hundred bytes for these models).
+pub fn max_file_len(spec: &ModelSpec) -> u64 {
+    4 * spec.param_count() as u64 + (1 << 20)
+}
+
+/// What to do with a file of kind `kind` given as weights.
+fn convert_hint(kind: rso_data::filetype::Foreign) -> &'static str {
+    use rso_data::filetype::Foreign;
+    match kind {
+        Foreign::Zip | Foreign::Pickle => {
+            "rso reads safetensors: save the state dict with safetensors.torch.save_file, \
+             its tensors named as the model's (the error for a wrong name lists them)"
+        }
+        Foreign::Empty | Foreign::Html | Foreign::LfsPointer => {
+            "weights files are safetensors, as --save-weights writes them"
+        }
     }
 }
 
@@ -344,6 +394,42 @@ mod tests {
             err.contains("1 tensor(s) of model one-conv missing: fc.bias"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn files_that_are_not_weights_say_what_they_are_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelKind::OneConv.mnist();
+        for (name, bytes, what) in [
+            (
+                "model.pt",
+                &b"PK\x03\x04\x14\x00\x00\x00archive/data.pkl"[..],
+                "save_file",
+            ),
+            ("old.pt", b"\x80\x02}q\x00(X\x06\x00", "save_file"),
+            (
+                "page.safetensors",
+                b"<!doctype html><title>Sign in",
+                "HTML page",
+            ),
+            (
+                "w.safetensors",
+                b"version https://git-lfs.github.com/spec/v1\n",
+                "git lfs pull",
+            ),
+            ("empty.safetensors", b"", "empty"),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            let err = Params::load(&spec, &path).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains(what), "{err}");
+        }
+        // A file larger than the model's weights can be is refused before it is read.
+        let path = dir.path().join("big.safetensors");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(max_file_len(&spec) + 1).unwrap();
+        let err = Params::load(&spec, &path).unwrap_err().to_string();
+        assert!(err.contains("more than weights of model one-conv"), "{err}");
     }
 
     #[test]

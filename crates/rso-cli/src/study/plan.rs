@@ -135,8 +135,11 @@ impl Plan {
     /// One line naming the file, the key and what is wrong: unreadable or malformed TOML, an
     /// unknown key or setting, an empty list, a value `rso train` refuses.
     pub fn load(path: &Path, out_dir: Option<&Path>) -> anyhow::Result<Plan> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("study plan {}", path.display()))?;
+        // A plan is a few kilobytes; a bound keeps a wrong path (a dataset) from being read.
+        let bytes = crate::checkpoint::read_limited(path, 1 << 20, "is this a study plan?")
+            .context("study plan")?;
+        let text = String::from_utf8(bytes)
+            .with_context(|| format!("study plan {}: not UTF-8 text", path.display()))?;
         let file: PlanFile = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
@@ -411,8 +414,12 @@ fn make_run(grid: usize, seed: u64, setting: &BTreeMap<String, String>) -> anyho
         }
         // Initial weights decide the results: their content is part of the id, not their path.
         if let Some(path) = &train.init_weights {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("init_weights {}", path.display()))?;
+            let bytes = crate::checkpoint::read_limited(
+                path,
+                64 << 20,
+                "larger than any weights file of these models",
+            )
+            .context("init_weights")?;
             let sum: String = Sha256::digest(&bytes)
                 .iter()
                 .map(|b| format!("{b:02x}"))
