@@ -44,9 +44,15 @@ pub fn read_cifar_batch(path: &Path) -> Result<CifarBatch> {
     let len = file.metadata().map_err(io_err)?.len();
     let record = CIFAR_RECORD_BYTES as u64;
     if len == 0 || len % record != 0 {
+        let mut head = Vec::new();
+        (&file).take(64).read_to_end(&mut head).map_err(io_err)?;
+        let what = crate::filetype::sniff(&head)
+            .map_or_else(String::new, |kind| format!(" ({})", kind.describe()));
         return Err(DataError::format(
             path,
-            format!("length {len} is not a non-zero multiple of the {record}-byte record size"),
+            format!(
+                "length {len} is not a non-zero multiple of the {record}-byte record size{what}"
+            ),
         ));
     }
     let len = usize::try_from(len)

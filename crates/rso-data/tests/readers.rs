@@ -319,10 +319,16 @@ fn cifar_errors_name_the_file() {
         "odd.bin",
     );
     assert!(msg.contains("3074") && msg.contains("3073"), "{msg}");
-    err_naming(
+    let msg = err_naming(
         read_cifar_batch(&write(dir.path(), "empty.bin", &[])),
         "empty.bin",
     );
+    assert!(msg.contains("the file is empty"), "{msg}");
+    let msg = err_naming(
+        read_cifar_batch(&write(dir.path(), "page.bin", b"<html>Forbidden</html>")),
+        "page.bin",
+    );
+    assert!(msg.contains("HTML page"), "{msg}");
 
     let mut b = cifar_record(1, 0);
     b.extend(cifar_record(10, 0));
