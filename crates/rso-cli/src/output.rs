@@ -87,9 +87,21 @@ pub fn meta_path(path: &Path) -> PathBuf {
     }
 }
 
-/// Refuses to replace an existing results file (or its `.meta.json`) unless `force`.
+/// Checks an output file's destination before any work is done: `path` (and its
+/// `.meta.json`) is not a directory, absent or (with `force`) a file to replace, in an existing
+/// directory where this process can create files (probed by creating one, so that a read-only
+/// file system is found too; the results are written as a new file renamed into place).
+///
+/// # Errors
+/// One line naming `flag`, the path and what is wrong.
 pub fn check_writable(path: &Path, force: bool, flag: &str) -> anyhow::Result<()> {
     for p in [path.to_path_buf(), meta_path(path)] {
+        anyhow::ensure!(
+            !p.is_dir(),
+            "{flag} {}: {} is a directory; give a file path",
+            path.display(),
+            p.display()
+        );
         if p.exists() && !force {
             anyhow::bail!(
                 "{flag} {}: {} exists; pass --force to replace it",
@@ -98,15 +110,49 @@ pub fn check_writable(path: &Path, force: bool, flag: &str) -> anyhow::Result<()
             );
         }
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        anyhow::ensure!(
-            dir.is_dir(),
-            "{flag} {}: directory {} does not exist",
+    let dir = parent_dir(path);
+    anyhow::ensure!(
+        dir.is_dir(),
+        "{flag} {}: directory {} does not exist",
+        path.display(),
+        dir.display()
+    );
+    probe_dir(&dir).with_context(|| {
+        format!(
+            "{flag} {}: cannot create files in {}",
             path.display(),
             dir.display()
-        );
+        )
+    })
+}
+
+/// The directory a file path is in (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     }
-    Ok(())
+}
+
+/// Creates (and removes) a file in `dir`: whether this process can write there.
+pub fn probe_dir(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".rso-write-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// `path` with its directory resolved (symbolic links, `..`), to compare destinations; as
+/// given, made absolute, when the directory cannot be resolved.
+pub fn resolved(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_os_string());
+    match (parent_dir(path).canonicalize(), name) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+    }
 }
 
 /// Writes a CSV results file and its `.meta.json`, each atomically (the provenance first, so a

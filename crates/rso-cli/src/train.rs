@@ -346,18 +346,79 @@ fn check_optimizer_settings(args: &TrainArgs) -> anyhow::Result<()> {
 /// Checks the arguments that need no data.
 fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     check_settings(args)?;
-    check_outputs(args)
+    check_outputs(args, false)
 }
 
-/// Checks the output files: absent, or replaceable with `--force`, in existing directories.
-fn check_outputs(args: &TrainArgs) -> anyhow::Result<()> {
+/// Checks the output files before any training: each absent, or replaceable with `--force`
+/// (`--out` also when `own_out`: a resumed run's own results file), in a directory this
+/// process can write to ([`output::check_writable`]); no two the same file, and none inside
+/// `--checkpoint-dir` (whose files the checkpoints replace).
+fn check_outputs(args: &TrainArgs, own_out: bool) -> anyhow::Result<()> {
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
     if let Some(out) = &args.out {
-        output::check_writable(out, args.force, "--out")?;
+        output::check_writable(out, args.force || own_out, "--out")?;
+        files.push((format!("--out {}", out.display()), output::resolved(out)));
+        let meta = output::meta_path(out);
+        files.push((
+            format!("--out's provenance {}", meta.display()),
+            output::resolved(&meta),
+        ));
     }
     if let Some(path) = &args.save_weights {
         output::check_writable(path, args.force, "--save-weights")?;
+        files.push((
+            format!("--save-weights {}", path.display()),
+            output::resolved(path),
+        ));
+    }
+    for (i, (a, pa)) in files.iter().enumerate() {
+        if let Some((b, _)) = files[i + 1..].iter().find(|(_, pb)| pb == pa) {
+            bail!("{a} and {b} are the same file: give each output its own path");
+        }
+    }
+    if let Some(dir) = &args.checkpoint_dir {
+        let managed = dir.canonicalize().unwrap_or_else(|_| output::resolved(dir));
+        if let Some((a, _)) = files.iter().find(|(_, p)| p.starts_with(&managed)) {
+            bail!(
+                "{a} is inside --checkpoint-dir {}, whose files each checkpoint replaces: \
+                 write it elsewhere",
+                dir.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// The context of an output that could not be written after training, saying where the
+/// trained weights are ([`rescue_weights`]).
+fn unwritten(net: &dyn Network, checkpoint: Option<&Path>) -> String {
+    format!(
+        "an output could not be written ({})",
+        rescue_weights(net, checkpoint)
+    )
+}
+
+/// What became of the trained weights when writing an output failed after training: the
+/// checkpoint holds them, or they are saved to the temporary directory, else the working
+/// directory. A sentence for the error.
+fn rescue_weights(net: &dyn Network, checkpoint: Option<&Path>) -> String {
+    if let Some(dir) = checkpoint {
+        return format!(
+            "the trained weights are safe in the checkpoint {} (rso train --resume {} continues \
+             or rewrites its outputs)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let name = format!("rso-weights-{}.safetensors", std::process::id());
+    let params = net.params();
+    for dir in [std::env::temp_dir(), PathBuf::from(".")] {
+        let path = dir.join(&name);
+        if params.save(&path).is_ok() {
+            return format!("the trained weights were saved to {}", path.display());
+        }
+    }
+    "the trained weights could not be saved anywhere".into()
 }
 
 /// The model spec for the loaded data.
@@ -700,6 +761,24 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
     train_rounds(session, Vec::new(), reporter)
 }
 
+/// Whether the results file `out` was written by the checkpointed run that started at `date`:
+/// its provenance's `started` is that date, or it holds the note a resumed run adds. A resumed
+/// run may rewrite its own `--out` without `--force`.
+fn written_by_run(out: &Path, date: &str) -> bool {
+    let Ok(bytes) = checkpoint::read_limited(&output::meta_path(out), 1 << 20, "") else {
+        return false;
+    };
+    let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return false;
+    };
+    let note = format!("of the run started at {date} ");
+    meta["started"].as_str() == Some(date)
+        || meta["notes"].as_array().is_some_and(|n| {
+            n.iter()
+                .any(|n| n.as_str().is_some_and(|t| t.contains(&note)))
+        })
+}
+
 /// Continues the run checkpointed in `dir`. Everything is read and checked before anything is
 /// written: a checkpoint of another model, a damaged weights file, a malformed state, other
 /// data or an existing `--out` without `--force` stop it with the files as they were.
@@ -722,7 +801,11 @@ fn resume(
     let rows = checkpoint::upgrade_rows(rows, ck.state.version, &args, ck.state.data.train)
         .with_context(|| format!("{}", state_path.display()))?;
     check_settings(&args).with_context(|| format!("{}: invalid settings", state_path.display()))?;
-    check_outputs(&args)?;
+    let own_out = args
+        .out
+        .as_deref()
+        .is_some_and(|out| written_by_run(out, &ck.state.origin.date));
+    check_outputs(&args, own_out)?;
     let split = load_data(&args)?;
     let data = DataFingerprint::of(&split);
     let used_dir = data_dir(&args);
@@ -884,7 +967,7 @@ fn train_rounds(
         .is_some_and(|c| c.base.budget_reached);
     if rows.len() >= args.rounds || finished {
         // A finished run resumed: nothing to train, the results files still get written.
-        write_out(&rows)?;
+        write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
     }
     for round in rows.len()..args.rounds {
         if finished {
@@ -893,7 +976,7 @@ fn train_rounds(
         let budget = remaining_budget(args, &rows);
         if budget == Some(0) {
             // The budget ran out exactly at the end of the previous round.
-            write_out(&rows)?;
+            write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
             break;
         }
         let steps = optimizer.steps_per_round(net.as_ref());
@@ -928,7 +1011,7 @@ fn train_rounds(
         finished = stats.budget_reached;
         if finished && stats.steps == 0 {
             // Less than one step was left of the budget: no empty row.
-            write_out(&rows)?;
+            write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
             break;
         }
         let evals = evaluate(net.as_mut(), &calibration);
@@ -958,16 +1041,17 @@ fn train_rounds(
                 args.rounds,
             )?;
         }
-        write_out(&rows)?;
+        write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
         crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     }
-    finish(args, net.as_ref(), rows, reporter)
+    finish(args, net.as_ref(), ck_dir.as_deref(), rows, reporter)
 }
 
 /// The outcome of a run that trained `rows`, its `--save-weights` written.
 fn finish(
     args: &TrainArgs,
     net: &dyn Network,
+    checkpoint: Option<&Path>,
     rows: Vec<RoundRow>,
     reporter: &mut dyn Reporter,
 ) -> anyhow::Result<TrainOutcome> {
@@ -988,9 +1072,10 @@ fn finish(
     let seconds = rows.iter().map(|r| r.seconds).sum();
     let params = net.params();
     if let Some(path) = &args.save_weights {
-        params
-            .save(path)
-            .with_context(|| format!("--save-weights {}", path.display()))?;
+        if let Err(e) = params.save(path) {
+            let e = anyhow::Error::new(e).context("--save-weights");
+            return Err(e.context(unwritten(net, checkpoint)));
+        }
     }
     Ok(TrainOutcome {
         rows,

@@ -834,6 +834,179 @@ fn every_cause_is_printed_once() {
     assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
 }
 
+/// `rso train` of one-conv (RSO, 1 round, a small subset) with `extra`.
+fn train_args(extra: &[&str]) -> Vec<String> {
+    let data = mnist_dir();
+    let mut v: Vec<String> = [
+        "train",
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "rso",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "50",
+        "--test-limit",
+        "20",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn outputs_are_checked_before_any_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
+    std::fs::create_dir(tmp.path().join("results")).unwrap();
+    std::fs::create_dir(tmp.path().join("ck")).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--out".into(), t("results")], "is a directory"),
+        (
+            vec!["--out".into(), t("results"), "--force".into()],
+            "is a directory",
+        ),
+        (
+            vec!["--save-weights".into(), t("results"), "--force".into()],
+            "is a directory",
+        ),
+        (
+            vec![
+                "--out".into(),
+                t("x.csv"),
+                "--save-weights".into(),
+                t("x.csv"),
+            ],
+            "are the same file",
+        ),
+        (
+            vec![
+                "--out".into(),
+                t("x.csv"),
+                "--save-weights".into(),
+                t("x.meta.json"),
+            ],
+            "are the same file",
+        ),
+        (
+            vec![
+                "--out".into(),
+                t("ck/x.csv"),
+                "--checkpoint-dir".into(),
+                t("ck"),
+            ],
+            "inside --checkpoint-dir",
+        ),
+        (vec!["--out".into(), t("none/x.csv")], "does not exist"),
+    ];
+    for (extra, expect) in cases {
+        let extra: Vec<&str> = strs(&extra);
+        let e = rso_fails(&strs(&train_args(&extra)));
+        assert!(e.contains(expect), "{extra:?}: {e}");
+        // Nothing trained, nothing written.
+        assert!(!e.contains("round 1"), "{e}");
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["ck", "results"], "{extra:?}");
+        assert_eq!(std::fs::read_dir(tmp.path().join("ck")).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn weights_whose_destination_fails_after_training_are_kept() {
+    // The directory of --save-weights disappears while the run trains: the run fails at the
+    // end, and the trained weights go to $TMPDIR, named in the error.
+    let tmp = tempfile::tempdir().unwrap();
+    let gone = tmp.path().join("gone");
+    let rescue = tmp.path().join("tmp");
+    std::fs::create_dir_all(&gone).unwrap();
+    std::fs::create_dir_all(&rescue).unwrap();
+    let out = tmp.path().join("run.csv");
+    let weights = gone.join("w.safetensors");
+    let mut args = train_args(&[
+        "--rso-eval",
+        "reference",
+        "--out",
+        out.to_str().unwrap(),
+        "--save-weights",
+        weights.to_str().unwrap(),
+    ]);
+    let rounds = args.iter().position(|a| a == "--rounds").unwrap();
+    args[rounds + 1] = "3".into();
+    let child = common::rso_command()
+        .args(&args)
+        .env("TMPDIR", &rescue)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !out.exists() {
+        assert!(std::time::Instant::now() < deadline, "no round finished");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::fs::remove_dir_all(&gone).unwrap();
+    let done = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success(), "{e}");
+    let saved: Vec<_> = std::fs::read_dir(&rescue)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(saved.len(), 1, "{e}");
+    assert!(
+        e.contains("--save-weights") && e.contains(saved[0].to_str().unwrap()),
+        "{e}"
+    );
+    // The saved weights are the trained ones, good to start from.
+    let again = train_args(&["--init-weights", saved[0].to_str().unwrap()]);
+    rso_ok(&strs(&again));
+}
+
+#[test]
+fn a_resumed_run_may_rewrite_its_own_results_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let out = tmp.path().join("run.csv");
+    let other = tmp.path().join("other.csv");
+    rso_ok(&strs(&train_args(&[
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])));
+    rso_ok(&strs(&train_args(&["--out", other.to_str().unwrap()])));
+    // Its own results file: rewritten; another run's: still needs --force.
+    rso_ok(&[
+        "train",
+        "--resume",
+        ck.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = rso_fails(&[
+        "train",
+        "--resume",
+        ck.to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--force"), "{e}");
+}
+
 #[test]
 fn nan_or_infinite_pixels_are_refused_by_the_engine() {
     // IDX and CIFAR files hold bytes, so non-finite pixels can only come from code using the

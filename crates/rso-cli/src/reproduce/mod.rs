@@ -615,8 +615,12 @@ fn paper(a: &PaperArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates `--out-dir` if needed and checks that files can be created in it, before anything
+/// trains.
 fn ensure_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("--out-dir {}", dir.display()))
+    std::fs::create_dir_all(dir).with_context(|| format!("--out-dir {}", dir.display()))?;
+    output::probe_dir(dir)
+        .with_context(|| format!("--out-dir {}: cannot create files there", dir.display()))
 }
 
 #[cfg(test)]
