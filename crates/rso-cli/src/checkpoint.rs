@@ -109,6 +109,7 @@ pub struct RunConfig {
     /// `--dataset`.
     pub dataset: String,
     /// The dataset directory, absolute (a resumed run may name another one with the same data).
+    #[serde(with = "path_bytes")]
     pub data_dir: PathBuf,
     /// `--train-limit`.
     pub train_limit: Option<usize>,
@@ -136,6 +137,7 @@ pub struct RunConfig {
     pub device: String,
     /// `--init-weights` of the original run (a record only: a resumed run starts from the
     /// checkpoint's weights).
+    #[serde(with = "opt_path_bytes")]
     pub init_weights: Option<PathBuf>,
     // The settings below were added in version 3. Absent when not given (so a run that does not
     // give them serialises, and is identified in a study, exactly as before).
@@ -589,6 +591,59 @@ impl RunConfig {
             checkpoint_dir: Some(dir.to_path_buf()),
             resume: None,
         })
+    }
+}
+
+/// A path in JSON: a string when it is UTF-8 (as before this existed, so that study run ids,
+/// which hash the settings, do not change), else the array of its bytes (Unix paths are bytes).
+mod path_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::path::{Path, PathBuf};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr<'a> {
+        Text(std::borrow::Cow<'a, str>),
+        Bytes(Vec<u8>),
+    }
+
+    pub(super) fn to_repr(path: &Path) -> impl Serialize + '_ {
+        match path.to_str() {
+            Some(s) => Repr::Text(s.into()),
+            None => Repr::Bytes(path.as_os_str().as_bytes().to_vec()),
+        }
+    }
+
+    pub(super) fn from_repr<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        Ok(match Repr::deserialize(d)? {
+            Repr::Text(s) => PathBuf::from(s.into_owned()),
+            Repr::Bytes(b) => PathBuf::from(std::ffi::OsString::from_vec(b)),
+        })
+    }
+
+    pub fn serialize<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+        to_repr(path).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        from_repr(d)
+    }
+}
+
+/// [`path_bytes`] for an optional path (`null` when absent).
+mod opt_path_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::path::PathBuf;
+
+    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        path.as_deref().map(super::path_bytes::to_repr).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(deserialize_with = "super::path_bytes::from_repr")] PathBuf);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
     }
 }
 

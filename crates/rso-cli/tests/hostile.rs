@@ -1008,6 +1008,45 @@ fn a_resumed_run_may_rewrite_its_own_results_without_force() {
 }
 
 #[test]
+fn paths_that_are_not_utf8_work_end_to_end() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(OsStr::from_bytes(b"donn\xe9es"));
+    copy_dir(&mnist_dir(), &dir);
+    let init = one_conv_weights(&dir, "init.safetensors", |k| 0.01 * (k % 7) as f32);
+    let p = |name: &str| dir.join(name).into_os_string();
+    let run = |args: Vec<OsString>| {
+        let out = common::rso_command().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    let mut args: Vec<OsString> = strs(&train_args(&[])).iter().map(OsString::from).collect();
+    let data = args.iter().position(|a| a == "--data-dir").unwrap();
+    args[data + 1] = dir.clone().into_os_string();
+    for (flag, path) in [
+        ("--out", p("run.csv")),
+        ("--save-weights", p("w.safetensors")),
+        ("--checkpoint-dir", p("ck")),
+        ("--init-weights", init.into_os_string()),
+    ] {
+        args.push(flag.into());
+        args.push(path);
+    }
+    run(args);
+    assert!(dir.join("run.csv").is_file() && dir.join("w.safetensors").is_file());
+    // The checkpoint keeps the paths as they are: resuming finds the data again.
+    run(vec![
+        "train".into(),
+        "--resume".into(),
+        p("ck"),
+        "--out".into(),
+        p("run.csv"),
+    ]);
+}
+
+#[test]
 fn nan_or_infinite_pixels_are_refused_by_the_engine() {
     // IDX and CIFAR files hold bytes, so non-finite pixels can only come from code using the
     // library; the engine refuses them with the set and the sample named.

@@ -214,6 +214,12 @@ pub fn run(cmd: &ReproduceCommand) -> anyhow::Result<()> {
 fn plan_head(c: &CommonArgs, study: &str, what: &str) -> anyhow::Result<String> {
     let data = std::path::absolute(c.data_dir.clone().unwrap_or_else(|| "data/mnist".into()))
         .context("--data-dir")?;
+    anyhow::ensure!(
+        data.to_str().is_some(),
+        "--data-dir {}: the study plan this command writes is TOML text, which cannot hold a \
+         path that is not UTF-8; give it a UTF-8 name (a symbolic link will do)",
+        data.display()
+    );
     Ok(format!(
         "# {what}, written by `rso reproduce`; rerun any part with `rso study run` on this file.\n\
          seed = {}\nout_dir = {study:?}\n\n[settings]\npreset = \"seed\"\nbackend = {:?}\n\
