@@ -761,22 +761,38 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
     train_rounds(session, Vec::new(), reporter)
 }
 
-/// Whether the results file `out` was written by the checkpointed run that started at `date`:
-/// its provenance's `started` is that date, or it holds the note a resumed run adds. A resumed
-/// run may rewrite its own `--out` without `--force`.
-fn written_by_run(out: &Path, date: &str) -> bool {
+/// Whether the results file `out` was written by the checkpointed run of `origin`: its
+/// provenance has that run's start and command line, or the note a resumption of that run
+/// adds. A resumed run may rewrite its own `--out` without `--force`.
+fn written_by_run(out: &Path, origin: &Origin) -> bool {
     let Ok(bytes) = checkpoint::read_limited(&output::meta_path(out), 1 << 20, "") else {
         return false;
     };
     let Ok(meta) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return false;
     };
-    let note = format!("of the run started at {date} ");
-    meta["started"].as_str() == Some(date)
+    let same_start = match &origin.command {
+        checkpoint::CommandLine::Argv(argv) => {
+            meta["started"].as_str() == Some(origin.date.as_str())
+                && meta["command"] == serde_json::json!(argv)
+        }
+        checkpoint::CommandLine::Text(_) => false,
+    };
+    let note = resumed_note_prefix(origin);
+    same_start
         || meta["notes"].as_array().is_some_and(|n| {
             n.iter()
                 .any(|n| n.as_str().is_some_and(|t| t.contains(&note)))
         })
+}
+
+/// The part of a resumed run's provenance note that names the run it continues.
+fn resumed_note_prefix(origin: &Origin) -> String {
+    format!(
+        "of the run started at {} by `{}`",
+        origin.date,
+        origin.command.display()
+    )
 }
 
 /// Continues the run checkpointed in `dir`. Everything is read and checked before anything is
@@ -804,7 +820,7 @@ fn resume(
     let own_out = args
         .out
         .as_deref()
-        .is_some_and(|out| written_by_run(out, &ck.state.origin.date));
+        .is_some_and(|out| written_by_run(out, &ck.state.origin));
     check_outputs(&args, own_out)?;
     let split = load_data(&args)?;
     let data = DataFingerprint::of(&split);
@@ -843,11 +859,9 @@ fn resume(
     let mut meta = run_meta(&args, optimizer.as_ref(), net.as_ref(), test_len, &started);
     let origin = &ck.state.origin;
     meta.notes.push(format!(
-        "resumed after round {} of the run started at {} by `{}` (revision {}); rows 1 to {} \
-         come from that run's checkpoint",
+        "resumed after round {} {} (revision {}); rows 1 to {} come from that run's checkpoint",
         ck.state.rounds_completed,
-        origin.date,
-        origin.command.display(),
+        resumed_note_prefix(origin),
         origin.revision,
         ck.state.rounds_completed
     ));
