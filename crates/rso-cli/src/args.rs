@@ -256,8 +256,9 @@ pub struct PaperArgs {
     /// short (a time limit on a GPU machine) can go on with `--resume DIR`.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Continue the run checkpointed in DIR (its settings come from the checkpoint; only
-    /// --data-dir and --out-dir apply), rewriting paper_mnist.csv with all rounds so far.
+    /// Continue the run checkpointed in DIR (its settings come from the checkpoint; --data-dir
+    /// and --out-dir apply, and --backend/--device other than the defaults move the run, as
+    /// `rso train --resume` does), rewriting paper_mnist.csv with all rounds so far.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["rounds", "batch_size", "checkpoint_dir"])]
     pub resume: Option<PathBuf>,
     /// Backend, device, data, seed, output directory.
@@ -510,16 +511,56 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue the run checkpointed in DIR after its last complete round, writing further
-    /// checkpoints there. Its settings come from the checkpoint: only --out, --save-weights,
-    /// --force, --data-dir (same data, checked) and the global --threads may be given. While resuming, --model,
-    /// --optimizer, --rounds and --batch-size hold placeholders that nothing reads.
-    #[arg(long, value_name = "DIR", conflicts_with_all = RESUME_CONFLICTS)]
+    /// checkpoints there. Its settings come from the checkpoint: a setting given again must have
+    /// the checkpoint's value, except --rounds above the run's total (more rounds, for a run
+    /// whose σ does not anneal over its total) and --backend/--device (where it computes: the
+    /// continuation is exact only on the same backend and device). --out, --save-weights,
+    /// --force, --data-dir (same data, checked) and the global --threads apply as usual.
+    #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
+    /// The settings of [`RESULT_SETTINGS`] given on the command line (filled by
+    /// [`Cli::parse_recording`]; `--resume` compares them with the checkpoint's).
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
-/// The `rso train` options that decide a run's results: a checkpoint fixes them, so `--resume`
-/// refuses every one of them.
-pub const RESUME_CONFLICTS: [&str; 28] = [
+impl Cli {
+    /// [`Parser::parse`] that also records which of `rso train`'s [`RESULT_SETTINGS`] the
+    /// command line gave (clap's defaults and `--resume`'s placeholders are not given).
+    pub fn parse_recording() -> Cli {
+        Cli::try_parse_recording_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// [`Cli::parse_recording`] of `argv` (program name first).
+    ///
+    /// # Errors
+    /// As [`Parser::try_parse_from`].
+    pub fn try_parse_recording_from<I, T>(argv: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(argv)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        if let (Command::Train(args), Some(sub)) =
+            (&mut cli.command, matches.subcommand_matches("train"))
+        {
+            args.given = RESULT_SETTINGS
+                .iter()
+                .filter(|id| sub.value_source(id) == Some(ValueSource::CommandLine))
+                .map(|id| id.to_string())
+                .collect();
+        }
+        Ok(cli)
+    }
+}
+
+/// The `rso train` options that decide a run's results (and where it checkpoints): a
+/// checkpoint fixes them, so `--resume` accepts one only with the checkpoint's value (see
+/// `--resume` for the exceptions).
+pub const RESULT_SETTINGS: [&str; 28] = [
     "model",
     "optimizer",
     "rounds",

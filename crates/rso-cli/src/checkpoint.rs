@@ -590,6 +590,7 @@ impl RunConfig {
             init_weights: self.init_weights.clone(),
             checkpoint_dir: Some(dir.to_path_buf()),
             resume: None,
+            given: Vec::new(),
         })
     }
 }

@@ -2,11 +2,10 @@
 
 #![forbid(unsafe_code)]
 
-use clap::Parser;
 use rso_cli::Cli;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_recording();
     match rso_cli::run(cli) {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),

@@ -761,6 +761,75 @@ fn run_new(args: &TrainArgs, reporter: &mut dyn Reporter) -> anyhow::Result<Trai
     train_rounds(session, Vec::new(), reporter)
 }
 
+/// Applies the settings given with `--resume` (`cli.given`) to the checkpointed run's `args`:
+/// a value equal to the checkpoint's is accepted, a different one refused naming both, except
+/// where the run may change: `--backend` and `--device` (where it computes) and `--rounds`
+/// above the checkpoint's total (more rounds, unless σ anneals over the total).
+///
+/// # Errors
+/// One line naming the flag, its value here and in the checkpoint `dir`.
+fn apply_resume_flags(
+    args: &mut TrainArgs,
+    cli: &TrainArgs,
+    config: &RunConfig,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let here = serde_json::to_value(RunConfig::from_args(cli, &config.data_dir))?;
+    let there = serde_json::to_value(config)?;
+    for id in &cli.given {
+        let flag = format!("--{}", id.replace('_', "-"));
+        match id.as_str() {
+            "backend" => args.backend = cli.backend,
+            "device" => args.device.clone_from(&cli.device),
+            "checkpoint_dir" => {
+                let given = cli.checkpoint_dir.as_deref().unwrap_or(Path::new(""));
+                ensure!(
+                    output::resolved(given) == output::resolved(dir),
+                    "{flag} {}: a resumed run checkpoints into its --resume directory {} (leave \
+                     the flag out)",
+                    given.display(),
+                    dir.display()
+                );
+            }
+            "rounds" if cli.rounds > config.rounds => {
+                ensure!(
+                    !anneals(args),
+                    "--rounds {}: this run's σ anneals over its {} rounds, so more rounds would \
+                     not continue it as it was going; start a new run from its weights instead \
+                     (--save-weights, then --init-weights)",
+                    cli.rounds,
+                    config.rounds
+                );
+                args.rounds = cli.rounds;
+            }
+            key => {
+                let (a, b) = (&here[key], &there[key]);
+                ensure!(
+                    a == b,
+                    "{flag}: {a} here but {b} in the checkpoint {} (a resumed run keeps its \
+                     settings; leave the flag out{})",
+                    dir.display(),
+                    if key == "rounds" {
+                        ", or give more rounds to go on"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether RSO's σ anneals over the run's total rounds (so the total decides every round).
+fn anneals(args: &TrainArgs) -> bool {
+    args.optimizer == OptimizerKind::Rso
+        && match args.anneal {
+            Some(floor) => floor.is_some(),
+            None => RsoConfig::preset(args.preset, 1, 1, 0).anneal.is_some(),
+        }
+}
+
 /// Whether the results file `out` was written by the checkpointed run of `origin`: its
 /// provenance has that run's start and command line, or the note a resumption of that run
 /// adds. A resumed run may rewrite its own `--out` without `--force`.
@@ -806,11 +875,12 @@ fn resume(
     let started = utc_now();
     let ck = checkpoint::read_latest(dir)?;
     let state_path = ck.state_path();
-    let args = ck
+    let mut args = ck
         .state
         .config
         .to_args(cli, dir)
         .with_context(|| format!("{}: invalid settings", state_path.display()))?;
+    apply_resume_flags(&mut args, cli, &ck.state.config, dir)?;
     let rows = ck
         .rows()
         .with_context(|| format!("{}", state_path.display()))?;
@@ -865,8 +935,20 @@ fn resume(
         origin.revision,
         ck.state.rounds_completed
     ));
+    let backend = RunConfig::from_args(&args, Path::new("")).backend;
+    if (&backend, &args.device) != (&ck.state.config.backend, &ck.state.config.device) {
+        meta.notes.push(format!(
+            "rounds 1 to {} were computed on backend {}, device {}: the continuation is exact \
+             only on the same backend and device",
+            ck.state.rounds_completed, ck.state.config.backend, ck.state.config.device
+        ));
+    }
     let mut base = ck.state.clone();
     base.version = checkpoint::VERSION;
+    // Where the run computes, and its total, may have changed (apply_resume_flags).
+    base.config.backend = backend;
+    base.config.device = args.device.clone();
+    base.config.rounds = args.rounds;
     base.config.data_dir = std::fs::canonicalize(&used_dir)
         .with_context(|| format!("--data-dir {}", used_dir.display()))?;
     // Everything is checked: only now take the directory, and make sure the checkpoint read

@@ -509,45 +509,111 @@ fn resume_refuses_hostile_checkpoints_and_changes_nothing() {
 }
 
 #[test]
-fn resume_refuses_flags_that_would_change_the_results() {
-    for flag in [
-        ["--model", "one-conv"],
-        ["--optimizer", "rso"],
-        ["--rounds", "3"],
-        ["--epochs", "3"],
-        ["--batch-size", "8"],
-        ["--preset", "seed"],
-        ["--seed", "0"],
-        ["--lr", "0.1"],
-        ["--sigma", "0.1"],
-        ["--anneal", "none"],
-        ["--weight-decay", "0"],
-        ["--batch-policy", "random"],
-        ["--rso-eval", "reference"],
-        ["--backend", "cpu"],
-        ["--device", "cpu"],
-        ["--train-limit", "5"],
-        ["--test-limit", "5"],
-        ["--val-split", "5"],
-        ["--dataset", "mnist"],
-        ["--init-weights", "w.safetensors"],
-        ["--checkpoint-dir", "elsewhere"],
+fn resume_accepts_the_checkpoints_own_settings_and_refuses_others_naming_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    make_checkpoint(&ck);
+    let data = mnist_dir();
+    let resume = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["train", "--resume", ck.to_str().unwrap()]
+            .map(String::from)
+            .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // Different values: refused, the flag and both values named, nothing written.
+    let before = snapshot(tmp.path());
+    for (flag, value, theirs) in [
+        ("--model", "two-conv", "one-conv"),
+        ("--optimizer", "rso", "sgd"),
+        ("--rounds", "1", "2"),
+        ("--batch-size", "8", "10"),
+        ("--seed", "0", "5"),
+        ("--lr", "0.5", "0.01"),
+        ("--train-limit", "5", "100"),
+        ("--preset", "paper", "seed"),
+        ("--checkpoint-dir", "elsewhere", ""),
     ] {
-        let out = common::rso(&["train", "--resume", "ck", flag[0], flag[1]]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{flag:?}: {err}");
-        // clap names an alias by its main flag.
-        let named = if flag[0] == "--epochs" {
-            "--rounds"
-        } else {
-            flag[0]
-        };
+        let e = rso_fails(&strs(&resume(&[flag, value])));
         assert!(
-            err.contains("cannot be used with") && err.contains(named),
-            "{flag:?}: {err}"
+            e.contains(flag) && e.contains(value) && e.contains(theirs),
+            "{e}"
         );
-        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            snapshot(tmp.path()) == before,
+            "{flag}: something was written"
+        );
     }
+    // The same command again with --resume: every value equal, so it goes on.
+    let out = tmp.path().join("out.csv");
+    rso_ok(&strs(&resume(&[
+        "--model",
+        "one-conv",
+        "--optimizer",
+        "sgd",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "10",
+        "--train-limit",
+        "100",
+        "--test-limit",
+        "50",
+        "--seed",
+        "5",
+        "--backend",
+        "cpu",
+        "--device",
+        "cpu",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--checkpoint-dir",
+        ck.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])));
+    assert_eq!(common::read_csv(&out).1.len(), 2);
+}
+
+#[test]
+fn resume_with_more_rounds_goes_on_exactly_unless_sigma_anneals() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = train_args(&[]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        rso_ok(&strs(&a));
+    };
+    let p = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    // Preset seed (σ does not anneal): 1 round, then 2 more, equals 3 rounds in one go.
+    run(&["--checkpoint-dir", &p("ck"), "--out", &p("one.csv")]);
+    rso_ok(&strs(&[
+        "train".into(),
+        "--resume".into(),
+        p("ck"),
+        "--rounds".into(),
+        "3".into(),
+        "--save-weights".into(),
+        p("extended.safetensors"),
+        "--out".into(),
+        p("extended.csv"),
+    ]));
+    let rounds = |a: &mut Vec<String>| {
+        let i = a.iter().position(|x| x == "--rounds").unwrap();
+        a[i + 1] = "3".into();
+    };
+    let mut whole = train_args(&["--save-weights", &p("whole.safetensors")]);
+    rounds(&mut whole);
+    rso_ok(&strs(&whole));
+    assert_eq!(
+        std::fs::read(p("extended.safetensors")).unwrap(),
+        std::fs::read(p("whole.safetensors")).unwrap(),
+        "more rounds on resume differ from one uninterrupted run"
+    );
+    assert_eq!(common::read_csv(Path::new(&p("extended.csv"))).1.len(), 3);
+    // Preset paper anneals σ over the run's total: refused, with the reason.
+    run(&["--preset", "paper", "--checkpoint-dir", &p("paper")]);
+    let e = rso_fails(&["train", "--resume", &p("paper"), "--rounds", "2"]);
+    assert!(e.contains("--rounds 2") && e.contains("anneals"), "{e}");
 }
 
 #[test]

@@ -16,7 +16,6 @@ use crate::study::{self, collect, exec};
 use crate::train::{self, ConsoleReporter, TrainOutcome};
 use crate::{Cli, Command};
 use anyhow::Context;
-use clap::Parser;
 use serde::Serialize;
 use std::path::Path;
 
@@ -175,7 +174,8 @@ fn train_with(args: &[String]) -> anyhow::Result<TrainOutcome> {
         .iter()
         .map(|s| s.to_string())
         .chain(args.iter().cloned());
-    let cli = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("internal arguments: {e}"))?;
+    let cli = Cli::try_parse_recording_from(argv)
+        .map_err(|e| anyhow::anyhow!("internal arguments: {e}"))?;
     let Command::Train(t) = cli.command else {
         unreachable!("parsed a train command")
     };
@@ -584,12 +584,21 @@ fn paper(a: &PaperArgs) -> anyhow::Result<()> {
     ensure_dir(&a.common.out_dir)?;
     let path = a.common.out_dir.join("paper_mnist.csv");
     let mut args = match &a.resume {
-        // The settings come from the checkpoint; only the data directory is ours to give.
+        // The settings come from the checkpoint; the data directory is ours to give, and where
+        // the run computes when it is not the default.
         Some(dir) => {
             let mut args = vec!["--resume".to_string(), dir.display().to_string()];
             if let Some(d) = &a.common.data_dir {
                 args.push("--data-dir".into());
                 args.push(d.display().to_string());
+            }
+            for (flag, value) in [
+                ("--backend", &a.common.backend),
+                ("--device", &a.common.device),
+            ] {
+                if value != "cpu" {
+                    args.extend([flag.to_string(), value.clone()]);
+                }
             }
             args
         }
