@@ -389,6 +389,21 @@ fn check_outputs(args: &TrainArgs, own_out: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The error of a round (0-based) that diverged (`what`): nothing of it is written; the
+/// checkpoint in `kept`, if any, holds the rounds before.
+fn diverged(round: usize, what: &str, kept: Option<&Path>) -> anyhow::Error {
+    let kept = kept.map_or_else(String::new, |d| {
+        format!(
+            "; the checkpoint in {} holds the rounds before",
+            d.display()
+        )
+    });
+    anyhow::anyhow!(
+        "round {}: training diverged ({what}); nothing of this round is written{kept}",
+        round + 1
+    )
+}
+
 /// The context of an output that could not be written after training, saying where the
 /// trained weights are ([`rescue_weights`]).
 fn unwritten(net: &dyn Network, checkpoint: Option<&Path>) -> String {
@@ -864,6 +879,30 @@ fn resumed_note_prefix(origin: &Origin) -> String {
     )
 }
 
+/// Refuses data other than the checkpoint's (`saved`, recorded in `state_path`), naming both.
+fn check_same_data(
+    split: &Split,
+    used_dir: &Path,
+    saved: &DataFingerprint,
+    state_path: &Path,
+) -> anyhow::Result<()> {
+    let data = DataFingerprint::of(split);
+    ensure!(
+        &data == saved,
+        "--data-dir {}: these data differ from the checkpoint's ({} training / {} test samples, \
+         checksum {}; {} records {} / {}, checksum {})",
+        used_dir.display(),
+        data.train,
+        data.test,
+        data.checksum,
+        state_path.display(),
+        saved.train,
+        saved.test,
+        saved.checksum
+    );
+    Ok(())
+}
+
 /// Continues the run checkpointed in `dir`. Everything is read and checked before anything is
 /// written: a checkpoint of another model, a damaged weights file, a malformed state, other
 /// data or an existing `--out` without `--force` stop it with the files as they were.
@@ -893,21 +932,8 @@ fn resume(
         .is_some_and(|out| written_by_run(out, &ck.state.origin));
     check_outputs(&args, own_out)?;
     let split = load_data(&args)?;
-    let data = DataFingerprint::of(&split);
     let used_dir = data_dir(&args);
-    ensure!(
-        data == ck.state.data,
-        "--data-dir {}: these data differ from the checkpoint's ({} training / {} test samples, \
-         checksum {}; {} records {} / {}, checksum {})",
-        used_dir.display(),
-        data.train,
-        data.test,
-        data.checksum,
-        state_path.display(),
-        ck.state.data.train,
-        ck.state.data.test,
-        ck.state.data.checksum
-    );
+    check_same_data(&split, &used_dir, &ck.state.data, &state_path)?;
     ensure!(
         args.batch_size >= 1 && args.batch_size <= split.train.len(),
         "{}: batch size {} does not fit the training set ({} samples)",
@@ -1046,16 +1072,17 @@ fn train_rounds(
         order.truncate(BN_CALIBRATION_SAMPLES);
         order
     };
-    let mut write_out = |rows: &[RoundRow]| -> anyhow::Result<()> {
+    let ck_dir = checkpointing.as_ref().map(|c| c.dir.clone());
+    let mut write_out = |rows: &[RoundRow], net: &dyn Network| -> anyhow::Result<()> {
         if let Some(out) = &args.out {
             meta.ended = utc_now();
             let csv = output::csv_text(rows)?;
             crate::stop::writing(|| output::write_results(out, &csv, &meta))
-                .with_context(|| format!("--out {}", out.display()))?;
+                .with_context(|| format!("--out {}", out.display()))
+                .map_err(|e| e.context(unwritten(net, ck_dir.as_deref())))?;
         }
         Ok(())
     };
-    let ck_dir = checkpointing.as_ref().map(|c| c.dir.clone());
     crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     // A run resumed after its budget ended it is as finished as one after its last round.
     let mut finished = checkpointing
@@ -1063,7 +1090,7 @@ fn train_rounds(
         .is_some_and(|c| c.base.budget_reached);
     if rows.len() >= args.rounds || finished {
         // A finished run resumed: nothing to train, the results files still get written.
-        write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
+        write_out(&rows, net.as_ref())?;
     }
     for round in rows.len()..args.rounds {
         if finished {
@@ -1072,11 +1099,10 @@ fn train_rounds(
         let budget = remaining_budget(args, &rows);
         if budget == Some(0) {
             // The budget ran out exactly at the end of the previous round.
-            write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
+            write_out(&rows, net.as_ref())?;
             break;
         }
-        let steps = optimizer.steps_per_round(net.as_ref());
-        reporter.round_started(round, args.rounds, steps);
+        reporter.round_started(round, args.rounds, optimizer.steps_per_round(net.as_ref()));
         let start = Instant::now();
         let stats: RoundStats = optimizer
             .run_round(net.as_mut(), round, budget, &mut |done| {
@@ -1086,36 +1112,23 @@ fn train_rounds(
         let elapsed = start.elapsed().as_secs_f64();
         // A diverged round (an SGD step can overflow the logits, or a weight) writes nothing:
         // no results of NaN and no weights the program would refuse to read.
-        let diverged = |what: String| {
-            let kept = match &ck_dir {
-                Some(d) if !rows.is_empty() => {
-                    format!(
-                        "; the checkpoint in {} holds the rounds before",
-                        d.display()
-                    )
-                }
-                _ => String::new(),
-            };
-            anyhow::anyhow!(
-                "round {}: training diverged ({what}); nothing of this round is written{kept}",
-                round + 1
-            )
-        };
+        let trained_before = ck_dir.as_deref().filter(|_| !rows.is_empty());
         if let Some(what) = first_non_finite(&net.params()) {
-            return Err(diverged(what));
+            return Err(diverged(round, &what, trained_before));
         }
         finished = stats.budget_reached;
         if finished && stats.steps == 0 {
             // Less than one step was left of the budget: no empty row.
-            write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
+            write_out(&rows, net.as_ref())?;
             break;
         }
         let evals = evaluate(net.as_mut(), &calibration);
         if !evals.0.loss.is_finite() {
-            return Err(diverged(format!(
+            let what = format!(
                 "the training loss is {}; check the step sizes: --lr, --sigma",
                 evals.0.loss
-            )));
+            );
+            return Err(diverged(round, &what, trained_before));
         }
         let row = round_row(
             args,
@@ -1137,7 +1150,7 @@ fn train_rounds(
                 args.rounds,
             )?;
         }
-        write_out(&rows).map_err(|e| e.context(unwritten(net.as_ref(), ck_dir.as_deref())))?;
+        write_out(&rows, net.as_ref())?;
         crate::stop::set_progress(rows.len(), args.rounds, ck_dir.clone());
     }
     finish(args, net.as_ref(), ck_dir.as_deref(), rows, reporter)

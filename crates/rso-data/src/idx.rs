@@ -131,24 +131,23 @@ enum Source {
     Gzip { max_out: u64 },
 }
 
-fn read_idx_stream(mut r: impl Read, path: &Path, src: Source) -> Result<IdxArray> {
+/// Reads an IDX header (magic, then the dimensions) from `r`; errors name `path`.
+fn read_header(r: &mut impl Read, path: &Path) -> Result<Vec<usize>> {
     let fmt = |reason: String| DataError::format(path, reason);
-    let io_err = |error| DataError::Io {
-        path: path.to_path_buf(),
-        error,
-    };
     // `read_exact` that reports a short read as a truncated header rather than a bare EOF.
-    let mut read_header = |buf: &mut [u8], what: &str| -> Result<()> {
+    let mut read = |buf: &mut [u8], what: &str| -> Result<()> {
         r.read_exact(buf).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
                 fmt(format!("truncated header: file ends in the {what}"))
             }
-            _ => io_err(e),
+            _ => DataError::Io {
+                path: path.to_path_buf(),
+                error: e,
+            },
         })
     };
-
     let mut magic = [0u8; 4];
-    read_header(&mut magic, "magic number")?;
+    read(&mut magic, "magic number")?;
     if magic[0] != 0 || magic[1] != 0 {
         return Err(fmt(format!(
             "not an IDX file: magic number {:02x} {:02x} {:02x} {:02x} does not start with 00 00",
@@ -167,11 +166,21 @@ fn read_idx_stream(mut r: impl Read, path: &Path, src: Source) -> Result<IdxArra
         return Err(fmt("IDX header declares 0 dimensions".into()));
     }
     let mut raw_dims = vec![0u8; 4 * ndim];
-    read_header(&mut raw_dims, "dimension sizes")?;
-    let dims: Vec<usize> = raw_dims
+    read(&mut raw_dims, "dimension sizes")?;
+    Ok(raw_dims
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+        .collect())
+}
+
+fn read_idx_stream(mut r: impl Read, path: &Path, src: Source) -> Result<IdxArray> {
+    let fmt = |reason: String| DataError::format(path, reason);
+    let io_err = |error| DataError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let dims = read_header(&mut r, path)?;
+    let ndim = dims.len();
     let shape = dims
         .iter()
         .map(usize::to_string)

@@ -107,19 +107,7 @@ pub(crate) fn constants(
     i: usize,
     label: usize,
 ) -> [f64; 4] {
-    let mut m = f64::NEG_INFINITY;
-    for c in (0..classes).filter(|&c| c != k) {
-        m = m.max(z[c * n + i]);
-    }
-    let mut s = 0.0;
-    for c in (0..classes).filter(|&c| c != k) {
-        s += (z[c * n + i] - m).exp();
-    }
-    if label == k {
-        [m, s, 0.0, 1.0]
-    } else {
-        [m, s, z[label * n + i], 0.0]
-    }
+    constants_with(z, n, classes, k, i, label, f64::exp)
 }
 
 /// The [`Rows`] entry of sample `i` computed on the spot with the arithmetic of
@@ -134,14 +122,34 @@ pub(crate) fn row_constants_at(
     i: usize,
     label: usize,
 ) -> [f64; 4] {
+    constants_with(z, n, classes, k, i, label, |a| {
+        if a <= 709.0 {
+            exp_kernel(a)
+        } else {
+            f64::NAN
+        }
+    })
+}
+
+/// `[m, s, z_label, label == k]` of sample `i` with `s = Σ_{c≠k} exp(z_c − m)` summed in class
+/// order through `exp`.
+#[inline(always)]
+fn constants_with(
+    z: &[f64],
+    n: usize,
+    classes: usize,
+    k: usize,
+    i: usize,
+    label: usize,
+    exp: impl Fn(f64) -> f64,
+) -> [f64; 4] {
     let mut m = f64::NEG_INFINITY;
     for c in (0..classes).filter(|&c| c != k) {
         m = m.max(z[c * n + i]);
     }
     let mut s = 0.0;
     for c in (0..classes).filter(|&c| c != k) {
-        let a = z[c * n + i] - m;
-        s += if a <= 709.0 { exp_kernel(a) } else { f64::NAN };
+        s += exp(z[c * n + i] - m);
     }
     if label == k {
         [m, s, 0.0, 1.0]
