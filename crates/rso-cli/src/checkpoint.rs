@@ -845,8 +845,13 @@ pub(crate) fn read_limited(path: &Path, limit: u64, what: &str) -> anyhow::Resul
 pub fn read_latest(dir: &Path) -> anyhow::Result<Checkpoint> {
     ensure!(
         dir.is_dir(),
-        "--resume {}: no such directory",
-        dir.display()
+        "--resume {}: {}",
+        dir.display(),
+        if dir.exists() {
+            "not a directory (give the --checkpoint-dir of the run)"
+        } else {
+            "no such directory"
+        }
     );
     let latest = dir.join(LATEST);
     ensure!(

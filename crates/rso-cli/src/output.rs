@@ -109,6 +109,14 @@ pub fn check_writable(path: &Path, force: bool, flag: &str) -> anyhow::Result<()
                 p.display()
             );
         }
+        // A device or a pipe is never replaced, even with --force (the results are written to
+        // a new file renamed into place, which would put a plain file where /dev/null was).
+        anyhow::ensure!(
+            !p.exists() || p.is_file(),
+            "{flag} {}: {} is not a regular file; give a file path",
+            path.display(),
+            p.display()
+        );
     }
     let dir = parent_dir(path);
     anyhow::ensure!(

@@ -51,8 +51,9 @@ pub fn install() -> anyhow::Result<()> {
             let (done, total) = p.rounds;
             let how = match &p.checkpoint {
                 Some(dir) if done > 0 => format!(
-                    "the checkpoint after round {done} is in {}; continue with: rso train \
-                     --resume {}",
+                    "the checkpoint after round {done} is in {}; continue with the same command \
+                     and --resume {} (keep its --out and --save-weights: they are not in the \
+                     checkpoint)",
                     dir.display(),
                     dir.display()
                 ),

@@ -264,17 +264,22 @@ pub fn check_settings(args: &TrainArgs) -> anyhow::Result<()> {
              of those {limit} training samples)"
         );
     }
-    if args.backend == Backend::Cpu && args.device != "cpu" {
-        bail!(
-            "--device {}: the cpu backend runs on the CPU only (use --backend tch)",
-            args.device
-        );
-    }
+    check_device(args)?;
     let (channels, size) = match args.dataset {
         DatasetKind::Mnist => (1, 28),
         DatasetKind::Cifar10 => (3, 32),
     };
     build_optimizer(args, &args.model.spec(channels, size, 10))?;
+    Ok(())
+}
+
+/// Refuses a device the backend cannot run on.
+fn check_device(args: &TrainArgs) -> anyhow::Result<()> {
+    ensure!(
+        args.backend != Backend::Cpu || args.device == "cpu",
+        "--device {}: the cpu backend runs on the CPU only (use --backend tch)",
+        args.device
+    );
     Ok(())
 }
 
@@ -346,14 +351,14 @@ fn check_optimizer_settings(args: &TrainArgs) -> anyhow::Result<()> {
 /// Checks the arguments that need no data.
 fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     check_settings(args)?;
-    check_outputs(args, false)
+    check_outputs(args, (false, false))
 }
 
 /// Checks the output files before any training: each absent, or replaceable with `--force`
-/// (`--out` also when `own_out`: a resumed run's own results file), in a directory this
+/// (`--out`, `--save-weights` also when `own_out`, `own_weights`: a resumed run's own files), in a directory this
 /// process can write to ([`output::check_writable`]); no two the same file, and none inside
 /// `--checkpoint-dir` (whose files the checkpoints replace).
-fn check_outputs(args: &TrainArgs, own_out: bool) -> anyhow::Result<()> {
+fn check_outputs(args: &TrainArgs, (own_out, own_weights): (bool, bool)) -> anyhow::Result<()> {
     let mut files: Vec<(String, PathBuf)> = Vec::new();
     if let Some(out) = &args.out {
         output::check_writable(out, args.force || own_out, "--out")?;
@@ -365,7 +370,7 @@ fn check_outputs(args: &TrainArgs, own_out: bool) -> anyhow::Result<()> {
         ));
     }
     if let Some(path) = &args.save_weights {
-        output::check_writable(path, args.force, "--save-weights")?;
+        output::check_writable(path, args.force || own_weights, "--save-weights")?;
         files.push((
             format!("--save-weights {}", path.display()),
             output::resolved(path),
@@ -376,6 +381,7 @@ fn check_outputs(args: &TrainArgs, own_out: bool) -> anyhow::Result<()> {
             bail!("{a} and {b} are the same file: give each output its own path");
         }
     }
+    check_outputs_spare_inputs(args, &files)?;
     if let Some(dir) = &args.checkpoint_dir {
         let managed = dir.canonicalize().unwrap_or_else(|_| output::resolved(dir));
         if let Some((a, _)) = files.iter().find(|(_, p)| p.starts_with(&managed)) {
@@ -411,6 +417,39 @@ fn unwritten(net: &dyn Network, checkpoint: Option<&Path>) -> String {
         "an output could not be written ({})",
         rescue_weights(net, checkpoint)
     )
+}
+
+/// Refuses an output (`files`: what names it, where it resolves to) that would replace an input
+/// of the run, even with `--force`: the `--init-weights` file, a dataset file in `--data-dir`,
+/// a file of a checkpoint directory.
+fn check_outputs_spare_inputs(args: &TrainArgs, files: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    let data = data_dir(args);
+    let data = data.canonicalize().unwrap_or(data);
+    let init = args.init_weights.as_deref().map(output::resolved);
+    for (what, path) in files {
+        ensure!(
+            init.as_ref() != Some(path),
+            "{what} is the --init-weights file: give the output its own path"
+        );
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let dataset_file = rso_data::MNIST_FILES
+            .iter()
+            .flat_map(|f| [f.to_string(), f.replacen("-idx", ".idx", 1)])
+            .chain(["data_batch_".into(), "test_batch".into()])
+            .any(|stem| name.starts_with(&stem));
+        ensure!(
+            !(dataset_file && path.starts_with(&data)),
+            "{what} is a file of the dataset in --data-dir {}: give the output its own path",
+            data.display()
+        );
+        let dir = output::parent_dir(path);
+        ensure!(
+            !dir.join(checkpoint::LATEST).is_file(),
+            "{what} is inside {}, which holds a checkpoint: give the output a path outside it",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// What became of the trained weights when writing an output failed after training: the
@@ -809,7 +848,7 @@ fn apply_resume_flags(
             "rounds" if cli.rounds > config.rounds => {
                 ensure!(
                     !anneals(args),
-                    "--rounds {}: this run's σ anneals over its {} rounds, so more rounds would \
+                    "--rounds {}: this run's σ anneals over its total of {} rounds, so more would \
                      not continue it as it was going; start a new run from its weights instead \
                      (--save-weights, then --init-weights)",
                     cli.rounds,
@@ -819,10 +858,17 @@ fn apply_resume_flags(
             }
             key => {
                 let (a, b) = (&here[key], &there[key]);
+                let show = |v: &serde_json::Value| match v {
+                    serde_json::Value::Null => "not set".to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                };
                 ensure!(
                     a == b,
-                    "{flag}: {a} here but {b} in the checkpoint {} (a resumed run keeps its \
+                    "{flag}: {} here but {} in the checkpoint {} (a resumed run keeps its \
                      settings; leave the flag out{})",
+                    show(a),
+                    show(b),
                     dir.display(),
                     if key == "rounds" {
                         ", or give more rounds to go on"
@@ -832,6 +878,10 @@ fn apply_resume_flags(
                 );
             }
         }
+    }
+    if cli.given.iter().any(|g| g == "backend" || g == "device") {
+        // Where the run moves is the command line's choice: its errors are the flags'.
+        check_device(args)?;
     }
     Ok(())
 }
@@ -930,7 +980,12 @@ fn resume(
         .out
         .as_deref()
         .is_some_and(|out| written_by_run(out, &ck.state.origin));
-    check_outputs(&args, own_out)?;
+    // A finished run resumed again: its --save-weights holds the checkpoint's weights.
+    let own_weights = args.save_weights.as_deref().is_some_and(|w| {
+        let read = |p: &Path| checkpoint::read_limited(p, 64 << 20, "").ok();
+        read(w).is_some_and(|b| Some(b) == read(&ck.weights_path()))
+    });
+    check_outputs(&args, (own_out, own_weights))?;
     let split = load_data(&args)?;
     let used_dir = data_dir(&args);
     check_same_data(&split, &used_dir, &ck.state.data, &state_path)?;

@@ -15,6 +15,10 @@ pub enum Foreign {
     Html,
     /// A Git LFS pointer (a clone without `git lfs pull`).
     LfsPointer,
+    /// gzip-compressed data (valid where a reader decompresses, as the IDX reader does).
+    Gzip,
+    /// Text (a CSV, a JSON file, a log).
+    Text,
 }
 
 impl Foreign {
@@ -28,6 +32,8 @@ impl Foreign {
             Foreign::LfsPointer => {
                 "this is a Git LFS pointer, not the file (fetch it with `git lfs pull`)"
             }
+            Foreign::Gzip => "this is gzip-compressed (decompress it first)",
+            Foreign::Text => "this is text (a CSV or JSON file?)",
         }
     }
 }
@@ -55,6 +61,13 @@ pub fn sniff(head: &[u8]) -> Option<Foreign> {
     } else if starts(b"<!doctype html") || starts(b"<html") || starts(b"<?xml") || starts(b"<head")
     {
         Some(Foreign::Html)
+    } else if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Foreign::Gzip)
+    } else if head
+        .iter()
+        .all(|&b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+    {
+        Some(Foreign::Text)
     } else {
         None
     }
@@ -75,9 +88,13 @@ mod tests {
             sniff(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab"),
             Some(Foreign::LfsPointer)
         );
-        // IDX (raw and gzip) and safetensors (an 8-byte length, then JSON) are none of these.
+        // Raw IDX and safetensors (an 8-byte length, then JSON) are none of these.
+        assert_eq!(sniff(b"\x1f\x8b\x08\x00"), Some(Foreign::Gzip));
+        assert_eq!(
+            sniff(b"round,model,optimizer\n1,one-conv"),
+            Some(Foreign::Text)
+        );
         assert_eq!(sniff(b"\x00\x00\x08\x03\x00\x00\xea\x60"), None);
-        assert_eq!(sniff(b"\x1f\x8b\x08\x00"), None);
         assert_eq!(sniff(b"\x98\x01\x00\x00\x00\x00\x00\x00{\"conv1"), None);
     }
 }

@@ -58,18 +58,17 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
     let file_len = file.metadata().map_err(io_err)?.len();
     let mut reader = BufReader::new(file);
     let head = reader.fill_buf().map_err(io_err)?;
+    if head.starts_with(&GZIP_MAGIC) {
+        let max_out = file_len.saturating_mul(MAX_DEFLATE_RATIO);
+        return read_idx_stream(GzMembers::new(reader), path, Source::Gzip { max_out });
+    }
     if let Some(kind) = crate::filetype::sniff(&head[..head.len().min(64)]) {
         return Err(DataError::format(
             path,
             format!("not an IDX file: {}", kind.describe()),
         ));
     }
-    if head.starts_with(&GZIP_MAGIC) {
-        let max_out = file_len.saturating_mul(MAX_DEFLATE_RATIO);
-        read_idx_stream(GzMembers::new(reader), path, Source::Gzip { max_out })
-    } else {
-        read_idx_stream(reader, path, Source::Raw { file_len })
-    }
+    read_idx_stream(reader, path, Source::Raw { file_len })
 }
 
 /// The members of a gzip stream one after the other (RFC 1952 allows several; each with any of

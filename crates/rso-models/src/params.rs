@@ -226,7 +226,7 @@ fn convert_hint(kind: rso_data::filetype::Foreign) -> &'static str {
             "rso reads safetensors: save the state dict with safetensors.torch.save_file, \
              its tensors named as the model's (the error for a wrong name lists them)"
         }
-        Foreign::Empty | Foreign::Html | Foreign::LfsPointer => {
+        Foreign::Empty | Foreign::Html | Foreign::LfsPointer | Foreign::Gzip | Foreign::Text => {
             "weights files are safetensors, as --save-weights writes them"
         }
     }

@@ -132,6 +132,13 @@ pub(crate) fn check_batch_size(batch_size: usize) -> Result<(), OptimError> {
 
 /// Refuses a value of `flag` that is not finite or not positive (with `zero_ok`, negative).
 pub(crate) fn check_positive(flag: &str, value: f64, zero_ok: bool) -> Result<(), OptimError> {
+    if value == f64::INFINITY {
+        // (An f32 flag given a value past the largest f32 arrives here as infinity.)
+        return Err(OptimError::Config(format!(
+            "{flag} is too large: above the largest f32, {:.1e}",
+            f32::MAX
+        )));
+    }
     let ok = value.is_finite() && (value > 0.0 || (zero_ok && value == 0.0));
     if !ok {
         let what = if zero_ok {
@@ -149,10 +156,9 @@ pub(crate) fn check_positive(flag: &str, value: f64, zero_ok: bool) -> Result<()
 /// [`check_positive`] for a perturbation's size (σ, ε, μ), which must also be at most
 /// [`crate::SIGMA_MAX`]: weights are f32, and a larger step overflows them.
 pub(crate) fn check_step(flag: &str, value: f64) -> Result<(), OptimError> {
-    // (An f32 flag given a value past the largest f32 arrives here as infinity.)
-    if value > crate::SIGMA_MAX {
+    if value > crate::SIGMA_MAX && value.is_finite() {
         return Err(OptimError::Config(format!(
-            "{flag} must be at most {:.1e} (a tenth of the largest f32: weights are f32), got \
+            "{flag} is too large: at most {:.1e} (a tenth of the largest f32: weights are f32), got \
              {value:.3e}",
             crate::SIGMA_MAX
         )));

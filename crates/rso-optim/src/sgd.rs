@@ -26,12 +26,7 @@ impl Sgd {
         if config.batch_size == 0 {
             return Err(OptimError::Config("--batch-size must be at least 1".into()));
         }
-        if !(config.lr.is_finite() && config.lr > 0.0) {
-            return Err(OptimError::Config(format!(
-                "--lr must be a positive number, got {}",
-                config.lr
-            )));
-        }
+        crate::forward_only::check_positive("--lr", f64::from(config.lr), false)?;
         Ok(Sgd { config })
     }
 }
